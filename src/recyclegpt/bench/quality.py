@@ -1,0 +1,101 @@
+"""Quality of `recycle` (lossy): held-out perplexity, standard vs recycle, and module agreement.
+
+Recycle perplexity scores text the way `recycle` decoding produces it: in each pair, the first
+token by the full model (logits at t for x_{t+1}) and the second by the recyclable module
+(reading h_t and the true x_{t+1}, scoring x_{t+2}).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..data import iter_documents, resolve_files
+from ..errors import RecycleError
+from ..model import FullModel
+from ..module import RecyclableModule
+from ..tokenizer import Tokenizer
+
+
+@dataclass
+class QualityReport:
+    tokens: int
+    ppl_standard: float  # every token by the full model
+    ppl_recycle: float  # every second token by the module (as `recycle` decodes)
+    ppl_module: float  # every token from position 2 by the module (what it drafts)
+    recycle_ppl_increase: float  # ppl_recycle / ppl_standard - 1
+    module_agrees_with_full: float  # top-1 of module at t == full model's top-1 at t+1
+    module_top1_accuracy: float
+    full_top1_accuracy: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_eval_tokens(paths: list[str], tokenizer: Tokenizer, max_tokens: int, glob: str = "**/*") -> np.ndarray:
+    ids: list[int] = []
+    for doc in iter_documents(resolve_files(paths, glob)):
+        ids.extend(tokenizer.encode(doc.text))
+        if tokenizer.eos_id is not None:
+            ids.append(tokenizer.eos_id)
+        if len(ids) >= max_tokens:
+            break
+    if len(ids) < 3:
+        raise RecycleError("the evaluation data holds fewer than 3 tokens")
+    return np.asarray(ids[:max_tokens], dtype=np.int64)
+
+
+@torch.inference_mode()
+def perplexity(model: FullModel, module: RecyclableModule, tokens: np.ndarray, seq_len: int = 512,
+               batch_size: int = 4, progress: bool = True) -> QualityReport:
+    seq_len = min(seq_len, model.cfg.max_seq_len, len(tokens))
+    n_win = len(tokens) // seq_len
+    windows = torch.from_numpy(np.asarray(tokens[: n_win * seq_len])).view(n_win, seq_len)
+    device = model.tok_embeddings.weight.device
+    sums = dict(full=0.0, recycle=0.0, module=0.0, agree=0.0, acc_m=0.0, acc_f=0.0)
+    counts = dict(full=0, recycle=0, module=0)
+    for i in tqdm(range(0, n_win, batch_size), desc="eval", disable=not progress, leave=False):
+        x = windows[i:i + batch_size].to(device)  # [B, T]
+        logits, h = model(x)
+        mlogits, _ = module(model, x[:, 1:], h[:, :-1])  # [B, T-1, V]: index t scores x_{t+2}
+        ce_full = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none")  # [B,T-1]
+        ce_mod = F.cross_entropy(mlogits[:, :-1].float().transpose(1, 2), x[:, 2:], reduction="none")  # [B,T-2]
+        # Target j (1..T-1): odd j by the full model (ce_full[j-1]), even j by the module (ce_mod[j-2]).
+        odd = ce_full[:, 0::2]
+        even = ce_mod[:, 0::2]
+        sums["full"] += ce_full.sum().item()
+        counts["full"] += ce_full.numel()
+        sums["recycle"] += odd.sum().item() + even.sum().item()
+        counts["recycle"] += odd.numel() + even.numel()
+        sums["module"] += ce_mod.sum().item()
+        counts["module"] += ce_mod.numel()
+        full_top = logits.argmax(-1)
+        mod_top = mlogits[:, :-1].argmax(-1)
+        sums["agree"] += (mod_top == full_top[:, 1:-1]).sum().item()
+        sums["acc_m"] += (mod_top == x[:, 2:]).sum().item()
+        sums["acc_f"] += (full_top[:, :-1] == x[:, 1:]).sum().item()
+    nf, nr, nm = counts["full"], counts["recycle"], counts["module"]
+    ppl_std, ppl_rec = math.exp(sums["full"] / nf), math.exp(sums["recycle"] / nr)
+    return QualityReport(
+        tokens=nf, ppl_standard=ppl_std, ppl_recycle=ppl_rec, ppl_module=math.exp(sums["module"] / nm),
+        recycle_ppl_increase=ppl_rec / ppl_std - 1, module_agrees_with_full=sums["agree"] / nm,
+        module_top1_accuracy=sums["acc_m"] / nm, full_top1_accuracy=sums["acc_f"] / nf,
+    )
+
+
+def run_tokens_val(path: str | Path) -> np.ndarray | None:
+    """The held-out split of a training run directory, if `path` is one."""
+    val = Path(path) / "tokens" / "val.bin"
+    manifest = Path(path) / "tokens" / "manifest.json"
+    if val.is_file() and manifest.is_file():
+        import json
+
+        dtype = np.dtype(json.loads(manifest.read_text())["dtype"])
+        return np.fromfile(val, dtype=dtype).astype(np.int64)
+    return None

@@ -1,0 +1,161 @@
+"""Checkpoint directories: config.json, model.safetensors, module.safetensors, tokenizer.json.
+
+Weights load through safetensors only. Writes are atomic: everything goes to a temporary
+sibling directory that is renamed over the target, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import Config
+from .errors import RecycleError
+from .model import FullModel
+from .module import RecyclableModule
+from .tokenizer import Tokenizer
+
+CKPT_FILES = ("config.json", "model.safetensors", "module.safetensors", "tokenizer.json")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _state_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Tied weights share storage; safetensors refuses shared tensors, so save each name once.
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in module.state_dict().items():
+        if name.startswith("caches."):
+            continue
+        key = t.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_checkpoint(path: str | Path, cfg: Config, model: FullModel, module: RecyclableModule,
+                    tokenizer: Tokenizer, write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a checkpoint directory atomically (temp dir + rename); returns its path.
+
+    `write_extra(tmp_dir)` may add files (training state, model card) inside the same atomic write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        save_file(_state_for_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(_state_for_save(module), str(tmp / "module.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp / "tokenizer.json")
+        if write_extra is not None:
+            write_extra(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory, or a training run directory holding one under `checkpoint/`."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "checkpoint" / "config.json").exists():
+        return path / "checkpoint"
+    return path
+
+
+def load_config(path: str | Path) -> Config:
+    path = resolve_checkpoint_dir(path)
+    if not path.exists():
+        raise RecycleError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise RecycleError(f"checkpoint must be a directory holding {', '.join(CKPT_FILES)}: {path}")
+    missing = [f for f in CKPT_FILES if not (path / f).is_file()]
+    if missing:
+        raise RecycleError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
+    try:
+        raw: dict[str, Any] = json.loads((path / "config.json").read_text())
+        return Config.from_dict(raw)
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise RecycleError(f"corrupt {path / 'config.json'}: {e}") from None
+
+
+def _load_weights(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RecycleError(f"corrupt weights file {file}: {e}") from None
+
+
+def load_into(target: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy a state dict into `target`, with a one-line error when shapes or names do not fit."""
+    expected = {k: v for k, v in target.state_dict().items() if not k.startswith("caches.")}
+    # Tied output weight is saved once, under the embedding's name.
+    if "output.weight" in expected and "output.weight" not in state and "tok_embeddings.weight" in state:
+        state = {**state, "output.weight": state["tok_embeddings.weight"]}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise RecycleError(
+            f"{what} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise RecycleError(
+                f"{what} does not fit the model: {k} has shape {tuple(v.shape)}, expected "
+                f"{tuple(expected[k].shape)} (hidden size or vocabulary differ)"
+            )
+    target.load_state_dict(state, strict=False)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+                    ) -> tuple[Config, FullModel, RecyclableModule, Tokenizer]:
+    path = resolve_checkpoint_dir(path)
+    cfg = load_config(path)
+    try:
+        model = FullModel(cfg.model)
+        module = RecyclableModule(cfg.model, cfg.module)
+    except ValueError as e:
+        raise RecycleError(f"invalid config in {path}: {e}") from None
+    load_into(model, _load_weights(path / "model.safetensors"), f"{path}/model.safetensors")
+    load_into(module, _load_weights(path / "module.safetensors"), f"{path}/module.safetensors")
+    tokenizer = Tokenizer.load(path / "tokenizer.json", cfg.tokenizer.eos_token)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise RecycleError(
+            f"tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only {cfg.model.vocab_size}"
+        )
+    model.to(device=device, dtype=dtype).eval()
+    module.to(device=device, dtype=dtype).eval()
+    return cfg, model, module, tokenizer

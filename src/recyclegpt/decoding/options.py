@@ -1,0 +1,102 @@
+"""GenerationConfig: every knob of one `generate` / `stream` call, validated up front."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import RecycleError
+from .drafters import HostDrafter
+from .sampling import validate_sampling
+
+MODES = ("ar", "recycle", "verify")
+DRAFTERS = ("module", "ngram", "hybrid")
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode.
+
+    mode: `ar` (one full pass per token), `recycle` (the paper; lossy), `verify` (lossless).
+    max_new_tokens: per-row cap on new tokens (an int for all rows, or one per row); a row also
+      stops when prompt + new tokens reach the model's max_seq_len.
+    k: drafts per verify round (the start value when adaptive_k).
+    temperature / top_k / top_p: 0 = greedy; top_k 0 and top_p 1 switch those filters off.
+    seed: seeds the torch.Generator every sampled token draws from (None: nondeterministic).
+    eos_id: token id(s) that end a row (not included in the output tokens).
+    stop_strings: end a row after the token that completes any of them (needs a tokenizer).
+    drafter: `module` (chained module drafts), `ngram` (prompt lookup), `hybrid` (per row and
+      round, whichever promises more accepted tokens), or a `HostDrafter` object.
+    adaptive_k: move k within [1, k_max] from recent acceptance.
+    ngram_k: most n-gram drafts per round (None: k). ngram_max_n / ngram_min_n: match lengths
+      tried, longest first (None: 1 for `ngram`, 2 for `hybrid`).
+    """
+
+    mode: str = "verify"
+    max_new_tokens: int | Sequence[int] = 64
+    k: int = 3
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = 0
+    eos_id: int | Sequence[int] | None = None
+    stop_strings: Sequence[str] = field(default_factory=tuple)
+    drafter: str | HostDrafter = "module"
+    adaptive_k: bool = False
+    k_max: int = 8
+    ngram_k: int | None = None
+    ngram_max_n: int = 3
+    ngram_min_n: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self.eos_id is None:
+            return ()
+        return (self.eos_id,) if isinstance(self.eos_id, int) else tuple(self.eos_id)
+
+    @property
+    def uses_module(self) -> bool:
+        return self.mode == "recycle" or (self.mode == "verify" and self.drafter in ("module", "hybrid"))
+
+    def row_budgets(self, batch: int) -> list[int]:
+        if isinstance(self.max_new_tokens, int):
+            return [self.max_new_tokens] * batch
+        budgets = list(self.max_new_tokens)
+        if len(budgets) != batch:
+            raise RecycleError(f"max_new_tokens has {len(budgets)} entries for {batch} prompts")
+        return budgets
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise RecycleError(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        budgets = [self.max_new_tokens] if isinstance(self.max_new_tokens, int) else list(self.max_new_tokens)
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in budgets):
+            raise RecycleError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        for name in ("k", "k_max", "ngram_max_n"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RecycleError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("ngram_k", "ngram_min_n"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise RecycleError(f"{name} must be an integer >= 1 or None, got {v!r}")
+        if self.ngram_min_n is not None and self.ngram_min_n > self.ngram_max_n:
+            raise RecycleError(f"ngram_min_n={self.ngram_min_n} is larger than "
+                               f"ngram_max_n={self.ngram_max_n}")
+        if isinstance(self.drafter, str):
+            if self.drafter not in DRAFTERS:
+                raise RecycleError(f"unknown drafter {self.drafter!r}; choose one of: {', '.join(DRAFTERS)}")
+        elif not isinstance(self.drafter, HostDrafter):
+            raise RecycleError("drafter must be 'module', 'ngram', 'hybrid' "
+                               "or an object with propose() and reset()")
+        validate_sampling(self.temperature, self.top_k, self.top_p)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise RecycleError(f"seed must be an integer or None, got {self.seed!r}")
+        if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in self.eos_ids):
+            raise RecycleError(f"eos_id must be a token id (or a list of them), got {self.eos_id!r}")
+        if isinstance(self.stop_strings, str):
+            raise RecycleError("stop_strings must be a list of strings, not one string")

@@ -1,0 +1,84 @@
+"""The full model: a LLaMA-family decoder-only LM.
+
+tokens x_1..x_t -> embed -> N blocks -> final norm -> h_t -> LM head -> p(x_{t+1})
+
+`forward(idx, input_pos)` returns (logits, hidden) where hidden is h, the post-norm state the
+LM head reads; the recyclable module consumes it. With `input_pos` the static KV caches set up
+by `setup_caches` are used; without it the call is a plain causal pass (training, reference).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .layers import Block, RMSNorm, rope_tables
+
+
+def cache_mask(input_pos: Tensor, key_pos: Tensor) -> Tensor:
+    """Bool [B, 1, T, S]: a query at position p sees keys at positions <= p."""
+    return key_pos[None, None, None, :] <= input_pos[:, None, :, None]
+
+
+class FullModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("key_pos", torch.arange(cfg.max_seq_len), persistent=False)
+        self.caches = nn.ModuleList()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def setup_caches(self, batch: int, dtype: torch.dtype | None = None) -> None:
+        p = self.tok_embeddings.weight
+        self.caches = nn.ModuleList(
+            KVCache(batch, self.cfg.max_seq_len, self.cfg.n_kv_head, self.cfg.head_dim, dtype or p.dtype, p.device)
+            for _ in self.layers
+        )
+
+    def embed(self, idx: Tensor) -> Tensor:
+        return self.tok_embeddings(idx)
+
+    def lm_head(self, h: Tensor) -> Tensor:
+        return self.output(h)
+
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None, logits: bool = True
+                ) -> tuple[Tensor | None, Tensor]:
+        """idx: [B, T]; input_pos: [B, T] absolute positions (uses the caches) or None.
+
+        Returns logits [B, T, V] (None when logits=False) and hidden h [B, T, dim].
+        """
+        x = self.tok_embeddings(idx)
+        if input_pos is None:
+            T = idx.shape[1]
+            cos, sin, mask, caches = self.rope_cos[:T], self.rope_sin[:T], None, [None] * len(self.layers)
+        else:
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            mask, caches = cache_mask(input_pos, self.key_pos), self.caches
+        for layer, kv in zip(self.layers, caches, strict=True):
+            x = layer(x, cos, sin, mask, kv, input_pos)
+        h = self.norm(x)
+        return (self.output(h) if logits else None), h
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

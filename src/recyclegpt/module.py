@@ -1,0 +1,106 @@
+"""The recyclable module: predicts the token after next from the full model's state.
+
+[embed(x_{t+1}) ; h_t] -> Linear(2d -> d, no bias) -> M blocks -> shared LM head -> p(x_{t+2})
+
+This is the EAGLE-1 draft layout (embedding half first, block 0 without input norm, no final
+norm, the full model's embedding and head), so a trained module exports to vLLM/SGLang exactly.
+The module has its own KV cache; its attention is causal over its own positions. For chained
+drafting (step i > 1) the caller feeds the module's own output state back in place of h.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .cache import KVCache, UnrollKV, unroll_mask
+from .config import ModelConfig, ModuleConfig
+from .layers import Block, RMSNorm
+from .model import FullModel, cache_mask
+
+
+class RecyclableModule(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, cfg: ModuleConfig):
+        super().__init__()
+        self.model_cfg, self.cfg = model_cfg, cfg
+        d = model_cfg.dim
+        if cfg.input_norms:
+            self.enorm = RMSNorm(d, model_cfg.norm_eps)
+            self.hnorm = RMSNorm(d, model_cfg.norm_eps)
+        self.fc = nn.Linear(2 * d, d, bias=False)
+        self.layers = nn.ModuleList(
+            Block(model_cfg, cfg.ffn_dim, input_norm=i > 0) for i in range(cfg.n_layer)
+        )
+        self.norm = RMSNorm(d, model_cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        self.caches = nn.ModuleList()
+        self.apply(FullModel._init_weights)
+
+    def setup_caches(self, batch: int, dtype: torch.dtype | None = None) -> None:
+        p = self.fc.weight
+        mc = self.model_cfg
+        self.caches = nn.ModuleList(
+            KVCache(batch, mc.max_seq_len, mc.n_kv_head, mc.head_dim, dtype or p.dtype, p.device)
+            for _ in self.layers
+        )
+
+    def _fuse(self, emb: Tensor, h: Tensor) -> Tensor:
+        if self.cfg.input_norms:
+            emb, h = self.enorm(emb), self.hnorm(h)
+        return self.fc(torch.cat([emb, h], dim=-1))
+
+    def forward(self, model: FullModel, idx: Tensor, h: Tensor, input_pos: Tensor | None = None,
+                logits: bool = True) -> tuple[Tensor | None, Tensor]:
+        """One module pass over T positions.
+
+        idx: [B, T] tokens x_{t+1}; h: [B, T, dim] full-model (or module) states h_t;
+        input_pos: [B, T] the positions t (uses the module's caches) or None (plain causal).
+        Returns logits [B, T, V] for x_{t+2} and the output state [B, T, dim] the head reads.
+        `model` supplies the shared embedding and LM head.
+        """
+        x = self._fuse(model.embed(idx), h)
+        if input_pos is None:
+            T = idx.shape[1]
+            cos, sin, mask, caches = model.rope_cos[:T], model.rope_sin[:T], None, [None] * len(self.layers)
+        else:
+            cos, sin = model.rope_cos[input_pos], model.rope_sin[input_pos]
+            mask, caches = cache_mask(input_pos, model.key_pos), self.caches
+        for layer, kv in zip(self.layers, caches, strict=True):
+            x = layer(x, cos, sin, mask, kv, input_pos)
+        g = self.norm(x)
+        return (model.lm_head(g) if logits else None), g
+
+    def forward_unrolled(self, model: FullModel, idx: Tensor, h: Tensor, steps: int) -> list[Tensor]:
+        """Training: `steps` chained module passes over a whole sequence, no cache.
+
+        idx: [B, T] the full token sequence x_0..x_{T-1}; h: [B, T, dim] the full model's states.
+        Step s (1-based) at index t reads (state, x_{t+s}) at position t+s-1 and predicts x_{t+s+1};
+        step 1's state is h_t, step s>1's is step s-1's output at t. Returns per-step logits
+        [B, T-s, V] aligned with targets idx[:, s+1:].
+        """
+        B, T = idx.shape
+        stores = [UnrollKV() for _ in self.layers]
+        state = h[:, : T - 1]  # [B, T-1, dim]
+        L = T - 1
+        out: list[Tensor] = []
+        for s in range(1, steps + 1):
+            if L - (s - 1) <= 1:
+                break
+            # Keep length L for every step (so the masks line up); indices past the data are padding
+            # whose outputs are never scored.
+            tok = torch.zeros(B, L, dtype=idx.dtype, device=idx.device)
+            n = T - s  # real tokens x_{t+s} for t in [0, T-s)
+            tok[:, :n] = idx[:, s:]
+            pos = torch.arange(L, device=idx.device) + (s - 1)
+            pos = pos.clamp(max=model.cfg.max_seq_len - 1)
+            cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+            mask = None if s == 1 else unroll_mask(L, s, idx.device)[None, None]
+            x = self._fuse(model.embed(tok), state)
+            for layer, kv in zip(self.layers, stores, strict=True):
+                x = layer(x, cos, sin, mask, kv, None)
+            g = self.norm(x)
+            out.append(model.lm_head(g[:, : T - s - 1]))
+            state = g
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

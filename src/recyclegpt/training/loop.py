@@ -1,0 +1,358 @@
+"""`recyclegpt train`: joint training of the full model and the recyclable module.
+
+Runs through Hugging Face `accelerate`, so `accelerate launch --num_processes N recyclegpt train ...`
+trains data-parallel with no code change; each rank samples windows from its own shard.
+
+Run directory:
+    run.json             what this run is (config, data, options): a different run refuses --out
+    checkpoint/          latest checkpoint (config.json, *.safetensors, tokenizer.json) plus
+                         train_state.safetensors / train_state.json for --resume (no pickle)
+    metrics.jsonl        one JSON line per log/eval event
+    tokens/              tokenized corpus cache (train.bin, val.bin, manifest.json)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import Config, TrainConfig, preset
+from ..data import TokenData, iter_documents, prepare_tokens, resolve_files
+from ..data.corpus import is_validation
+from ..errors import RecycleError
+from ..model import FullModel
+from ..module import RecyclableModule
+from ..tokenizer import Tokenizer, iter_texts_chunked
+from .joint import JointModel, agreement
+
+TOKENIZER_TRAIN_CHARS = 40_000_000
+
+
+@dataclass
+class TrainOptions:
+    data: list[str]
+    out: str
+    preset: str = "small"
+    max_minutes: float | None = None
+    max_steps: int | None = None
+    resume: bool = False
+    tokenizer: str | None = None  # an existing tokenizer.json; default: train a BPE on the data
+    glob: str = "**/*"
+    text_field: str = "text"
+    val_fraction: float = 0.05
+    overrides: dict = field(default_factory=dict)  # TrainConfig fields (lr, batch_size, ...)
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields
+    module_overrides: dict = field(default_factory=dict)  # ModuleConfig fields
+    progress: bool = True
+    cpu: bool = False  # force CPU even where CUDA exists
+    stop_at_step: int | None = None  # checkpoint and stop early, keeping the schedule of max_steps
+
+
+class Batches:
+    """Random windows from this rank's shard; the generator state is part of the resume state."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int, world: int):
+        n = len(tokens)
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        self.tokens, self.seq_len, self.batch_size = tokens[lo:hi], seq_len, batch_size
+        if len(self.tokens) < seq_len + 1:
+            raise RecycleError(
+                f"the training data has {len(self.tokens)} tokens per process, fewer than seq_len+1="
+                f"{seq_len + 1}: add data or lower --seq-len"
+            )
+        self.gen = torch.Generator().manual_seed(seed * 1000 + rank)
+
+    def next(self) -> torch.Tensor:
+        starts = torch.randint(0, len(self.tokens) - self.seq_len, (self.batch_size,), generator=self.gen)
+        rows = [np.asarray(self.tokens[s:s + self.seq_len], dtype=np.int64) for s in starts.tolist()]
+        return torch.from_numpy(np.stack(rows))  # [B, T]
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up, then cosine down to min_lr_ratio * lr at max_steps."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _make_optimizer(joint: JointModel, tc: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for p in joint.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+# ---- resume state (safetensors + JSON, no pickle) -------------------------------------------
+
+def _save_train_state(dir_: Path, opt: torch.optim.Optimizer, batches: Batches, info: dict) -> None:
+    tensors: dict[str, torch.Tensor] = {"rng.data": batches.gen.get_state(), "rng.torch": torch.get_rng_state()}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    save_file(tensors, str(dir_ / "train_state.safetensors"))
+    (dir_ / "train_state.json").write_text(json.dumps(info, indent=1))
+
+
+def _load_train_state(dir_: Path, opt: torch.optim.Optimizer, batches: Batches) -> dict:
+    try:
+        tensors = load_file(str(dir_ / "train_state.safetensors"))
+        info = json.loads((dir_ / "train_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise RecycleError(f"cannot resume: training state in {dir_} is missing or corrupt ({e})") from None
+    batches.gen.set_state(tensors.pop("rng.data"))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        _, i, k = name.split(".", 2)
+        state.setdefault(int(i), {})[k] = t
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return info
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def _run_identity(opts: TrainOptions, cfg: Config, tc: TrainConfig) -> dict:
+    return {
+        "preset": opts.preset,
+        "data": [str(Path(d).resolve()) if d != "stdlib" else "stdlib" for d in opts.data],
+        "glob": opts.glob,
+        "config": cfg.to_dict(),
+        "train": {k: v for k, v in dataclasses.asdict(tc).items() if k != "max_steps"},
+    }
+
+
+def _check_out_dir(out: Path, identity: dict, resume: bool) -> None:
+    run_json = out / "run.json"
+    if resume:
+        if not run_json.is_file():
+            raise RecycleError(f"--resume: {out} holds no run to resume (no run.json); drop --resume to start one")
+        old = json.loads(run_json.read_text())
+        if old != identity:
+            diff = [k for k in identity if old.get(k) != identity[k]]
+            raise RecycleError(f"--resume: {out} holds a different run (differs in: {', '.join(diff)})")
+        return
+    if run_json.is_file():
+        raise RecycleError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if out.exists() and any(out.iterdir()):
+        raise RecycleError(f"{out} exists and is not empty; choose a new or empty --out directory")
+
+
+def _build_tokenizer(opts: TrainOptions, files: list[Path], vocab_size: int) -> Tokenizer:
+    if opts.tokenizer:
+        return Tokenizer.load(opts.tokenizer)
+    texts = (d.text for d in iter_documents(files, opts.text_field) if not is_validation(d.source, opts.val_fraction))
+    budget = TOKENIZER_TRAIN_CHARS
+
+    def limited():
+        nonlocal budget
+        for t in iter_texts_chunked(texts):
+            if budget <= 0:
+                return
+            budget -= len(t)
+            yield t
+
+    return Tokenizer.train(limited(), vocab_size)
+
+
+@torch.no_grad()
+def evaluate(joint: JointModel, data: TokenData, tc: TrainConfig, autocast) -> dict[str, float]:
+    joint.eval()
+    gen = torch.Generator().manual_seed(0)  # the same windows every time: comparable curves
+    val = data.val
+    T = min(tc.seq_len, len(val) - 1)
+    sums: dict[str, float] = {}
+    n = 0
+    for _ in range(tc.eval_batches):
+        starts = torch.randint(0, max(1, len(val) - T), (tc.batch_size,), generator=gen).tolist()
+        idx = torch.from_numpy(np.stack([np.asarray(val[s:s + T], dtype=np.int64) for s in starts]))
+        idx = idx.to(joint.model.tok_embeddings.weight.device)
+        with autocast():
+            _, m = joint(idx)
+            a = agreement(joint.model, joint.module, idx, joint.unroll_steps)
+        for k, v in {**{k: float(v) for k, v in m.items()}, **a}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+    joint.train()
+    return {f"val_{k}": v / n for k, v in sums.items()}
+
+
+def train(opts: TrainOptions) -> Path:
+    from accelerate import Accelerator
+
+    cfg, tc = preset(opts.preset)
+    cfg.model = dataclasses.replace(cfg.model, **opts.model_overrides)
+    cfg.module = dataclasses.replace(cfg.module, **opts.module_overrides)
+    cfg.tokenizer.vocab_size = cfg.model.vocab_size
+    try:
+        tc = dataclasses.replace(tc, **opts.overrides)
+        cfg.model.validate()
+    except (TypeError, ValueError) as e:
+        raise RecycleError(f"invalid training option: {e}") from None
+    if opts.max_steps is not None:
+        tc.max_steps = opts.max_steps
+    if tc.seq_len > cfg.model.max_seq_len:
+        raise RecycleError(f"--seq-len {tc.seq_len} exceeds the model's context {cfg.model.max_seq_len}")
+
+    use_cpu = opts.cpu or not torch.cuda.is_available()
+    accel = Accelerator(cpu=use_cpu, mixed_precision="bf16" if tc.bf16 else "no")
+    out = Path(opts.out)
+    identity = _run_identity(opts, cfg, tc)
+    if accel.is_main_process:
+        _check_out_dir(out, identity, opts.resume)
+        out.mkdir(parents=True, exist_ok=True)
+    accel.wait_for_everyone()
+
+    files = resolve_files(opts.data, opts.glob)
+    ckpt_dir = out / "checkpoint"
+    if accel.is_main_process:
+        if opts.resume and (ckpt_dir / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.load(ckpt_dir / "tokenizer.json")
+        else:
+            tokenizer = _build_tokenizer(opts, files, cfg.model.vocab_size)
+            tokenizer.save(out / "tokenizer.json")
+        data = prepare_tokens(files, tokenizer, out / "tokens", opts.val_fraction, opts.text_field,
+                              progress=opts.progress)
+    accel.wait_for_everyone()
+    if not accel.is_main_process:
+        tok_path = ckpt_dir / "tokenizer.json" if (ckpt_dir / "tokenizer.json").is_file() else out / "tokenizer.json"
+        tokenizer = Tokenizer.load(tok_path)
+        data = prepare_tokens(files, tokenizer, out / "tokens", opts.val_fraction, opts.text_field, progress=False)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise RecycleError(f"tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
+                           f"{cfg.model.vocab_size}")
+    cfg.eos_token_id = tokenizer.eos_id
+    if accel.is_main_process:
+        (out / "run.json").write_text(json.dumps(identity, indent=1))
+
+    torch.manual_seed(tc.seed)
+    if opts.resume and (ckpt_dir / "model.safetensors").is_file():
+        _, model, module, _ = load_checkpoint(ckpt_dir)
+    else:
+        model, module = FullModel(cfg.model), RecyclableModule(cfg.model, cfg.module)
+    model.train()
+    module.train()
+    joint = JointModel(model, module, tc.recycle_weight, tc.unroll_steps, tc.unroll_decay)
+    opt = _make_optimizer(joint, tc)
+    batches = Batches(data.train, tc.seq_len, tc.batch_size, tc.seed, accel.process_index, accel.num_processes)
+    step, tokens_seen = 0, 0
+    if opts.resume and (ckpt_dir / "train_state.json").is_file():
+        info = _load_train_state(ckpt_dir, opt, batches)
+        step, tokens_seen = info["step"], info["tokens_seen"]
+    joint, opt = accel.prepare(joint, opt)
+    raw = accel.unwrap_model(joint)
+
+    n_full, n_mod = raw.model.num_params(), raw.module.num_params()
+    start_info = {
+        "event": "start", "step": step, "params_full": n_full, "params_module": n_mod,
+        "module_share": n_mod / (n_full + n_mod), "train_tokens": int(len(data.train)),
+        "val_tokens": int(len(data.val)), "processes": accel.num_processes,
+    }
+
+    def log(rec: dict) -> None:
+        if accel.is_main_process:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def checkpoint() -> None:
+        accel.wait_for_everyone()
+        if accel.is_main_process:
+            info = {"step": step, "tokens_seen": tokens_seen, "train": dataclasses.asdict(tc)}
+            save_checkpoint(ckpt_dir, cfg, raw.model, raw.module, tokenizer,
+                            write_extra=lambda d: _save_train_state(d, opt, batches, info))
+        accel.wait_for_everyone()
+
+    log(start_info)
+    t0 = time.time()
+    deadline = t0 + opts.max_minutes * 60 if opts.max_minutes else None
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not (opts.progress and accel.is_main_process),
+               unit="step", dynamic_ncols=True)
+    tok_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * accel.num_processes
+    last_t, last_step = time.time(), step
+    ema: dict[str, float] = {}
+    while step < tc.max_steps:
+        lr = lr_at(step, tc)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for micro in range(tc.grad_accum):
+            idx = batches.next().to(accel.device)
+            sync = micro == tc.grad_accum - 1
+            ctx = accel.no_sync(joint) if not sync and accel.num_processes > 1 else _null()
+            with ctx, accel.autocast():
+                loss, metrics = joint(idx)
+                accel.backward(loss / tc.grad_accum)
+        if tc.grad_clip > 0:
+            accel.clip_grad_norm_(joint.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tok_per_step
+        for k, v in metrics.items():
+            ema[k] = float(v) if k not in ema else 0.9 * ema[k] + 0.1 * float(v)
+        now = time.time()
+        if step % 10 == 0 or step == tc.max_steps:
+            tps = (step - last_step) * tok_per_step / max(1e-9, now - last_t)
+            last_t, last_step = now, step
+            bar.set_postfix(tok_s=f"{tps:.0f}", full=f"{ema['ce_full']:.3f}", module=f"{ema['ce_module_1']:.3f}")
+            log({"event": "train", "step": step, "lr": lr, "tokens_seen": tokens_seen, "tok_s": tps,
+                 **{k: float(v) for k, v in metrics.items()}})
+        bar.update(1)
+        stop = (deadline is not None and now >= deadline) or step == opts.stop_at_step
+        if accel.num_processes > 1:  # every rank must stop at the same step
+            flag = torch.tensor([1.0 if stop else 0.0], device=accel.device)
+            stop = bool(accel.reduce(flag, reduction="sum").item() > 0)
+        if step % tc.eval_every == 0 or step == tc.max_steps or stop:
+            if accel.is_main_process:
+                ev = evaluate(raw, data, tc, accel.autocast)
+                log({"event": "eval", "step": step, "tokens_seen": tokens_seen,
+                     "minutes": (time.time() - t0) / 60, **ev})
+                bar.write(f"step {step}: val full {ev['val_ce_full']:.3f}  module {ev['val_ce_module_1']:.3f}  "
+                          f"agree {ev['val_agree_full_1']:.2f}")
+        if step % tc.save_every == 0 or step == tc.max_steps or stop:
+            checkpoint()
+        if stop:
+            break
+    bar.close()
+    if step % tc.save_every and not (step == tc.max_steps):
+        checkpoint()
+    # Evidence that data-parallel ranks stayed in lock-step: one weight checksum per rank.
+    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in raw.parameters())], device=accel.device)
+    sums = accel.gather(checksum).tolist()
+    log({"event": "end", "step": step, "tokens_seen": tokens_seen, "minutes": (time.time() - t0) / 60,
+         "rank_weight_checksums": sums})
+    accel.wait_for_everyone()
+    accel.end_training()
+    return ckpt_dir
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def read_metrics(run_dir: str | Path, event: str | None = None) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in recs if event is None or r.get("event") == event]
+
+
+__all__ = ["TrainOptions", "train", "read_metrics", "lr_at"]
