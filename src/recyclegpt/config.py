@@ -153,7 +153,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 def preset(name: str) -> tuple[Config, TrainConfig]:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        from .errors import RecycleError
+
+        raise RecycleError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     p = PRESETS[name]
     model = ModelConfig(**p["model"])
     cfg = Config(model=model, module=ModuleConfig(**p["module"]),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,12 +209,25 @@ def train(opts: TrainOptions) -> Path:
     if tc.seq_len > cfg.model.max_seq_len:
         raise RecycleError(f"--seq-len {tc.seq_len} exceeds the model's context {cfg.model.max_seq_len}")
 
-    use_cpu = opts.cpu or not torch.cuda.is_available()
-    accel = Accelerator(cpu=use_cpu, mixed_precision="bf16" if tc.bf16 else "no")
     out = Path(opts.out)
     identity = _run_identity(opts, cfg, tc)
-    if accel.is_main_process:
+    if int(os.environ.get("RANK", "0")) == 0:  # validate before any process group or file exists
         _check_out_dir(out, identity, opts.resume)
+    use_cpu = opts.cpu or not torch.cuda.is_available()
+    accel = Accelerator(cpu=use_cpu, mixed_precision="bf16" if tc.bf16 else "no")
+    try:
+        return _train(opts, cfg, tc, accel, out, identity)
+    finally:
+        if accel.num_processes == 1:
+            # Accelerate keeps a process-wide singleton; reset it so in-process callers (API, tests)
+            # can train again with other settings.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, identity: dict) -> Path:
+    if accel.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     accel.wait_for_everyone()
 
