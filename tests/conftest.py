@@ -42,6 +42,6 @@ def text_dir(tmp_path: Path) -> Path:
     d = tmp_path / "corpus"
     (d / "sub").mkdir(parents=True)
     for i in range(12):
-        body = "\n".join(CORPUS_LINES[(i + j) % len(CORPUS_LINES)] for j in range(40))
+        body = f"# document {i}\n" + "\n".join(CORPUS_LINES[(i + j) % len(CORPUS_LINES)] for j in range(40))
         (d / ("sub" if i % 2 else ".") / f"doc{i}.txt").write_text(body)
     return d

@@ -54,18 +54,21 @@ def _state_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(path: str | Path, cfg: Config, model: FullModel, module: RecyclableModule,
+def save_checkpoint(path: str | Path, cfg: Config, model: FullModel | None, module: RecyclableModule,
                     tokenizer: Tokenizer, write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write a checkpoint directory atomically (temp dir + rename); returns its path.
 
     `write_extra(tmp_dir)` may add files (training state, model card) inside the same atomic write.
+    `model=None` writes no model.safetensors: the full model is referenced (`cfg.base`), or
+    `write_extra` puts the file in place (e.g. a hard link to an unchanged frozen model).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     try:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        save_file(_state_for_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if model is not None:
+            save_file(_state_for_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         save_file(_state_for_save(module), str(tmp / "module.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp / "tokenizer.json")
         if write_extra is not None:
@@ -103,13 +106,23 @@ def load_config(path: str | Path) -> Config:
     if not path.is_dir():
         raise RecycleError(f"checkpoint must be a directory holding {', '.join(CKPT_FILES)}: {path}")
     missing = [f for f in CKPT_FILES if not (path / f).is_file()]
+    if _references_base(path):  # the full model is referenced (config.json "base"), not stored
+        missing = [f for f in missing if f != "model.safetensors"]
     if missing:
         raise RecycleError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
     try:
         raw: dict[str, Any] = json.loads((path / "config.json").read_text())
         return Config.from_dict(raw)
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise RecycleError(f"corrupt {path / 'config.json'}: {e}") from None
+
+
+def _references_base(path: Path) -> bool:
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("base") is not None
 
 
 def _load_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -142,14 +155,22 @@ def load_into(target: torch.nn.Module, state: dict[str, torch.Tensor], what: str
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
                     ) -> tuple[Config, FullModel, RecyclableModule, Tokenizer]:
+    """(config, full model, module, tokenizer). A checkpoint whose config.json has a `base` entry
+    (`recyclegpt attach` on a non-Llama model) gets its full model from that transformers directory
+    through the generic backend (`recyclegpt.hf.generic.GenericCausalLM`, same interface)."""
     path = resolve_checkpoint_dir(path)
     cfg = load_config(path)
     try:
-        model = FullModel(cfg.model)
+        model = FullModel(cfg.model) if cfg.base is None else None
         module = RecyclableModule(cfg.model, cfg.module)
     except ValueError as e:
         raise RecycleError(f"invalid config in {path}: {e}") from None
-    load_into(model, _load_weights(path / "model.safetensors"), f"{path}/model.safetensors")
+    if model is None:
+        from .hf.generic import load_base_ref
+
+        model = load_base_ref(cfg.base, cfg.model, device=device, dtype=dtype)
+    else:
+        load_into(model, _load_weights(path / "model.safetensors"), f"{path}/model.safetensors")
     load_into(module, _load_weights(path / "module.safetensors"), f"{path}/module.safetensors")
     tokenizer = Tokenizer.load(path / "tokenizer.json", cfg.tokenizer.eos_token)
     if tokenizer.vocab_size > cfg.model.vocab_size:

@@ -184,6 +184,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=_positive_int, default=65536, help="tokens to score (default 65536)")
     p.add_argument("--seq-len", type=_positive_int, default=512, help="window length (default 512)")
     p.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
+    p.add_argument("--prompts", default="code", metavar="NAME|FILE",
+                   help="prompt set for the greedy agreement of `recycle` with `ar`: code (default), prose, all, "
+                   "or a file (one prompt per line, or JSONL)")
+    p.add_argument("--agreement-tokens", type=int, default=64, metavar="N",
+                   help="new tokens per prompt for the agreement check (default 64; 0 skips it)")
     add_runtime_args(p)
     p.set_defaults(func=run_eval, dtype="float32")
 
@@ -192,6 +197,11 @@ def run_eval(a: argparse.Namespace) -> int:
     from .bench.quality import load_eval_tokens, perplexity, run_tokens_val
     from .checkpoint import atomic_write_text
 
+    prompts = None
+    if a.agreement_tokens > 0:
+        from .bench.prompts import load_prompts
+
+        prompts = load_prompts(a.prompts)  # fail on a bad file before the long part
     m = load_model(a.ckpt, a)
     if a.data:
         tokens = load_eval_tokens(a.data, m.tokenizer, a.max_tokens, a.glob)
@@ -207,12 +217,111 @@ def run_eval(a: argparse.Namespace) -> int:
     print(f"perplexity, module only:    {rep.ppl_module:.3f}")
     print(f"module top-1 = full top-1:  {rep.module_agrees_with_full:.3f}")
     print(f"top-1 accuracy full/module: {rep.full_top1_accuracy:.3f} / {rep.module_top1_accuracy:.3f}")
+    agree = None
+    if prompts is not None:
+        from .bench.quality import greedy_agreement
+
+        agree = greedy_agreement(m.model, m.module, m.encode(prompts.prompts), a.agreement_tokens,
+                                 m.tokenizer.eos_id, progress=sys.stderr.isatty())
+        print(f"greedy recycle = ar, tokens: {agree.token_agreement:.3f}  ({len(prompts)} prompts from "
+              f"{prompts.name}, {a.agreement_tokens} new tokens each)")
+        print(f"  first difference after:   {agree.mean_common_prefix:.1f} tokens on average; "
+              f"{agree.identical_prompts}/{agree.prompts} outputs identical")
     if a.json:
         import json
 
-        atomic_write_text(a.json, json.dumps({"checkpoint": a.ckpt, "dtype": str(m.dtype), **rep.to_dict()},
-                                             indent=2))
+        extra = {"greedy_agreement": {"prompt_set": prompts.name, **agree.to_dict()}} if agree else {}
+        atomic_write_text(a.json, json.dumps({"checkpoint": a.ckpt, "dtype": str(m.dtype), **rep.to_dict(),
+                                              **extra}, indent=2))
     return 0
+
+
+# ---- bench -----------------------------------------------------------------------------------
+
+def _mode_list(s: str) -> list[str]:
+    from .bench.speed import ALL_MODES
+
+    modes = [m.strip() for m in s.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ALL_MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {bad or s!r}; choose from {','.join(ALL_MODES)}")
+    return modes
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="decoding speed of every mode vs plain ar and transformers",
+        description="Measure tokens/s of `ar`, `recycle`, `verify` (k = 1..4 and adaptive), transformers' "
+        "`generate` on the same weights (hf_generate) and its prompt-lookup decoding (hf_assisted): same weights, "
+        "dtype, device, prompts, batch and max_new_tokens, warmed up, rounds interleaved, median reported. "
+        "Per mode: speedup vs `ar`, full passes per token, tau, acceptance by draft position, and whether the "
+        "output is identical to `ar`'s.")
+    p.add_argument("ckpt", help="checkpoint directory (or a `recyclegpt train` run directory)")
+    p.add_argument("--prompts", default="code", metavar="NAME|FILE",
+                   help="shipped set (code: held-out stdlib functions, prose, all) or a file: one prompt per line, "
+                   "or JSONL with a \"prompt\" field per line (default code)")
+    p.add_argument("--num-prompts", type=_positive_int, help="use only the first N prompts")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="new tokens per prompt (default 128)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 1 to sample")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds per mode (default 3)")
+    p.add_argument("--modes", type=_mode_list, default=None, metavar="M1,M2",
+                   help="modes to run (default all: ar,recycle,verify,hf_generate,hf_assisted)")
+    p.add_argument("--k", type=_positive_int, nargs="+", default=[1, 2, 3, 4], metavar="K",
+                   help="verify draft lengths (default 1 2 3 4)")
+    p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-k verify lane")
+    p.add_argument("--prompt-lookup", type=_positive_int, default=10,
+                   help="hf_assisted: prompt_lookup_num_tokens (default 10)")
+    p.add_argument("--hf-cache", default="auto", choices=["auto", "static", "dynamic"],
+                   help="hf_generate KV cache; auto measures both once and keeps the faster (default)")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="let EOS end a row (default: ignored, so every mode produces exactly --max-new-tokens)")
+    p.add_argument("--json", metavar="OUT.json", help="write the report as JSON (keys as DESIGN.md)")
+    p.add_argument("--plot", metavar="OUT.png", help="write a plot: tokens/s by mode, acceptance by draft position")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_args(p)
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(a: argparse.Namespace) -> int:
+    from .bench.prompts import load_prompts
+    from .bench.report import print_table, write_json, write_plot
+    from .bench.speed import ALL_MODES, BenchOptions
+    from .bench.speed import run_bench as bench
+
+    prompts = load_prompts(a.prompts, a.num_prompts)  # fail on a bad file before loading the model
+    m = load_model(a.ckpt, a)
+    opts = BenchOptions(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, temperature=a.temperature,
+                        seed=a.seed, repeats=a.repeats, modes=a.modes or list(ALL_MODES), ks=a.k,
+                        adaptive=not a.no_adaptive, prompt_lookup=a.prompt_lookup, hf_cache=a.hf_cache,
+                        ignore_eos=not a.stop_at_eos, progress=not a.no_progress and sys.stderr.isatty())
+    report = bench(m.model, m.module, m.tokenizer, prompts, opts, checkpoint=a.ckpt)
+    print_table(report)
+    if a.json:
+        write_json(report, a.json)
+        print(f"json: {a.json}")
+    if a.plot:
+        write_plot(report, a.plot)
+        print(f"plot: {a.plot}")
+    return 0
+
+
+# ---- lm-eval ---------------------------------------------------------------------------------
+
+def add_lm_eval(sub: argparse._SubParsersAction) -> None:
+    # Everything after `lm-eval` goes to lm-eval's own command line untouched (its --help included):
+    # prefix_chars that no option uses keeps argparse from reading lm-eval's options itself.
+    p = sub.add_parser("lm-eval", help="EleutherAI lm-eval with the `recyclegpt` model registered",
+                       add_help=False, prefix_chars="\x00")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=run_lm_eval)
+
+
+def run_lm_eval(a: argparse.Namespace) -> int:
+    from .lm_eval_adapter import cli_main
+
+    return cli_main(a.args)
 
 
 # ---- demo ------------------------------------------------------------------------------------
@@ -238,9 +347,160 @@ def run_demo(a: argparse.Namespace) -> int:
         return train_shipped(a.out)
     return demo(a.ckpt, a.max_new_tokens, a.device, a.dtype)
 
+# ---- attach ----------------------------------------------------------------------------------
+
+def add_attach(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "attach", help="train a recyclable module on your own (frozen) model",
+        description="Attach a recyclable module to an existing model: the base stays frozen and only the module "
+        "trains, by self-distillation (its targets are the base's own greedy predictions on your data, computed "
+        "on the fly). BASE is a local transformers directory (Llama, Mistral and Qwen2 load natively; any other "
+        "causal LM runs through transformers itself: slower, every mode still exact) or a recyclegpt "
+        "checkpoint (its full model is the base). OUT/checkpoint is usable by generate/bench/eval/export; "
+        "--resume continues an interrupted run.",
+    )
+    p.add_argument("base", help="transformers model directory (config.json + *.safetensors + tokenizer) or a "
+                   "recyclegpt checkpoint / training run directory")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="text files, directories (searched recursively with --glob), .jsonl files, or 'stdlib'")
+    p.add_argument("--out", required=True, help="run directory (must be new or empty unless --resume)")
+    p.add_argument("--init-from-checkpoint", nargs="?", const="", default=None, metavar="CKPT",
+                   help="start from an existing module instead of a fresh one: BASE's own (no value; BASE must "
+                   "be a recyclegpt checkpoint) or CKPT's (it must fit the base)")
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "generic"],
+                   help="auto (default): native for Llama/Mistral/Qwen2 it can express exactly, else transformers")
+    p.add_argument("--max-seq-len", type=_positive_int,
+                   help="context for a transformers BASE (default: its own, at most 2048)")
+    p.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the frozen base's weights (bfloat16 halves its memory)")
+    p.add_argument("--max-minutes", type=_positive_float, help="stop (and checkpoint) after this many minutes")
+    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps (default 1000; the schedule's length)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--lr", type=_positive_float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=_positive_int, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=_positive_int, help="tokens per training window (default 256)")
+    p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step")
+    p.add_argument("--unroll-steps", type=_positive_int,
+                   help="chained module steps trained (default 2: drafts 2+ see the module's own state)")
+    p.add_argument("--module-layers", type=_positive_int, help="blocks in a fresh module (default 1)")
+    p.add_argument("--distill-kl", type=float, default=0.0, metavar="W",
+                   help="mix the base's full distribution into the target with weight W in [0, 1] (a KL term; "
+                   "default 0: its greedy token only)")
+    p.add_argument("--val-prompts", type=int, default=4,
+                   help="held-out prompts decoded with verify at each validation (default 4; 0: off)")
+    p.add_argument("--eval-every", type=_positive_int, help="steps between validations (default 100)")
+    p.add_argument("--save-every", type=_positive_int, help="steps between checkpoints (default 100)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--fp32", action="store_true",
+                   help="no bf16 autocast (default: autocast where the CPU has native bf16, or on CUDA)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU exists")
+    p.add_argument("--glob", default="**/*", help="file pattern inside data directories (default: all files)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_attach)
+
+
+def run_attach(a: argparse.Namespace) -> int:
+    from .runtime import set_threads
+    from .training.attach import AttachOptions, attach
+
+    set_threads()
+    overrides = {k: getattr(a, k) for k in ("lr", "batch_size", "seq_len", "grad_accum", "unroll_steps",
+                                             "eval_every", "save_every", "seed") if getattr(a, k) is not None}
+    if a.fp32:
+        overrides["bf16"] = False
+    opts = AttachOptions(base=a.base, data=a.data, out=a.out, init_from_checkpoint=a.init_from_checkpoint,
+                         backend=a.backend, max_seq_len=a.max_seq_len, base_dtype=a.base_dtype,
+                         max_minutes=a.max_minutes, max_steps=a.max_steps, resume=a.resume, glob=a.glob,
+                         text_field=a.text_field, val_fraction=a.val_fraction, overrides=overrides,
+                         module_overrides={"n_layer": a.module_layers} if a.module_layers else {},
+                         distill_kl=a.distill_kl, val_prompts=max(0, a.val_prompts), progress=not a.no_progress,
+                         cpu=a.cpu)
+    ckpt = attach(opts)
+    print(f"checkpoint: {ckpt}")
+    print(f"try: recyclegpt generate {a.out} --prompt 'Hello' --mode verify --stats")
+    return 0
+
+
+# ---- export ----------------------------------------------------------------------------------
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export for serving engines: the full model (transformers) or the module (EAGLE draft)",
+        description="--format hf writes the full model as a transformers directory (LlamaForCausalLM, or "
+        "Qwen2ForCausalLM with q/k/v biases; for a checkpoint attached to another architecture, a copy of its "
+        "base). --format eagle writes the recyclable module as an EAGLE-1 draft for vLLM or SGLang (--flavour). "
+        "--format all writes OUT/hf, OUT/eagle-vllm and OUT/eagle-sglang. The serving commands are printed.",
+    )
+    p.add_argument("ckpt", help="checkpoint directory (or a train/attach run directory)")
+    p.add_argument("--format", required=True, choices=["hf", "eagle", "all"], help="what to export")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--flavour", default="vllm", choices=["vllm", "sglang"], help="EAGLE draft flavour (default vllm)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="precision of the written weights (default float32)")
+    p.add_argument("--target", help="with --format eagle: the served full model's directory, for the printed "
+                   "command (default: the base for attached checkpoints, else TARGET_HF_DIR)")
+    p.add_argument("--num-speculative-tokens", type=_positive_int, default=3,
+                   help="drafts per step in the printed commands (default 3)")
+    p.add_argument("--allow-approximate", action="store_true",
+                   help="export a module variant (input/final norms) approximately as EAGLE-1")
+    p.add_argument("--no-embeddings", action="store_true",
+                   help="leave embed_tokens out of the EAGLE draft (engines share the target's)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run_export)
+
+
+def run_export(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load_config, resolve_checkpoint_dir
+    from .hf import export_eagle, export_hf, serving_command, serving_commands
+    from .hf.generic import copy_base_dir
+
+    ckpt = resolve_checkpoint_dir(a.ckpt)
+    cfg = load_config(ckpt)
+    out = Path(a.out)
+    if a.format == "all" and out.exists() and not a.overwrite:
+        raise RecycleError(f"{out} already exists; choose another directory or pass --overwrite")
+    k = a.num_speculative_tokens
+
+    def write_hf(dst: Path) -> Path:
+        if cfg.base is not None:
+            return copy_base_dir(cfg.base["path"], dst, overwrite=a.overwrite)
+        return export_hf(ckpt, dst, dtype=a.dtype, overwrite=a.overwrite)
+
+    def write_eagle(dst: Path, flavour: str) -> Path:
+        return export_eagle(ckpt, dst, flavour, allow_approximate=a.allow_approximate,
+                            include_embeddings=not a.no_embeddings, dtype=a.dtype, overwrite=a.overwrite)
+
+    if a.format == "hf":
+        print(f"full model (transformers): {write_hf(out)}")
+        print("serve it with its recyclable module as an EAGLE draft (recyclegpt export CKPT --format eagle):")
+        print(serving_commands(target_path=str(out), num_speculative_tokens=k), end="")
+    elif a.format == "eagle":
+        target = a.target or (cfg.base["path"] if cfg.base is not None else "TARGET_HF_DIR")
+        print(f"EAGLE-1 draft ({a.flavour}): {write_eagle(out, a.flavour)}")
+        if target == "TARGET_HF_DIR":
+            print("target: the full model as a transformers directory (recyclegpt export CKPT --format hf)")
+        print(serving_command(a.flavour, target_path=target, draft_path=str(out), num_speculative_tokens=k))
+    else:
+        hf_dir = write_hf(out / "hf")
+        vllm_dir, sglang_dir = write_eagle(out / "eagle-vllm", "vllm"), write_eagle(out / "eagle-sglang", "sglang")
+        print(f"full model (transformers): {hf_dir}\nEAGLE-1 drafts: {vllm_dir}, {sglang_dir}")
+        print(serving_commands(target_path=str(hf_dir), vllm_draft=str(vllm_dir), sglang_draft=str(sglang_dir),
+                               num_speculative_tokens=k), end="")
+    if cfg.base is not None:
+        print(f"note: the full model is a {cfg.base.get('model_type')} model; vLLM/SGLang run EAGLE drafts only "
+              "for target architectures they support EAGLE on (Llama, Qwen, Mistral, ...)", file=sys.stderr)
+    return 0
+
+
 # ---- entry -----------------------------------------------------------------------------------
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_generate, add_train, add_eval]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_generate, add_train, add_eval,
+                                                               add_bench, add_lm_eval,
+                                                               add_attach, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -100,9 +100,15 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     eos_token_id: int | None = None
     format_version: int = FORMAT_VERSION
+    # A full model that is not stored in the checkpoint but referenced (`recyclegpt attach` on a base the
+    # native model cannot express): {"backend": "generic", "path": "/abs/hf/dir", ...}. None: model.safetensors.
+    base: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["base"] is None:  # native checkpoints keep their config.json exactly as before
+            del d["base"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
@@ -118,7 +124,16 @@ class Config:
             tokenizer=_build(TokenizerConfig, d.get("tokenizer", {})),
             eos_token_id=d.get("eos_token_id"),
             format_version=version,
+            base=_base(d.get("base")),
         )
+
+
+def _base(b: Any) -> dict[str, Any] | None:
+    if b is None:
+        return None
+    if not isinstance(b, dict) or not isinstance(b.get("path"), str):
+        raise ValueError("\"base\" must be an object with a string \"path\"")
+    return dict(b)
 
 
 def _build(cls: type, d: dict[str, Any]) -> Any:

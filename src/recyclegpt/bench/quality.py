@@ -99,3 +99,66 @@ def run_tokens_val(path: str | Path) -> np.ndarray | None:
         dtype = np.dtype(json.loads(manifest.read_text())["dtype"])
         return np.fromfile(val, dtype=dtype).astype(np.int64)
     return None
+
+
+@dataclass
+class AgreementReport:
+    """Greedy `recycle` output against greedy `ar` output on the same prompts (same dtype/device)."""
+
+    prompts: int
+    max_new_tokens: int
+    token_agreement: float  # share of ar's output positions where recycle emitted the same token
+    mean_common_prefix: float  # tokens before the first difference, averaged over prompts
+    prefix_agreement: float  # common prefix tokens / ar tokens, over all prompts
+    identical_prompts: int  # prompts whose whole output is identical
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_outputs(ref: list[list[int]], other: list[list[int]], max_new_tokens: int) -> AgreementReport:
+    """Position-wise and common-prefix agreement of `other` with `ref` (one token list per prompt)."""
+    same_pos = total = prefix = identical = 0
+    prefixes = []
+    for a, b in zip(ref, other, strict=True):
+        total += len(a)
+        same_pos += sum(x == y for x, y in zip(a, b, strict=False))
+        n = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
+            n += 1
+        prefixes.append(n)
+        prefix += n
+        identical += a == b
+    return AgreementReport(
+        prompts=len(ref), max_new_tokens=max_new_tokens,
+        token_agreement=same_pos / total if total else float("nan"),
+        mean_common_prefix=sum(prefixes) / len(prefixes) if prefixes else float("nan"),
+        prefix_agreement=prefix / total if total else float("nan"), identical_prompts=identical,
+    )
+
+
+@torch.inference_mode()
+def greedy_agreement(model: FullModel, module: RecyclableModule, prompts: list[list[int]], max_new_tokens: int = 64,
+                     eos_id: int | None = None, batch_size: int = 8, progress: bool = False) -> AgreementReport:
+    """Decode every prompt greedily with `ar` and with `recycle`; how often recycle says what ar says.
+
+    EOS ends a row in both modes (a row that stops early counts its missing positions as different).
+    Prompts longer than the model's window minus max_new_tokens keep their last tokens.
+    """
+    from ..decoding import GenerationConfig, generate
+
+    if not prompts:
+        raise RecycleError("no prompts to compare ar and recycle on")
+    limit = model.cfg.max_seq_len - max_new_tokens
+    if limit < 1:
+        raise RecycleError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's window")
+    prompts = [p[-limit:] for p in prompts]
+    outs: dict[str, list[list[int]]] = {"ar": [], "recycle": []}
+    for i in tqdm(range(0, len(prompts), batch_size), desc="ar vs recycle", disable=not progress, leave=False):
+        batch = prompts[i:i + batch_size]
+        for mode in outs:
+            cfg = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens, eos_id=eos_id)
+            outs[mode].extend(generate(model, module, batch, cfg).tokens)
+    return compare_outputs(outs["ar"], outs["recycle"], max_new_tokens)

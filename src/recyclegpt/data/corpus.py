@@ -114,8 +114,12 @@ def iter_documents(files: list[Path], text_field: str = "text", report: ReadRepo
             yield Document(str(f), text)
 
 
-def is_validation(source: str, val_fraction: float) -> bool:
-    """Deterministic document-level split: a stable hash of the source name decides."""
+def is_validation(text: str, val_fraction: float) -> bool:
+    """Deterministic document-level split: a stable hash of the document's text decides.
+
+    Hashing content (not the path) makes the split the same wherever the corpus lives, and puts
+    duplicate documents on the same side.
+    """
     if val_fraction <= 0:
         return False
-    return (zlib.crc32(source.encode()) % 10_000) < val_fraction * 10_000
+    return (zlib.crc32(text.encode("utf-8", errors="surrogatepass")) % 10_000) < val_fraction * 10_000

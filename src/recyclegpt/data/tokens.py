@@ -66,7 +66,7 @@ def prepare_tokens(files: list[Path], tokenizer: Tokenizer, cache_dir: str | Pat
     try:
         docs = iter_documents(files, text_field, report)
         for doc in tqdm(docs, desc="tokenizing", unit="doc", disable=not progress, leave=False):
-            split = "val" if is_validation(doc.source, val_fraction) else "train"
+            split = "val" if is_validation(doc.text, val_fraction) else "train"
             if split == "val":
                 val_sources.append(doc.source)
             buf = buffers[split]
@@ -82,17 +82,18 @@ def prepare_tokens(files: list[Path], tokenizer: Tokenizer, cache_dir: str | Pat
     finally:
         for h in handles.values():
             h.close()
-    if counts["train"] == 0:
+    if counts["train"] + counts["val"] == 0:
         for t in tmp.values():
             t.unlink(missing_ok=True)
         raise RecycleError("the data holds no text (all files empty or binary)")
-    if counts["val"] == 0:
-        # Tiny corpora: hold out the tail of the training tokens so validation always exists.
-        data = np.fromfile(tmp["train"], dtype=dtype)
+    if counts["train"] == 0 or counts["val"] == 0:
+        # Too few distinct documents for a document-level split: hold out the tail of the tokens.
+        data = np.concatenate([np.fromfile(tmp[s], dtype=dtype) for s in ("train", "val")])
         n_val = max(1, int(len(data) * max(val_fraction, 0.05)))
         data[-n_val:].tofile(tmp["val"])
         data[:-n_val].tofile(tmp["train"])
         counts = {"train": len(data) - n_val, "val": n_val}
+        val_sources = []
     for split in counts:
         os.replace(tmp[split], cache_dir / f"{split}.bin")
     manifest = {

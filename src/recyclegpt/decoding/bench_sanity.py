@@ -3,9 +3,10 @@
     python -m recyclegpt.decoding.bench_sanity [--preset small] [--dtype bf16] [--threads 2]
 
 Random weights draft badly (verify's tau stays near 1), so besides end-to-end tokens/s it reports
-what decides the speedup: ms per full pass over 1/2/3/4 tokens, ms per module pass, and the
-speedup of `verify` those costs predict at a given acceptance rate. Repeats are interleaved and
-the median is reported; every number states its dtype.
+what decides the speedup: ms per full pass over 1/2/3/4 tokens, ms per module pass, ms per
+decoding step of each mode (pass costs plus the loop's own overhead), and the speedup of `verify`
+those costs predict at a given acceptance rate. Cases are interleaved; per-call costs are the
+minimum over repeats (other processes only ever add time), end-to-end rates the median.
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ import time
 
 import torch
 
-from .engine import generate
+from .engine import Decoder, generate
 from .options import GenerationConfig
 from .testing import random_models
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _median_ms(fn, reps: int) -> float:
-    times = []
+def _min_ms(fn, reps: int) -> float:
+    best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
 
 
 @torch.inference_mode()
@@ -72,10 +73,25 @@ def pass_costs(model, module, prompt_len: int, reps: int) -> dict[str, float]:
     samples: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(reps):  # interleave
         for name, fn in cases.items():
-            samples[name].append(_median_ms(fn, 5))
+            samples[name].append(_min_ms(fn, 5))
     for name, s in samples.items():
-        out[name] = statistics.median(s)
+        out[name] = min(s)
     return out
+
+
+def step_costs(model, module, prompt_len: int, reps: int) -> dict[str, float]:
+    """Minimum ms of one Decoder.step() per mode (a full round, host sync and bookkeeping included)."""
+    prompt = list(range(1, prompt_len + 1))
+    runs = {"ar step": dict(mode="ar"), "recycle round": dict(mode="recycle"),
+            "verify k=2 round": dict(mode="verify", k=2), "verify k=3 round": dict(mode="verify", k=3)}
+    best = {k: float("inf") for k in runs}
+    for _ in range(reps):
+        for name, kw in runs.items():
+            dec = Decoder(model, module, GenerationConfig(max_new_tokens=40, **kw))
+            dec.start([prompt])
+            for _ in range(8):
+                best[name] = min(best[name], _min_ms(dec.step, 1))
+    return best
 
 
 def end_to_end(model, module, prompt_len: int, new: int, reps: int) -> dict[str, tuple[float, float]]:
@@ -85,7 +101,7 @@ def end_to_end(model, module, prompt_len: int, new: int, reps: int) -> dict[str,
             "verify k=2": dict(mode="verify", k=2), "verify k=3": dict(mode="verify", k=3)}
     samples: dict[str, list[float]] = {k: [] for k in runs}
     taus: dict[str, float] = {}
-    for name, kw in runs.items():  # warm up
+    for kw in runs.values():  # warm up
         generate(model, module, [prompt], GenerationConfig(max_new_tokens=16, **kw))
     for _ in range(reps):
         for name, kw in runs.items():
@@ -128,6 +144,8 @@ def main() -> None:
         print(f"    k={k}: round {round_ms:.2f} ms; " + "; ".join(line))
     rec = costs["module pass, 2 entr, head 1"] + costs["full pass, 2 tok, logits last"]
     print(f"    recycle: round {rec:.2f} ms -> {2 * one / rec:.2f}x (tau 2)")
+    for name, ms in step_costs(model, module, args.prompt_len, args.reps).items():
+        print(f"  {name:32s} {ms:7.2f} ms   ({ms / one:.2f}x one-token pass)")
     e2e = end_to_end(model, module, args.prompt_len, args.new, args.reps)
     ar = e2e["ar"][0]
     print(f"  end to end, {args.new} new tokens (random module: verify drafts are rejected):")

@@ -47,7 +47,8 @@ class DecodeStats:
     row_passes: list[int] = field(default_factory=list)  # per row, decode passes while active
     proposed_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
-    drafter_rounds: dict[str, int] = field(default_factory=dict)  # row-rounds per drafter
+    drafter_rounds: dict[str, int] = field(default_factory=dict)  # row-rounds per drafter:
+    # 'module', 'ngram', or 'host' (a HostDrafter object)
     k_used: list[int] = field(default_factory=list)  # k of every verify round
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -144,6 +145,7 @@ class Decoder:
         self.use_module = config.uses_module
         self.host_drafter: HostDrafter | None = None
         self.drafter_name = config.drafter if isinstance(config.drafter, str) else "host"
+        self.host_label = "ngram" if self.drafter_name in ("ngram", "hybrid") else "host"
         if config.mode == "verify" and self.drafter_name != "module":
             if isinstance(config.drafter, str):
                 min_n = config.ngram_min_n or (2 if config.drafter == "hybrid" else 1)
@@ -301,7 +303,8 @@ class Decoder:
             new.append(row_vals[1:a + 2])
             if self.rows[b].finish is None:
                 self.stats.count_acceptance(proposed[b], a)
-                self.stats.drafter_rounds[kinds[b]] = self.stats.drafter_rounds.get(kinds[b], 0) + 1
+                label = kinds[b] if kinds[b] == "module" else self.host_label
+                self.stats.drafter_rounds[label] = self.stats.drafter_rounds.get(label, 0) + 1
                 self.trackers[kinds[b]].update(proposed[b], a)
         return self._emit(new)
 

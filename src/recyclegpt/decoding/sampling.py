@@ -63,6 +63,11 @@ def logits_to_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: f
     return logits.softmax(-1)
 
 
+def greedy(logits: Tensor) -> Tensor:
+    """argmax over the last dim (bf16 argmax is several times slower on CPU than upcast + argmax)."""
+    return logits.float().argmax(-1)
+
+
 def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """Draw one token per distribution: probs [..., V] -> long [...]."""
     flat = probs.reshape(-1, probs.shape[-1])
@@ -85,7 +90,7 @@ class Picker:
     def pick(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
         """logits [..., V] -> (tokens [...], probs [..., V] or None when greedy)."""
         if self.greedy:
-            return logits.argmax(-1), None
+            return greedy(logits), None
         p = self.probs(logits)
         return sample(p, self.generator), p
 

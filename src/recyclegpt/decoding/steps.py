@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..model import FullModel
 from ..module import RecyclableModule
-from .sampling import Picker, accept_greedy, accept_speculative
+from .sampling import Picker, accept_greedy, accept_speculative, greedy
 
 CatchUp = tuple[Tensor, Tensor, Tensor, Tensor | None]  # idx [B,S], h [B,S,d], pos [B,S], last [B] | None
 
@@ -82,7 +82,7 @@ def accept(picker: Picker, logits: Tensor, drafts: Tensor, q: Tensor | None,
            draft_len: Tensor | None) -> tuple[Tensor, Tensor]:
     """Accepted count [B] and next token [B] (correction or bonus), greedy or speculative."""
     if picker.greedy:
-        return accept_greedy(drafts, logits.argmax(-1), draft_len)
+        return accept_greedy(drafts, greedy(logits), draft_len)
     return accept_speculative(drafts, q, picker.probs(logits), picker.generator, draft_len)
 
 

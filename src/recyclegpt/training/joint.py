@@ -25,22 +25,26 @@ class JointModel(nn.Module):
         self.recycle_weight, self.unroll_steps, self.unroll_decay = recycle_weight, unroll_steps, unroll_decay
         self.train_full = train_full
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, h: Tensor | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         """idx: [B, T] tokens. With train_full=False (module-only training on a frozen model),
-        `targets` [B, T] may replace the corpus as labels (self-distillation)."""
+        `targets` may replace the corpus as labels (self-distillation): token ids [B, T], or
+        distributions [B, T, V] (soft targets); and `h` [B, T, dim], the frozen model's states for
+        idx when the caller already ran it, saves that pass."""
         labels = idx if targets is None else targets
         if self.train_full:
             logits, h = self.model(idx)
-            ce_full = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+            ce_full = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(0, 1))
         else:
-            with torch.no_grad():
-                _, h = self.model(idx, logits=False)
+            if h is None:
+                with torch.no_grad():
+                    _, h = self.model(idx, logits=False)
             ce_full = torch.zeros((), device=idx.device)
         step_logits = self.module.forward_unrolled(self.model, idx, h, self.unroll_steps)
         loss = ce_full
         metrics: dict[str, Tensor] = {"ce_full": ce_full.detach()}
         for s, lg in enumerate(step_logits, 1):
-            ce = F.cross_entropy(lg.flatten(0, 1).float(), labels[:, s + 1:].flatten())
+            ce = F.cross_entropy(lg.flatten(0, 1).float(), labels[:, s + 1:].flatten(0, 1))
             loss = loss + self.recycle_weight * self.unroll_decay ** (s - 1) * ce
             metrics[f"ce_module_{s}"] = ce.detach()
         metrics["loss"] = loss.detach()

@@ -156,7 +156,7 @@ def _check_out_dir(out: Path, identity: dict, resume: bool) -> None:
 def _build_tokenizer(opts: TrainOptions, files: list[Path], vocab_size: int) -> Tokenizer:
     if opts.tokenizer:
         return Tokenizer.load(opts.tokenizer)
-    texts = (d.text for d in iter_documents(files, opts.text_field) if not is_validation(d.source, opts.val_fraction))
+    texts = (d.text for d in iter_documents(files, opts.text_field) if not is_validation(d.text, opts.val_fraction))
     budget = TOKENIZER_TRAIN_CHARS
 
     def limited():

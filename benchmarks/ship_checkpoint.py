@@ -1,0 +1,92 @@
+"""Copy a trained run's checkpoint into the package as the shipped checkpoint, with its model card.
+
+    python benchmarks/ship_checkpoint.py runs/shipped [--distill-run runs/shipped-distill]
+
+Weights are stored in bf16 (half the bytes; the shipped model *is* the bf16-rounded one) and the
+model card is written from the run's own records (run.json, metrics.jsonl), so every number in
+it was produced by the training command it names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from recyclegpt.checkpoint import load_checkpoint, save_checkpoint
+from recyclegpt.demo import SHIPPED_TRAIN_ARGS
+from recyclegpt.training.loop import read_metrics
+
+DEST = Path(__file__).resolve().parents[1] / "src" / "recyclegpt" / "assets" / "shipped"
+
+
+def card(run: Path, distill: Path | None, n_full: int, n_mod: int) -> str:
+    start = read_metrics(run, "start")[0]
+    evals = read_metrics(run, "eval")
+    end = read_metrics(run, "end")[-1]
+    last = evals[-1]
+    lines = [
+        "# Shipped RecycleGPT checkpoint",
+        "",
+        "Trained on this project's CPU machine (2 cores) on the Python standard library's own `.py` sources",
+        "(`--data stdlib`: Lib/ without tests, idlelib, lib2to3, turtledemo and site-packages),",
+        f"Python {platform.python_version()}, torch {torch.__version__}.",
+        "",
+        "## Command",
+        "```",
+        "recyclegpt train " + " ".join(SHIPPED_TRAIN_ARGS) + " --out runs/shipped",
+        "```",
+        "(`recyclegpt demo --train` runs the same command into the cache directory.)",
+        "",
+        "## Model",
+        f"- full model: {n_full / 1e6:.2f}M parameters; recyclable module: {n_mod / 1e6:.2f}M "
+        f"({100 * n_mod / (n_full + n_mod):.1f}% of the total)",
+        f"- config: see config.json; weights stored in bf16",
+        "",
+        "## Training",
+        f"- tokens: {start['train_tokens']:,} train / {start['val_tokens']:,} validation (document-level split)",
+        f"- steps: {end['step']}, tokens seen: {end['tokens_seen']:,}, wall time: {end['minutes']:.1f} min "
+        "(the machine was shared with other work)",
+        "",
+        "## Validation (held-out stdlib files, teacher-forced)",
+        "| step | CE full | CE module step 1 | CE module step 2 | module top-1 = full top-1 (step 1 / 2) |",
+        "|---|---|---|---|---|",
+    ]
+    for e in evals[:: max(1, len(evals) // 8)] + ([last] if evals[-1] not in evals[:: max(1, len(evals) // 8)] else []):
+        lines.append(f"| {e['step']} | {e['val_ce_full']:.3f} | {e['val_ce_module_1']:.3f} | "
+                     f"{e.get('val_ce_module_2', float('nan')):.3f} | {e['val_agree_full_1']:.3f} / "
+                     f"{e.get('val_agree_full_2', float('nan')):.3f} |")
+    if distill is not None:
+        d_evals = read_metrics(distill, "eval")
+        d_end = read_metrics(distill, "end")[-1] if read_metrics(distill, "end") else {}
+        lines += ["", "## Module-only self-distillation (frozen full model)", "```",
+                  json.loads((distill / "run.json").read_text()).get("command", "see run.json"), "```"]
+        if d_evals:
+            e = d_evals[-1]
+            lines.append(f"- after {e['step']} steps ({d_end.get('minutes', float('nan')):.1f} min): " +
+                         ", ".join(f"{k} {v:.3f}" for k, v in e.items() if k.startswith("val_")))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, help="the joint-training run directory")
+    ap.add_argument("--distill-run", type=Path, help="a module-only run whose checkpoint supersedes the module")
+    a = ap.parse_args()
+    src = a.distill_run or a.run
+    cfg, model, module, tok = load_checkpoint(src / "checkpoint" if (src / "checkpoint").is_dir() else src)
+    model.to(torch.bfloat16)
+    module.to(torch.bfloat16)
+    text = card(a.run, a.distill_run, model.num_params(), module.num_params())
+    save_checkpoint(DEST, cfg, model, module, tok, write_extra=lambda d: (d / "MODEL_CARD.md").write_text(text))
+    size = sum(p.stat().st_size for p in DEST.iterdir())
+    print(f"wrote {DEST} ({size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

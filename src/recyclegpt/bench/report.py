@@ -1,0 +1,132 @@
+"""Presenting a bench report: a rich table, the JSON file (DESIGN.md keys) and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# DESIGN.md "`recyclegpt bench --json`": other tools read these keys.
+TOP_KEYS = ("model", "device", "dtype", "batch_size", "prompts", "max_new_tokens", "results")
+RESULT_KEYS = ("mode", "k", "tokens_per_s", "speedup_vs_ar", "full_passes_per_token", "mean_accepted",
+               "acceptance_by_position", "identical_to_ar")
+MODES = ("ar", "recycle", "verify", "hf_generate", "hf_assisted")
+
+
+def check_schema(report: dict[str, Any]) -> list[str]:
+    """Problems with a report's DESIGN.md keys (empty list: fine)."""
+    problems = [f"missing top-level key {k!r}" for k in TOP_KEYS if k not in report]
+    for i, r in enumerate(report.get("results", [])):
+        problems += [f"results[{i}] lacks {k!r}" for k in RESULT_KEYS if k not in r]
+        if r.get("mode") not in MODES:
+            problems.append(f"results[{i}] has unknown mode {r.get('mode')!r}")
+    return problems
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def print_table(report: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    temp = report.get("temperature") or 0
+    title = (f"{report['model']}: {report['device']} {report['dtype']}, batch {report['batch_size']}, "
+             f"{'greedy' if not temp else f'T={temp}'}, {report['prompts']} prompts "
+             f"({report.get('prompt_set', '?')}) x {report['max_new_tokens']} new tokens")
+    t = Table(title=title, title_justify="left")
+    for col, kw in (("mode", {"no_wrap": True}), ("dtype", {}), ("tok/s", {"justify": "right"}),
+                    ("speedup", {"justify": "right"}), ("pass/tok", {"justify": "right"}),
+                    ("tau", {"justify": "right"}), ("accept by pos", {"no_wrap": True}),
+                    ("= ar", {"justify": "center", "no_wrap": True})):
+        t.add_column(col, **kw)
+    notes = []
+    for r in report["results"]:
+        acc = r.get("acceptance_by_position")
+        acc_s = " ".join(f"{a:.2f}" for a in acc) if acc else "-"
+        same = r.get("identical_to_ar")
+        same_s = "-" if same is None else ("[green]yes[/]" if same else
+                                          f"[red]no[/] {r.get('prompts_identical_to_ar', '?')}/{report['prompts']}")
+        label = r.get("label", r["mode"]) + (" *" if r.get("baseline") else "")
+        if r.get("note"):
+            notes.append(f"{r.get('label', r['mode'])}: {r['note']}")
+        dt = r.get("dtype", report["dtype"])
+        t.add_row(label, _SHORT_DTYPE.get(dt, dt), _fmt(r["tokens_per_s"], ".1f"),
+                  _fmt(r["speedup_vs_ar"], ".2f") + "x" if r["speedup_vs_ar"] is not None else "-",
+                  _fmt(r["full_passes_per_token"], ".3f"), _fmt(r["mean_accepted"], ".2f"), acc_s, same_s)
+    console.print(t)
+    m = report.get("machine", {})
+    lines = [f"* baseline: {report.get('baseline')}. speedup = tokens/s / baseline tokens/s with the same weights, "
+             f"dtype, device, prompts and batch; median of {report.get('repeats')} interleaved rounds after warm-up.",
+             "pass/tok: full-model row-passes per new token (prefill included); tau: new tokens per decoding "
+             "pass (prefill excluded); = ar: token-identical to ar's output (greedy only)."]
+    lines += notes
+    where = f"{m['gpu']}, " if m.get("gpu") else ""
+    lines.append(f"torch {report.get('torch')}, transformers {report.get('transformers')}, {where}{m.get('cpu', '')}, "
+                 f"{m.get('threads', '?')} threads, {report.get('date', '')}")
+    for ln in lines:
+        console.print(ln, style="dim", highlight=False)
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    from ..checkpoint import atomic_write_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+
+
+def write_plot(report: dict[str, Any], path: str | Path) -> None:
+    """Two panels: tokens/s by lane (speedup written on each bar); acceptance by draft position."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    res = report["results"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    labels = [r.get("label", r["mode"]) for r in res]
+    vals = [r["tokens_per_s"] for r in res]
+    colors = {"ar": "#777777", "recycle": "#d62728", "verify": "#1f77b4", "hf_generate": "#ff7f0e",
+              "hf_assisted": "#2ca02c"}
+    bars = ax1.bar(range(len(res)), vals, color=[colors.get(r["mode"], "#999999") for r in res])
+    for b, r in zip(bars, res, strict=True):
+        if r["speedup_vs_ar"] is not None:
+            ax1.annotate(f"{r['speedup_vs_ar']:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+                         ha="center", va="bottom", fontsize=8)
+    ax1.set_xticks(range(len(res)), labels, rotation=30, ha="right", fontsize=8)
+    ax1.set_ylabel("tokens/s (median)")
+    temp = report.get("temperature") or 0
+    ax1.set_title(f"{report['device']} {report['dtype']}, batch {report['batch_size']}, "
+                  f"{'greedy' if not temp else f'T={temp}'}, {report['max_new_tokens']} new tokens", fontsize=9)
+    ax1.margins(y=0.12)
+    plotted = False
+    for r in res:
+        acc = r.get("acceptance_by_position")
+        if acc:
+            ax2.plot(range(1, len(acc) + 1), acc, marker="o", label=r.get("label", r["mode"]))
+            plotted = True
+    ax2.set_xlabel("draft position i")
+    ax2.set_ylabel("P(draft i accepted | drafts < i accepted)")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_title("acceptance by draft position", fontsize=9)
+    if plotted:
+        ax2.legend(fontsize=8)
+        ax2.xaxis.get_major_locator().set_params(integer=True)
+    else:
+        ax2.text(0.5, 0.5, "no verify lanes", ha="center", va="center", transform=ax2.transAxes)
+    fig.suptitle(f"recyclegpt bench: {Path(str(report['model'])).name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,508 @@
+"""`recyclegpt bench`: decoding speed of every mode against what users would pick instead.
+
+Lanes (one row of the report each):
+  ar                 the project's plain decoding: one full pass per token (the baseline; where a
+                     compiled `ar` exists in `recyclegpt.decoding` it is a lane too and the faster
+                     of the two is the baseline, DESIGN.md "speedup")
+  recycle            the paper's alternation of full model and module (lossy)
+  verify k=1..4      lossless draft-and-verify with the module drafting k tokens; `verify adaptive`
+                     moves k from recent acceptance
+  hf_generate        transformers' `generate` on the same weights converted to LlamaForCausalLM,
+                     same dtype and device, static or dynamic KV cache, whichever measured faster
+  hf_assisted        transformers' prompt-lookup decoding (`prompt_lookup_num_tokens`)
+
+Measurement (DESIGN.md): same weights, dtype, device, prompts, batch and max_new_tokens for every
+lane, in one process; each lane is warmed up first; then `repeats` rounds, each running every lane
+over the whole prompt set (lane order rotated per round, so no lane always runs first); a lane's
+tokens/s is the median over rounds of (new tokens / wall seconds of its generate calls, prefill
+included). Prompts are tokenized before timing. By default EOS does not end a row, so every lane
+produces exactly max_new_tokens per prompt and the lanes do the same amount of work.
+
+Per lane: tokens/s, speedup vs the `ar` baseline, full passes per token (row-passes, prefill
+included: `ar` = 1.0), tau (new tokens / full passes during decoding, prefill excluded, bonus
+token included), acceptance by draft position, and whether the greedy output is token-identical
+to `ar`'s (null when sampling: sampled outputs differ token by token by construction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..decoding import GenerationConfig, generate
+from ..errors import RecycleError
+from .prompts import PromptSet
+
+NATIVE_MODES = ("ar", "recycle", "verify")
+HF_MODES = ("hf_generate", "hf_assisted")
+ALL_MODES = NATIVE_MODES + HF_MODES
+
+
+@dataclass
+class BenchOptions:
+    max_new_tokens: int = 128
+    batch_size: int = 1
+    temperature: float = 0.0
+    seed: int = 0
+    repeats: int = 3
+    modes: Sequence[str] = ALL_MODES
+    ks: Sequence[int] = (1, 2, 3, 4)
+    adaptive: bool = True
+    prompt_lookup: int = 10  # hf_assisted: prompt_lookup_num_tokens
+    hf_cache: str = "auto"  # auto | static | dynamic
+    ignore_eos: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "repeats", "prompt_lookup"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise RecycleError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.temperature < 0:
+            raise RecycleError(f"temperature must be >= 0, got {self.temperature}")
+        bad = [m for m in self.modes if m not in ALL_MODES]
+        if bad:
+            raise RecycleError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(ALL_MODES)}")
+        if not self.modes:
+            raise RecycleError("no modes to benchmark")
+        if any(not isinstance(k, int) or k < 1 for k in self.ks):
+            raise RecycleError(f"--k values must be integers >= 1, got {list(self.ks)}")
+        if self.hf_cache not in ("auto", "static", "dynamic"):
+            raise RecycleError(f"hf cache must be auto, static or dynamic, got {self.hf_cache!r}")
+
+
+@dataclass
+class Counters:
+    """Summed over every generate call of one lane in one round."""
+
+    new_tokens: int = 0
+    rows: int = 0  # prefill row-passes (one per prompt)
+    row_passes: int = 0  # decode row-passes (prefill excluded)
+    produced: int = 0  # new tokens produced by decode passes (= new_tokens - the prefill's token per row)
+    full_passes: int = 0  # batched full-model calls, prefill included
+    module_passes: int = 0  # module row-passes (a batched call over B rows counts B)
+    proposed: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    k_used: list[int] = field(default_factory=list)
+
+    def add_positions(self, proposed: Sequence[int], accepted: Sequence[int]) -> None:
+        for i, (p, a) in enumerate(zip(proposed, accepted, strict=True)):
+            if i >= len(self.proposed):
+                self.proposed.append(0)
+                self.accepted.append(0)
+            self.proposed[i] += p
+            self.accepted[i] += a
+
+
+@dataclass
+class Lane:
+    label: str  # row name: "verify k=3", "hf_generate"
+    mode: str  # JSON mode: ar | recycle | verify | hf_generate | hf_assisted
+    k: int | None
+    run: Callable[[list[list[int]], int], tuple[list[list[int]], Counters]]  # (batch, batch index)
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    baseline_candidate: bool = False  # an `ar` lane: the fastest of these is the baseline
+    warm: Callable[[list[list[int]], int], Any] | None = None  # a short run for the warm-up
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------ native lanes
+
+def _compiled_ar_supported() -> bool:
+    """True once `recyclegpt.decoding` offers a compiled step (a `compile` field in GenerationConfig)."""
+    return "compile" in {f.name for f in dataclasses.fields(GenerationConfig)}
+
+
+def native_lane(model, module, label: str, mode: str, lane_k: int | None, opts: BenchOptions,
+                eos_id: int | None, **gen_kw) -> Lane:
+    """A lane decoding with `recyclegpt.decoding.generate`; gen_kw go to GenerationConfig (they may set k)."""
+    cfg_kw = dict(mode=mode, temperature=opts.temperature, eos_id=None if opts.ignore_eos else eos_id)
+    if lane_k is not None:
+        cfg_kw["k"] = lane_k
+    cfg_kw.update(gen_kw)
+    GenerationConfig(**cfg_kw, max_new_tokens=opts.max_new_tokens).validate()
+
+    def make(max_new_tokens: int) -> Callable[[list[list[int]], int], tuple[list[list[int]], Counters]]:
+        def run(batch: list[list[int]], bi: int) -> tuple[list[list[int]], Counters]:
+            res = generate(model, module if mode != "ar" else None, batch,
+                           GenerationConfig(**cfg_kw, max_new_tokens=max_new_tokens, seed=opts.seed + bi))
+            st = res.stats
+            c = Counters(new_tokens=st.total_new_tokens, rows=len(batch), row_passes=sum(st.row_passes),
+                         produced=sum(max(0, t - 1) for t in st.new_tokens),
+                         full_passes=st.full_passes + st.prefill_passes,
+                         module_passes=st.module_passes * len(batch), k_used=list(st.k_used))
+            c.add_positions(st.proposed_by_position, st.accepted_by_position)
+            return res.tokens, c
+        return run
+
+    return Lane(label, mode, lane_k, make(opts.max_new_tokens), warm=make(min(16, opts.max_new_tokens)),
+                baseline_candidate=mode == "ar")
+
+
+# ---------------------------------------------------------------------------------------- HF lanes
+
+class _PassCounter:
+    """Counts forward calls of a transformers model (each is one full-model pass over the batch)."""
+
+    def __init__(self, hf_model):
+        self.n = 0
+        self.handle = hf_model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.n += 1
+
+
+def _left_pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(p) for p in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for b, p in enumerate(batch):
+        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[b, T - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _cut(row: list[int], eos_id: int | None) -> list[int]:
+    if eos_id is not None and eos_id in row:
+        return row[:row.index(eos_id)]
+    return row
+
+
+class HFRunner:
+    """transformers' generate on the converted model; one instance shared by both HF lanes."""
+
+    def __init__(self, model, opts: BenchOptions, eos_id: int | None):
+        import transformers
+
+        from ..hf import to_hf_model
+
+        transformers.logging.set_verbosity_error()
+        self.opts = opts
+        self.eos_id = None if opts.ignore_eos else eos_id
+        self.pad_id = eos_id if eos_id is not None else 0
+        self.hf = to_hf_model(model, eos_token_id=self.eos_id)
+        self.hf.generation_config.pad_token_id = self.pad_id
+        self.hf.generation_config.eos_token_id = self.eos_id
+        self.device = model.tok_embeddings.weight.device
+        self.counter = _PassCounter(self.hf)
+        self.version = transformers.__version__
+
+    def kwargs(self, assisted: bool, cache: str | None) -> dict[str, Any]:
+        o = self.opts
+        kw: dict[str, Any] = dict(max_new_tokens=o.max_new_tokens, do_sample=o.temperature > 0,
+                                  pad_token_id=self.pad_id)
+        if o.temperature > 0:
+            kw.update(temperature=o.temperature, top_k=0, top_p=1.0)
+        if assisted:
+            kw["prompt_lookup_num_tokens"] = o.prompt_lookup
+        elif cache == "static":
+            kw["cache_implementation"] = "static"
+        return kw
+
+    @torch.inference_mode()
+    def generate_rows(self, batch: list[list[int]], bi: int, assisted: bool, cache: str | None
+                      ) -> tuple[list[list[int]], Counters]:
+        # transformers' assisted generation supports batch size 1 only: rows run one after another.
+        groups = [[p] for p in batch] if assisted else [batch]
+        out: list[list[int]] = []
+        c = Counters()
+        kw = self.kwargs(assisted, cache)
+        for gi, g in enumerate(groups):
+            ids, mask = _left_pad(g, self.pad_id, self.device)
+            if self.opts.temperature > 0:
+                torch.manual_seed(self.opts.seed + bi * 1000 + gi)
+            before = self.counter.n
+            seq = self.hf.generate(ids, attention_mask=mask, **kw)
+            calls = self.counter.n - before
+            rows = [_cut(r, self.eos_id) for r in seq[:, ids.shape[1]:].tolist()]
+            out.extend(rows)
+            new = sum(len(r) for r in rows)
+            c.new_tokens += new
+            c.rows += len(g)
+            c.full_passes += calls
+            # Every call is one pass over all rows of the group; the first is the prefill.
+            c.row_passes += max(0, calls - 1) * len(g)
+            c.produced += sum(max(0, len(r) - 1) for r in rows)
+        return out, c
+
+
+def hf_lanes(runner: HFRunner, opts: BenchOptions, cache: str) -> list[Lane]:
+    lanes = []
+    if "hf_generate" in opts.modes:
+        lanes.append(Lane("hf_generate", "hf_generate", None,
+                          lambda b, i: runner.generate_rows(b, i, False, cache),
+                          note=f"transformers {runner.version} generate, {cache} cache",
+                          extra={"cache": cache}))
+    if "hf_assisted" in opts.modes:
+        note = f"transformers {runner.version} prompt lookup, {opts.prompt_lookup} tokens"
+        if opts.batch_size > 1:
+            note += "; batch 1 per row (transformers' assisted generation takes batch size 1 only)"
+        lanes.append(Lane("hf_assisted", "hf_assisted", opts.prompt_lookup,
+                          lambda b, i: runner.generate_rows(b, i, True, None),
+                          note=note, extra={"cache": "dynamic", "prompt_lookup_num_tokens": opts.prompt_lookup}))
+    return lanes
+
+
+# -------------------------------------------------------------------------------------- the bench
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+           "platform": platform.platform(), "python": platform.python_version()}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def _batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    return [prompt_ids[i:i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
+
+
+def _run_lane(lane: Lane, batches: list[list[list[int]]], device: torch.device, tick: Callable[[], None]
+              ) -> tuple[list[list[int]], Counters, float]:
+    tokens: list[list[int]] = []
+    total = Counters()
+    seconds = 0.0
+    gc.collect()
+    for bi, batch in enumerate(batches):
+        _sync(device)
+        t0 = time.perf_counter()
+        toks, c = lane.run(batch, bi)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        tokens.extend(toks)
+        for f in ("new_tokens", "rows", "row_passes", "produced", "full_passes", "module_passes"):
+            setattr(total, f, getattr(total, f) + getattr(c, f))
+        total.add_positions(c.proposed, c.accepted)
+        total.k_used.extend(c.k_used)
+        tick()
+    return tokens, total, seconds
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True)
+
+
+@torch.inference_mode()
+def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions | None = None,
+              checkpoint: str = "") -> dict[str, Any]:
+    """Run the benchmark; returns the report as a dict with DESIGN.md's `bench --json` keys."""
+    opts = opts or BenchOptions()
+    opts.validate()
+    device = model.tok_embeddings.weight.device
+    dtype = model.tok_embeddings.weight.dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+    eos_id = tokenizer.eos_id
+    greedy = opts.temperature == 0
+
+    prompt_ids = []
+    limit = model.cfg.max_seq_len - opts.max_new_tokens
+    if limit < 1:
+        raise RecycleError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for a prompt in the model's "
+                           f"{model.cfg.max_seq_len}-token window")
+    truncated = 0
+    for i, p in enumerate(prompts.prompts):
+        ids = tokenizer.encode(p)
+        if not ids:
+            raise RecycleError(f"prompt {prompts.ids[i]} encodes to no tokens")
+        if len(ids) > limit:  # keep the end: the text right before the continuation matters most
+            ids = ids[-limit:]
+            truncated += 1
+        prompt_ids.append(ids)
+    batches = _batches(prompt_ids, opts.batch_size)
+
+    lanes: list[Lane] = []
+    if "ar" in opts.modes:
+        lanes.append(native_lane(model, module, "ar", "ar", None, opts, eos_id))
+        if _compiled_ar_supported():
+            lane = native_lane(model, module, "ar (compiled)", "ar", None, opts, eos_id, compile=True)
+            lane.extra["compiled"] = True
+            lanes.append(lane)
+    if "recycle" in opts.modes:
+        lanes.append(native_lane(model, module, "recycle", "recycle", None, opts, eos_id))
+    if "verify" in opts.modes:
+        for k in opts.ks:
+            lanes.append(native_lane(model, module, f"verify k={k}", "verify", k, opts, eos_id))
+        if opts.adaptive:
+            kmax = max(opts.ks) if opts.ks else 4
+            lane = native_lane(model, module, "verify adaptive", "verify", None, opts, eos_id,
+                               adaptive_k=True, k=min(3, kmax), k_max=kmax)  # k: the start value
+            lane.extra["adaptive_k"] = True
+            lane.note = f"k adapts in 1..{kmax}"
+            lanes.append(lane)
+
+    runner = None
+    cache_probe: dict[str, float] = {}
+    hf_wanted = any(m in opts.modes for m in HF_MODES)
+    probe = opts.hf_cache == "auto" and "hf_generate" in opts.modes
+    warm_batch = [p[:32] for p in batches[0]]
+    warm_opts_tokens = min(16, opts.max_new_tokens)
+    probe_batches = batches[: -(-4 // opts.batch_size)]  # about 4 prompts
+    n_warm = len(lanes) + (len(HF_MODES) if hf_wanted else 0) + (4 if probe else 0)
+    total_ticks = n_warm + opts.repeats * (len(lanes) + sum(m in opts.modes for m in HF_MODES)) * len(batches)
+
+    with _progress(opts.progress) as prog:
+        task = prog.add_task("warm-up", total=total_ticks) if prog else None
+
+        def tick(desc: str | None = None) -> None:
+            if prog is not None:
+                prog.update(task, advance=1, description=desc or prog.tasks[0].description)
+
+        # Warm-up: every lane once on short prompts and few tokens (first calls allocate caches,
+        # fill allocator pools, import lazily).
+        short = dataclasses.replace(opts, max_new_tokens=warm_opts_tokens)
+        for lane in lanes:
+            lane.warm(warm_batch, 0)
+            tick(f"warm-up {lane.label}")
+        if hf_wanted:
+            runner = HFRunner(model, opts, eos_id)
+            for assisted in (False, True):
+                saved = runner.opts
+                runner.opts = short
+                runner.generate_rows(warm_batch, 0, assisted, "dynamic")
+                runner.opts = saved
+                tick("warm-up transformers")
+            cache = opts.hf_cache
+            if probe:
+                # Measure both cache settings once on the first prompts, full length; keep the faster.
+                for c in ("static", "dynamic"):
+                    saved = runner.opts
+                    runner.opts = short
+                    runner.generate_rows(warm_batch, 0, False, c)
+                    runner.opts = saved
+                    tick(f"hf cache probe: {c}")
+                for c in ("static", "dynamic"):
+                    lane = Lane(c, "hf_generate", None, lambda b, i, c=c: runner.generate_rows(b, i, False, c))
+                    _, cnt, sec = _run_lane(lane, probe_batches, device, lambda: None)
+                    cache_probe[c] = cnt.new_tokens / sec
+                    tick(f"hf cache probe: {c}")
+                cache = max(cache_probe, key=cache_probe.get)
+            elif cache == "auto":
+                cache = "dynamic"
+            lanes.extend(hf_lanes(runner, opts, cache))
+            if cache_probe:
+                for lane in lanes:
+                    if lane.mode == "hf_generate":
+                        lane.extra["cache_probe_tokens_per_s"] = {k: round(v, 2) for k, v in cache_probe.items()}
+                        lane.note += " (faster of static/dynamic, measured once)"
+
+        # Timed rounds, lanes interleaved, order rotated each round.
+        tps: dict[str, list[float]] = {lane.label: [] for lane in lanes}
+        secs: dict[str, list[float]] = {lane.label: [] for lane in lanes}
+        outputs: dict[str, list[list[int]]] = {}
+        counters: dict[str, Counters] = {}
+        for r in range(opts.repeats):
+            order = lanes[r % len(lanes):] + lanes[:r % len(lanes)]
+            for lane in order:
+                desc = f"round {r + 1}/{opts.repeats}: {lane.label}"
+                toks, cnt, sec = _run_lane(lane, batches, device, lambda d=desc: tick(d))
+                tps[lane.label].append(cnt.new_tokens / sec if sec > 0 else float("nan"))
+                secs[lane.label].append(sec)
+                if lane.label not in outputs:
+                    outputs[lane.label] = toks
+                    counters[lane.label] = cnt
+                elif not greedy:  # sampled runs differ per round: pool the counters
+                    acc = counters[lane.label]
+                    for f in ("new_tokens", "rows", "row_passes", "produced", "full_passes", "module_passes"):
+                        setattr(acc, f, getattr(acc, f) + getattr(cnt, f))
+                    acc.add_positions(cnt.proposed, cnt.accepted)
+                    acc.k_used.extend(cnt.k_used)
+
+    if runner is not None:
+        runner.counter.handle.remove()
+    medians = {k: statistics.median(v) for k, v in tps.items()}
+    base_lanes = [lane for lane in lanes if lane.baseline_candidate]
+    baseline = max(base_lanes, key=lambda ln: medians[ln.label]) if base_lanes else None
+    ar_ref = outputs.get("ar")
+    results = []
+    for lane in lanes:
+        c = counters[lane.label]
+        tp = medians[lane.label]
+        row: dict[str, Any] = {
+            "mode": lane.mode,
+            "k": lane.k,
+            "tokens_per_s": round(tp, 3),
+            "speedup_vs_ar": round(tp / medians[baseline.label], 4) if baseline else None,
+            "full_passes_per_token": round((c.rows + c.row_passes) / c.new_tokens, 4) if c.new_tokens else None,
+            "mean_accepted": round(c.produced / c.row_passes, 4) if c.row_passes else None,
+            "acceptance_by_position": ([round(a / p, 4) for a, p in zip(c.accepted, c.proposed, strict=True) if p]
+                                       if lane.mode == "verify" else None),
+            "identical_to_ar": (outputs[lane.label] == ar_ref) if (greedy and ar_ref is not None) else None,
+            # extras
+            "label": lane.label,
+            "dtype": dtype_name,
+            "device": str(device),
+            "new_tokens": c.new_tokens,
+            "tokens_per_s_rounds": [round(x, 3) for x in tps[lane.label]],
+            "seconds_median": round(statistics.median(secs[lane.label]), 4),
+            "module_passes_per_token": (round(c.module_passes / c.new_tokens, 4) if c.new_tokens else None)
+            if lane.mode in NATIVE_MODES else None,
+            "baseline": bool(baseline is lane),
+            "note": lane.note,
+            **lane.extra,
+        }
+        if greedy and ar_ref is not None:
+            same = sum(a == b for a, b in zip(outputs[lane.label], ar_ref, strict=True))
+            row["prompts_identical_to_ar"] = same
+        if c.k_used:
+            row["k_mean"] = round(sum(c.k_used) / len(c.k_used), 3)
+        results.append(row)
+
+    import transformers
+
+    return {
+        "model": checkpoint or "(in memory)",
+        "device": str(device),
+        "dtype": dtype_name,
+        "batch_size": opts.batch_size,
+        "prompts": len(prompt_ids),
+        "max_new_tokens": opts.max_new_tokens,
+        "results": results,
+        # extras
+        "prompt_set": prompts.name,
+        "prompt_tokens_mean": round(sum(map(len, prompt_ids)) / len(prompt_ids), 1),
+        "prompts_truncated": truncated,  # cut from the left to fit max_seq_len - max_new_tokens
+        "temperature": opts.temperature,
+        "seed": opts.seed,
+        "repeats": opts.repeats,
+        "ignore_eos": opts.ignore_eos,
+        "baseline": baseline.label if baseline else None,
+        "params": {"model": sum(p.numel() for p in model.parameters()),
+                   "module": sum(p.numel() for p in module.parameters()) if module is not None else 0},
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": _machine(device),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "timing": "median over rounds of new tokens / wall seconds of the generate calls (prefill included); "
+                  "lanes interleaved, order rotated per round, each warmed up first",
+    }
