@@ -149,11 +149,13 @@ def test_sequence_limit(models):
     S = model.cfg.max_seq_len
     prompt = list(range(1, S - 4))  # S - 5 tokens: room for 5 more
     ref = reference_greedy(model, prompt, 5)
-    for mode in ("ar", "recycle", "verify"):
-        res = generate(model, module, [prompt, [3, 4]], GenerationConfig(mode=mode, max_new_tokens=50, k=4))
-        assert len(res.tokens[0]) == 5 and res.finish_reasons == ["length", "length"]
-        assert len(res.tokens[1]) == 50
-        if mode != "recycle":
+    runs = [dict(mode="ar"), dict(mode="recycle"), dict(mode="verify", k=4),
+            dict(mode="verify", k=4, drafter="ngram", adaptive_k=True),
+            dict(mode="verify", k=2, drafter="hybrid", ngram_k=12)]
+    for kw in runs:
+        res = generate(model, module, [prompt, [3, 4], prompt[:30] * 2], GenerationConfig(max_new_tokens=50, **kw))
+        assert [len(t) for t in res.tokens] == [5, 50, 50] and res.finish_reasons == ["length"] * 3
+        if kw["mode"] != "recycle":
             assert res.tokens[0] == ref
     with pytest.raises(RecycleError, match="limit"):
         generate(model, None, [list(range(S))], GenerationConfig(mode="ar"))

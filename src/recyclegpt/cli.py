@@ -260,7 +260,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default="code", metavar="NAME|FILE",
                    help="shipped set (code: held-out stdlib functions, prose, all) or a file: one prompt per line, "
                    "or JSONL with a \"prompt\" field per line (default code)")
-    p.add_argument("--num-prompts", type=_positive_int, help="use only the first N prompts")
+    p.add_argument("--num-prompts", type=int, default=8, metavar="N",
+                   help="use the first N prompts of the set (default 8, so a default run stays within a few "
+                   "minutes on 2 CPU cores; 0 = all)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="new tokens per prompt (default 128)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 1 to sample")
@@ -290,7 +292,7 @@ def run_bench(a: argparse.Namespace) -> int:
     from .bench.speed import ALL_MODES, BenchOptions
     from .bench.speed import run_bench as bench
 
-    prompts = load_prompts(a.prompts, a.num_prompts)  # fail on a bad file before loading the model
+    prompts = load_prompts(a.prompts, a.num_prompts or None)  # fail on a bad file before loading the model
     m = load_model(a.ckpt, a)
     opts = BenchOptions(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, temperature=a.temperature,
                         seed=a.seed, repeats=a.repeats, modes=a.modes or list(ALL_MODES), ks=a.k,

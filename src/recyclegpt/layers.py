@@ -77,15 +77,22 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        rep = self.n_head // self.n_kv_head
         if kv is not None:
             k, v = kv.update(input_pos, k, v)  # [B, Hkv, S, D]
-        if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
+            if rep > 1:
+                # Grouped-query attention against the cache without copying it per query head: fold the
+                # `rep` query heads that share a kv head into the query length (static shapes, no
+                # repeat of the [S]-long cache; several times faster at decode time on CPU).
+                q = q.reshape(B, self.n_kv_head, rep * T, self.head_dim)
+                mask = mask.repeat(1, 1, rep, 1)
+        elif rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.reshape(B, self.n_head, T, self.head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

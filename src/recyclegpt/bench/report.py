@@ -43,11 +43,13 @@ def print_table(report: dict[str, Any], console=None) -> None:
     title = (f"{report['model']}: {report['device']} {report['dtype']}, batch {report['batch_size']}, "
              f"{'greedy' if not temp else f'T={temp}'}, {report['prompts']} prompts "
              f"({report.get('prompt_set', '?')}) x {report['max_new_tokens']} new tokens")
-    t = Table(title=title, title_justify="left")
-    for col, kw in (("mode", {"no_wrap": True}), ("dtype", {}), ("tok/s", {"justify": "right"}),
-                    ("speedup", {"justify": "right"}), ("pass/tok", {"justify": "right"}),
-                    ("tau", {"justify": "right"}), ("accept by pos", {"no_wrap": True}),
-                    ("= ar", {"justify": "center", "no_wrap": True})):
+    from rich import box
+
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col, kw in (("mode", {"no_wrap": True, "min_width": 15}), ("dtype", {"min_width": 4}),
+                    ("tok/s", {"justify": "right", "min_width": 6}), ("x ar", {"justify": "right", "min_width": 5}),
+                    ("pass/tok", {"justify": "right", "min_width": 5}), ("tau", {"justify": "right", "min_width": 4}),
+                    ("accept by pos", {"min_width": 9}), ("= ar", {"no_wrap": True, "min_width": 4})):
         t.add_column(col, **kw)
     notes = []
     for r in report["results"]:
@@ -61,14 +63,15 @@ def print_table(report: dict[str, Any], console=None) -> None:
             notes.append(f"{r.get('label', r['mode'])}: {r['note']}")
         dt = r.get("dtype", report["dtype"])
         t.add_row(label, _SHORT_DTYPE.get(dt, dt), _fmt(r["tokens_per_s"], ".1f"),
-                  _fmt(r["speedup_vs_ar"], ".2f") + "x" if r["speedup_vs_ar"] is not None else "-",
+                  _fmt(r["speedup_vs_ar"], ".2f") if r["speedup_vs_ar"] is not None else "-",
                   _fmt(r["full_passes_per_token"], ".3f"), _fmt(r["mean_accepted"], ".2f"), acc_s, same_s)
     console.print(t)
     m = report.get("machine", {})
     lines = [f"* baseline: {report.get('baseline')}. speedup = tokens/s / baseline tokens/s with the same weights, "
              f"dtype, device, prompts and batch; median of {report.get('repeats')} interleaved rounds after warm-up.",
              "pass/tok: full-model row-passes per new token (prefill included); tau: new tokens per decoding "
-             "pass (prefill excluded); = ar: token-identical to ar's output (greedy only)."]
+             "pass (prefill excluded); = ar: token-identical to ar's output (greedy only; in bf16 transformers' "
+             "kernels round differently from the native ones, so hf_* may drift from ar where fp32 matches)."]
     lines += notes
     where = f"{m['gpu']}, " if m.get("gpu") else ""
     lines.append(f"torch {report.get('torch')}, transformers {report.get('transformers')}, {where}{m.get('cpu', '')}, "
@@ -126,7 +129,10 @@ def write_plot(report: dict[str, Any], path: str | Path) -> None:
         ax2.xaxis.get_major_locator().set_params(integer=True)
     else:
         ax2.text(0.5, 0.5, "no verify lanes", ha="center", va="center", transform=ax2.transAxes)
-    fig.suptitle(f"recyclegpt bench: {Path(str(report['model'])).name}", fontsize=10)
+    name = Path(str(report["model"]))
+    name = name.parent.name if name.name == "checkpoint" and name.parent.name else name.name
+    fig.suptitle(f"recyclegpt bench: {name}, {report['prompts']} prompts ({report.get('prompt_set', '?')})",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

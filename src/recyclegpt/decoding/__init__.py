@@ -22,9 +22,11 @@ Public API
 - `stream(...) -> Generation` (iterable of `StepEvent`; `.result()`, `.stats`)
 - `Decoder(model, module, config, tokenizer=None, stop_fn=None)`: `.start(prompts)`, `.step()`,
   `.done`, `.result()` -- the loop `stream` drives; one full-model pass per `step()`.
-- `GenerationConfig`: mode, max_new_tokens, k, temperature, top_k, top_p, seed, eos_id,
-  stop_strings, drafter ('module' | 'ngram' | 'hybrid' | a `HostDrafter`), adaptive_k, k_max,
-  ngram_k, ngram_max_n, ngram_min_n.
+- `GenerationConfig`: mode, max_new_tokens (int or one per row), k, temperature, top_k, top_p,
+  seed, eos_id (int or list), stop_strings, drafter ('module' | 'ngram' | 'hybrid' | a
+  `HostDrafter`), adaptive_k, k_max, ngram_k, ngram_max_n, ngram_min_n.
+- `HostDrafter` protocol: `propose(row, context, k) -> list[int]`, `reset(row)`; `NgramDrafter`.
+- `stop_fn(row, generated_ids) -> bool`: a callback alternative to stop strings.
 
 `model` is a `FullModel`, `module` a `RecyclableModule` (None is fine for `ar` and
 `drafter='ngram'`). Caches are set up inside (batch = len(prompts), dtype = the model's weight
@@ -38,7 +40,13 @@ prefix plus one token of the full model: greedy output is token-identical to `ar
 has `ar`'s distribution (speculative sampling). Layers: `sampling` (logits -> probs, acceptance
 rules), `steps` (tensor-only ladder: prefill, decode_one, module_catch_up, draft_chain,
 verify_pass, verify_round_module, recycle_round), `engine` (batch loop, stops, counters),
-`drafters` (n-gram, adaptive k, hybrid choice), `stops`.
+`drafters` (n-gram, adaptive k, hybrid choice), `stops`. `testing` has small random models and
+uncached references for tests; `python -m recyclegpt.decoding.bench_sanity` times the ladder.
+
+Counters: tau = new tokens / full passes during decoding, per row-pass (the prefill's pass and
+the token it yields are excluded; bonus tokens count), so `ar` has tau 1 and `recycle` 2.
+acceptance_by_position[i] = P(draft i+1 accepted | drafts 1..i accepted), over active rows.
+Finished rows stay in the batch as frozen slots until every row is done.
 """
 
 from .drafters import AdaptiveK, HostDrafter, NgramDrafter

@@ -272,17 +272,18 @@ class Decoder:
         self._freeze()
         return self._emit(out.tolist())
 
-    def _round_k(self, active: list[int]) -> int:
-        k = self.adaptive.next_k() if self.adaptive is not None else self.cfg.k
+    def _draft_cap(self, active: list[int]) -> int:
+        """Most drafts any row can use this round: positions n..n+k must exist (< max_seq_len), and
+        more than remaining-1 drafts can never all be kept."""
         max_n = max(len(self.rows[b].ctx) - 1 for b in active)
         remaining = max(self.rows[b].budget - self.rows[b].produced for b in active)
-        # positions n..n+k must exist; more than remaining-1 drafts can never all be used
-        return max(1, min(k, self.max_seq_len - 1 - max_n, remaining - 1))
+        return max(1, min(self.max_seq_len - 1 - max_n, remaining - 1))
 
     @torch.inference_mode()
     def _step_verify(self) -> StepEvent:
         active = [b for b, r in enumerate(self.rows) if r.finish is None]
-        k = self._round_k(active)
+        cap = self._draft_cap(active)
+        k = min(self.adaptive.next_k() if self.adaptive is not None else self.cfg.k, cap)
         self.stats.k_used.append(k)
         if self.host_drafter is None:
             out, accepted, self.pending, self.cu = steps.verify_round_module(
@@ -292,7 +293,7 @@ class Decoder:
             proposed = [k] * len(self.rows)
             kinds = ["module"] * len(self.rows)
         else:
-            out, accepted, proposed, kinds = self._verify_with_host_drafts(active, k)
+            out, accepted, proposed, kinds = self._verify_with_host_drafts(active, k, cap)
         self.stats.full_passes += 1
         vals = torch.cat([accepted[:, None], out], 1).tolist()
         self.n.add_(accepted + 1)
@@ -308,12 +309,12 @@ class Decoder:
                 self.trackers[kinds[b]].update(proposed[b], a)
         return self._emit(new)
 
-    def _verify_with_host_drafts(self, active: list[int], k: int
+    def _verify_with_host_drafts(self, active: list[int], k: int, cap: int
                                  ) -> tuple[Tensor, Tensor, list[int], list[str]]:
         """Verify round whose drafts come (for some or all rows) from the host drafter."""
         B, dev = len(self.rows), self.device
         hybrid = self.drafter_name == "hybrid"
-        k_host = self.ngram_k if hybrid else k
+        k_host = min(self.ngram_k, cap) if hybrid else k
         props: list[list[int]] = [[] for _ in range(B)]
         for b in active:
             props[b] = self.host_drafter.propose(b, self.rows[b].ctx, k_host)[:k_host]
