@@ -51,7 +51,7 @@ def prompt_file(tmp_path_factory) -> Path:
 def bench_run(ckpt, prompt_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     rc = cli.main(["bench", str(ckpt), "--prompts", str(prompt_file), "--max-new-tokens", "10", "--repeats", "1",
-                   "--dtype", "float32", "--device", "cpu", "--no-progress", "--hf-cache", "dynamic",
+                   "--dtype", "float32", "--device", "cpu", "--no-progress", "--hf-cache", "dynamic", "--compile", "none",
                    "--json", str(out / "b.json"), "--plot", str(out / "b.png")])
     assert rc == 0
     return json.loads((out / "b.json").read_text()), out / "b.png"
@@ -106,7 +106,8 @@ def test_identical_to_ar_flags(bench_run, ckpt):
 def test_bench_batch_and_sampling(ckpt, prompt_file):
     _, model, module, tok = load_checkpoint(ckpt)
     opts = BenchOptions(max_new_tokens=6, batch_size=3, temperature=1.0, repeats=2, modes=["ar", "verify",
-                        "hf_generate", "hf_assisted"], ks=[2], adaptive=False, hf_cache="auto", progress=False)
+                        "hf_generate", "hf_assisted"], ks=[2], adaptive=False, hf_cache="auto", compile="none",
+                        progress=False)
     rep = run_bench(model, module, tok, load_prompts(prompt_file), opts)
     assert check_schema(rep) == []
     assert rep["batch_size"] == 3 and rep["temperature"] == 1.0
@@ -122,10 +123,34 @@ def test_bench_batch_and_sampling(ckpt, prompt_file):
 def test_bench_greedy_batch_matches_ar(ckpt, prompt_file):
     _, model, module, tok = load_checkpoint(ckpt)
     opts = BenchOptions(max_new_tokens=8, batch_size=4, repeats=1, modes=["ar", "verify", "hf_generate"],
-                        ks=[3], adaptive=False, hf_cache="static", progress=False)
+                        ks=[3], adaptive=False, hf_cache="static", compile="none", progress=False)
     rep = run_bench(model, module, tok, load_prompts(prompt_file), opts)
     for r in rep["results"]:
         assert r["identical_to_ar"] is True, r["label"]  # left-padded HF batch and padded native batch agree
+
+
+def test_compiled_lanes_and_baseline(ckpt, prompt_file, monkeypatch):
+    """The compiled lanes' plumbing, with the compiled rounds swapped for their eager twins (no compile wait)."""
+    from recyclegpt.decoding import compiled
+
+    monkeypatch.setattr(compiled, "compiled_round", lambda kind, model, module, batch, k, sampling:
+                        compiled.eager_round(kind, model, module, k, sampling))
+    _, model, module, tok = load_checkpoint(ckpt)
+    opts = BenchOptions(max_new_tokens=6, batch_size=3, repeats=2, modes=["ar", "recycle", "verify"], ks=[2],
+                        adaptive=False, compile="all", progress=False)
+    rep = run_bench(model, module, tok, load_prompts(prompt_file), opts)
+    by = {r["label"]: r for r in rep["results"]}
+    assert list(by) == ["ar", "ar (compiled)", "recycle", "recycle (compiled)", "verify k=2",
+                        "verify k=2 (compiled)"]
+    ar_lanes = [by["ar"], by["ar (compiled)"]]
+    best = max(ar_lanes, key=lambda r: r["tokens_per_s"])
+    assert rep["baseline"] == best["label"] and best["baseline"] and best["speedup_vs_ar"] == 1.0
+    for r in rep["results"]:  # every speedup is over the fastest ar lane
+        assert r["speedup_vs_ar"] == pytest.approx(r["tokens_per_s"] / best["tokens_per_s"], rel=1e-3)
+        assert r["identical_reference"] == ("ar (compiled)" if r.get("compiled") else "ar")
+        assert "warmup_s" in r
+    assert by["verify k=2 (compiled)"]["identical_to_ar"] is True and by["ar (compiled)"]["identical_to_ar"] is True
+    assert by["recycle (compiled)"]["full_passes_per_token"] < 0.75
 
 
 @pytest.mark.parametrize("content, name, message", [

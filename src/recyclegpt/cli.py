@@ -277,6 +277,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="hf_assisted: prompt_lookup_num_tokens (default 10)")
     p.add_argument("--hf-cache", default="auto", choices=["auto", "static", "dynamic"],
                    help="hf_generate KV cache; auto measures both once and keeps the faster (default)")
+    p.add_argument("--compile", default="ar", choices=["none", "ar", "all"],
+                   help="compiled lanes (torch.compile'd decode steps): ar (default) adds a compiled `ar`, the "
+                   "baseline where it is faster; all adds compiled recycle and verify k lanes too (each compiles "
+                   "its own graph: tens of seconds each on CPU); none: eager only")
     p.add_argument("--stop-at-eos", action="store_true",
                    help="let EOS end a row (default: ignored, so every mode produces exactly --max-new-tokens)")
     p.add_argument("--json", metavar="OUT.json", help="write the report as JSON (keys as DESIGN.md)")
@@ -297,6 +301,7 @@ def run_bench(a: argparse.Namespace) -> int:
     opts = BenchOptions(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, temperature=a.temperature,
                         seed=a.seed, repeats=a.repeats, modes=a.modes or list(ALL_MODES), ks=a.k,
                         adaptive=not a.no_adaptive, prompt_lookup=a.prompt_lookup, hf_cache=a.hf_cache,
+                        compile=a.compile,
                         ignore_eos=not a.stop_at_eos, progress=not a.no_progress and sys.stderr.isatty())
     report = bench(m.model, m.module, m.tokenizer, prompts, opts, checkpoint=a.ckpt)
     print_table(report)

@@ -20,7 +20,7 @@ from rich.table import Table
 from .errors import RecycleError
 
 # The recorded command that produced the shipped checkpoint (MODEL_CARD.md repeats it).
-SHIPPED_TRAIN_ARGS = ["--data", "stdlib", "--preset", "small", "--batch-size", "8", "--max-steps", "1600"]
+SHIPPED_TRAIN_ARGS = ["--data", "stdlib", "--preset", "small", "--batch-size", "8", "--max-steps", "900"]
 
 DEMO_PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",

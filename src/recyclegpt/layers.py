@@ -80,13 +80,13 @@ class Attention(nn.Module):
         rep = self.n_head // self.n_kv_head
         if kv is not None:
             k, v = kv.update(input_pos, k, v)  # [B, Hkv, S, D]
-            if rep > 1:
-                # Grouped-query attention against the cache without copying it per query head: fold the
-                # `rep` query heads that share a kv head into the query length (static shapes, no
-                # repeat of the [S]-long cache; several times faster at decode time on CPU).
-                q = q.reshape(B, self.n_kv_head, rep * T, self.head_dim)
-                mask = mask.repeat(1, 1, rep, 1)
-        elif rep > 1:
+        if rep > 1 and mask is not None:
+            # Grouped-query attention without copying keys/values per query head: fold the `rep` query
+            # heads that share a kv head into the query length (static shapes, no repeat of the
+            # [S]-long cache; several times faster at decode time on CPU).
+            q = q.reshape(B, self.n_kv_head, rep * T, self.head_dim)
+            mask = mask.repeat(1, 1, rep, 1)
+        elif rep > 1:  # plain causal (training): is_causal needs equal query and key lengths
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -46,7 +46,7 @@ def print_table(report: dict[str, Any], console=None) -> None:
     from rich import box
 
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col, kw in (("mode", {"no_wrap": True, "min_width": 15}), ("dtype", {"min_width": 4}),
+    for col, kw in (("mode", {"no_wrap": True, "min_width": 17}), ("dtype", {"min_width": 4}),
                     ("tok/s", {"justify": "right", "min_width": 6}), ("x ar", {"justify": "right", "min_width": 5}),
                     ("pass/tok", {"justify": "right", "min_width": 5}), ("tau", {"justify": "right", "min_width": 4}),
                     ("accept by pos", {"min_width": 9}), ("= ar", {"no_wrap": True, "min_width": 4})):
@@ -58,8 +58,8 @@ def print_table(report: dict[str, Any], console=None) -> None:
         same = r.get("identical_to_ar")
         same_s = "-" if same is None else ("[green]yes[/]" if same else
                                           f"[red]no[/] {r.get('prompts_identical_to_ar', '?')}/{report['prompts']}")
-        label = r.get("label", r["mode"]) + (" *" if r.get("baseline") else "")
-        if r.get("note"):
+        label = r.get("label", r["mode"]).replace(" (compiled)", " (c)") + (" *" if r.get("baseline") else "")
+        if r.get("note") and not r.get("compiled"):
             notes.append(f"{r.get('label', r['mode'])}: {r['note']}")
         dt = r.get("dtype", report["dtype"])
         t.add_row(label, _SHORT_DTYPE.get(dt, dt), _fmt(r["tokens_per_s"], ".1f"),
@@ -72,6 +72,11 @@ def print_table(report: dict[str, Any], console=None) -> None:
              "pass/tok: full-model row-passes per new token (prefill included); tau: new tokens per decoding "
              "pass (prefill excluded); = ar: token-identical to ar's output (greedy only; in bf16 transformers' "
              "kernels round differently from the native ones, so hf_* may drift from ar where fp32 matches)."]
+    compiled = [r for r in report["results"] if r.get("compiled")]
+    if compiled:
+        warm = ", ".join(f"{r['label'].replace(' (compiled)', '')} {r.get('warmup_s', 0):.0f} s" for r in compiled)
+        lines.append(f"(c): each decode step one torch.compile'd graph; compared with the compiled ar. Compile time is "
+                     f"spent in the warm-up, not in tokens/s: {warm}.")
     lines += notes
     where = f"{m['gpu']}, " if m.get("gpu") else ""
     lines.append(f"torch {report.get('torch')}, transformers {report.get('transformers')}, {where}{m.get('cpu', '')}, "

@@ -1,9 +1,11 @@
 """`recyclegpt bench`: decoding speed of every mode against what users would pick instead.
 
 Lanes (one row of the report each):
-  ar                 the project's plain decoding: one full pass per token (the baseline; where a
-                     compiled `ar` exists in `recyclegpt.decoding` it is a lane too and the faster
-                     of the two is the baseline, DESIGN.md "speedup")
+  ar                 the project's plain decoding: one full pass per token, eager
+  ar (compiled)      the same with each step one torch.compile'd graph (`--compile ar`, the
+                     default; `--compile all` adds compiled recycle and verify lanes). The baseline
+                     of every speedup is the fastest `ar` lane (DESIGN.md "speedup"); compile time
+                     is spent in the warm-up and reported as warmup_s, not counted in tokens/s
   recycle            the paper's alternation of full model and module (lossy)
   verify k=1..4      lossless draft-and-verify with the module drafting k tokens; `verify adaptive`
                      moves k from recent acceptance
@@ -13,9 +15,10 @@ Lanes (one row of the report each):
 
 Measurement (DESIGN.md): same weights, dtype, device, prompts, batch and max_new_tokens for every
 lane, in one process; each lane is warmed up first; then `repeats` rounds, each running every lane
-over the whole prompt set (lane order rotated per round, so no lane always runs first); a lane's
-tokens/s is the median over rounds of (new tokens / wall seconds of its generate calls, prefill
-included). Prompts are tokenized before timing. By default EOS does not end a row, so every lane
+over the whole prompt set, interleaved per batch (every lane decodes batch b, in an order rotated
+per batch and round, before any decodes batch b+1: a change in machine load hits all lanes alike);
+a lane's tokens/s is the median over rounds of (new tokens / wall seconds of its generate calls,
+prefill included). Prompts are tokenized before timing. By default EOS does not end a row, so every lane
 produces exactly max_new_tokens per prompt and the lanes do the same amount of work.
 
 Per lane: tokens/s, speedup vs the `ar` baseline, full passes per token (row-passes, prefill
@@ -61,6 +64,7 @@ class BenchOptions:
     adaptive: bool = True
     prompt_lookup: int = 10  # hf_assisted: prompt_lookup_num_tokens
     hf_cache: str = "auto"  # auto | static | dynamic
+    compile: str = "ar"  # none | ar (a compiled `ar` lane, the baseline if faster) | all (compiled lanes for every mode)
     ignore_eos: bool = True
     progress: bool = True
 
@@ -78,6 +82,8 @@ class BenchOptions:
             raise RecycleError("no modes to benchmark")
         if any(not isinstance(k, int) or k < 1 for k in self.ks):
             raise RecycleError(f"--k values must be integers >= 1, got {list(self.ks)}")
+        if self.compile not in ("none", "ar", "all"):
+            raise RecycleError(f"compile must be none, ar or all, got {self.compile!r}")
         if self.hf_cache not in ("auto", "static", "dynamic"):
             raise RecycleError(f"hf cache must be auto, static or dynamic, got {self.hf_cache!r}")
 
@@ -124,8 +130,8 @@ def _sync(device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------ native lanes
 
-def _compiled_ar_supported() -> bool:
-    """True once `recyclegpt.decoding` offers a compiled step (a `compile` field in GenerationConfig)."""
+def compile_supported() -> bool:
+    """True where `recyclegpt.decoding` offers compiled decode steps (GenerationConfig has `compile`)."""
     return "compile" in {f.name for f in dataclasses.fields(GenerationConfig)}
 
 
@@ -282,24 +288,33 @@ def _batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[list[int
     return [prompt_ids[i:i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
 
 
-def _run_lane(lane: Lane, batches: list[list[list[int]]], device: torch.device, tick: Callable[[], None]
+def _merge(total: Counters, c: Counters) -> None:
+    for f in ("new_tokens", "rows", "row_passes", "produced", "full_passes", "module_passes"):
+        setattr(total, f, getattr(total, f) + getattr(c, f))
+    total.add_positions(c.proposed, c.accepted)
+    total.k_used.extend(c.k_used)
+
+
+def _timed_batch(lane: Lane, batch: list[list[int]], bi: int, device: torch.device
+                 ) -> tuple[list[list[int]], Counters, float]:
+    _sync(device)
+    t0 = time.perf_counter()
+    toks, c = lane.run(batch, bi)
+    _sync(device)
+    return toks, c, time.perf_counter() - t0
+
+
+def _run_lane(lane: Lane, batches: list[list[list[int]]], device: torch.device
               ) -> tuple[list[list[int]], Counters, float]:
+    """One lane over all batches (used for the HF cache probe)."""
     tokens: list[list[int]] = []
     total = Counters()
     seconds = 0.0
-    gc.collect()
     for bi, batch in enumerate(batches):
-        _sync(device)
-        t0 = time.perf_counter()
-        toks, c = lane.run(batch, bi)
-        _sync(device)
-        seconds += time.perf_counter() - t0
+        toks, c, sec = _timed_batch(lane, batch, bi, device)
         tokens.extend(toks)
-        for f in ("new_tokens", "rows", "row_passes", "produced", "full_passes", "module_passes"):
-            setattr(total, f, getattr(total, f) + getattr(c, f))
-        total.add_positions(c.proposed, c.accepted)
-        total.k_used.extend(c.k_used)
-        tick()
+        _merge(total, c)
+        seconds += sec
     return tokens, total, seconds
 
 
@@ -341,18 +356,32 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
         prompt_ids.append(ids)
     batches = _batches(prompt_ids, opts.batch_size)
 
+    if opts.compile == "all" and not compile_supported():
+        raise RecycleError("this recyclegpt has no compiled decoding (GenerationConfig has no `compile`); "
+                           "use --compile none")
+    compile_ar = opts.compile in ("ar", "all") and compile_supported()
+
+    def compiled_lane(label: str, mode: str, k: int | None) -> Lane:
+        lane = native_lane(model, module, f"{label} (compiled)", mode, k, opts, eos_id, compile=True)
+        lane.extra["compiled"] = True
+        lane.note = "torch.compile'd decode step; its compile time is in warm-up, not in tokens/s"
+        return lane
+
     lanes: list[Lane] = []
     if "ar" in opts.modes:
         lanes.append(native_lane(model, module, "ar", "ar", None, opts, eos_id))
-        if _compiled_ar_supported():
-            lane = native_lane(model, module, "ar (compiled)", "ar", None, opts, eos_id, compile=True)
-            lane.extra["compiled"] = True
-            lanes.append(lane)
+        if compile_ar:
+            lanes.append(compiled_lane("ar", "ar", None))
     if "recycle" in opts.modes:
         lanes.append(native_lane(model, module, "recycle", "recycle", None, opts, eos_id))
+        if opts.compile == "all":
+            lanes.append(compiled_lane("recycle", "recycle", None))
     if "verify" in opts.modes:
         for k in opts.ks:
             lanes.append(native_lane(model, module, f"verify k={k}", "verify", k, opts, eos_id))
+        if opts.compile == "all":
+            for k in opts.ks:
+                lanes.append(compiled_lane(f"verify k={k}", "verify", k))
         if opts.adaptive:
             kmax = max(opts.ks) if opts.ks else 4
             lane = native_lane(model, module, "verify adaptive", "verify", None, opts, eos_id,
@@ -365,7 +394,7 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
     cache_probe: dict[str, float] = {}
     hf_wanted = any(m in opts.modes for m in HF_MODES)
     probe = opts.hf_cache == "auto" and "hf_generate" in opts.modes
-    warm_batch = [p[:32] for p in batches[0]]
+    warm_batch = [p[:32] for p in batches[0]]  # HF warm-up
     warm_opts_tokens = min(16, opts.max_new_tokens)
     probe_batches = batches[: -(-4 // opts.batch_size)]  # about 4 prompts
     n_warm = len(lanes) + (len(HF_MODES) if hf_wanted else 0) + (4 if probe else 0)
@@ -380,9 +409,14 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
 
         # Warm-up: every lane once on short prompts and few tokens (first calls allocate caches,
         # fill allocator pools, import lazily).
+        # Compiled lanes compile one graph per batch size (and k): warm them on every batch size used.
         short = dataclasses.replace(opts, max_new_tokens=warm_opts_tokens)
+        sizes = sorted({len(b) for b in batches})
         for lane in lanes:
-            lane.warm(warm_batch, 0)
+            t0 = time.perf_counter()
+            for size in sizes if lane.extra.get("compiled") else sizes[-1:]:
+                lane.warm([p[:32] for p in prompt_ids[:size]], 0)
+            lane.extra["warmup_s"] = round(time.perf_counter() - t0, 2)
             tick(f"warm-up {lane.label}")
         if hf_wanted:
             runner = HFRunner(model, opts, eos_id)
@@ -403,7 +437,7 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
                     tick(f"hf cache probe: {c}")
                 for c in ("static", "dynamic"):
                     lane = Lane(c, "hf_generate", None, lambda b, i, c=c: runner.generate_rows(b, i, False, c))
-                    _, cnt, sec = _run_lane(lane, probe_batches, device, lambda: None)
+                    _, cnt, sec = _run_lane(lane, probe_batches, device)
                     cache_probe[c] = cnt.new_tokens / sec
                     tick(f"hf cache probe: {c}")
                 cache = max(cache_probe, key=cache_probe.get)
@@ -416,38 +450,53 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
                         lane.extra["cache_probe_tokens_per_s"] = {k: round(v, 2) for k, v in cache_probe.items()}
                         lane.note += " (faster of static/dynamic, measured once)"
 
-        # Timed rounds, lanes interleaved, order rotated each round.
+        # Timed rounds. Interleaved per batch: every lane runs batch b before any runs batch b+1
+        # (lane order rotated per batch and round), so a change in machine load hits all lanes
+        # alike instead of whichever lane happened to run then. A lane's round = all batches.
         tps: dict[str, list[float]] = {lane.label: [] for lane in lanes}
         secs: dict[str, list[float]] = {lane.label: [] for lane in lanes}
         outputs: dict[str, list[list[int]]] = {}
         counters: dict[str, Counters] = {}
+        n = len(lanes)
         for r in range(opts.repeats):
-            order = lanes[r % len(lanes):] + lanes[:r % len(lanes)]
-            for lane in order:
-                desc = f"round {r + 1}/{opts.repeats}: {lane.label}"
-                toks, cnt, sec = _run_lane(lane, batches, device, lambda d=desc: tick(d))
+            r_toks: dict[str, list[list[int]]] = {lane.label: [] for lane in lanes}
+            r_cnt = {lane.label: Counters() for lane in lanes}
+            r_sec = {lane.label: 0.0 for lane in lanes}
+            for bi, batch in enumerate(batches):
+                shift = (r + bi) % n
+                for lane in lanes[shift:] + lanes[:shift]:
+                    toks, cnt, sec = _timed_batch(lane, batch, bi, device)
+                    r_toks[lane.label].extend(toks)
+                    _merge(r_cnt[lane.label], cnt)
+                    r_sec[lane.label] += sec
+                    tick(f"round {r + 1}/{opts.repeats}, prompts {bi * opts.batch_size + 1}-"
+                         f"{bi * opts.batch_size + len(batch)}: {lane.label}")
+                gc.collect()
+            for lane in lanes:
+                cnt, sec = r_cnt[lane.label], r_sec[lane.label]
                 tps[lane.label].append(cnt.new_tokens / sec if sec > 0 else float("nan"))
                 secs[lane.label].append(sec)
                 if lane.label not in outputs:
-                    outputs[lane.label] = toks
+                    outputs[lane.label] = r_toks[lane.label]
                     counters[lane.label] = cnt
                 elif not greedy:  # sampled runs differ per round: pool the counters
-                    acc = counters[lane.label]
-                    for f in ("new_tokens", "rows", "row_passes", "produced", "full_passes", "module_passes"):
-                        setattr(acc, f, getattr(acc, f) + getattr(cnt, f))
-                    acc.add_positions(cnt.proposed, cnt.accepted)
-                    acc.k_used.extend(cnt.k_used)
+                    _merge(counters[lane.label], cnt)
 
     if runner is not None:
         runner.counter.handle.remove()
     medians = {k: statistics.median(v) for k, v in tps.items()}
     base_lanes = [lane for lane in lanes if lane.baseline_candidate]
     baseline = max(base_lanes, key=lambda ln: medians[ln.label]) if base_lanes else None
-    ar_ref = outputs.get("ar")
+    # Identical-to-ar compares with the `ar` of the same kernels: compiled lanes with the compiled
+    # `ar` (bf16 rounding differs between eager and compiled graphs, DESIGN.md "dtype").
+    refs = {False: "ar" if "ar" in outputs else None,
+            True: "ar (compiled)" if "ar (compiled)" in outputs else ("ar" if "ar" in outputs else None)}
     results = []
     for lane in lanes:
         c = counters[lane.label]
         tp = medians[lane.label]
+        ref_label = refs[bool(lane.extra.get("compiled"))]
+        ar_ref = outputs.get(ref_label) if ref_label else None
         row: dict[str, Any] = {
             "mode": lane.mode,
             "k": lane.k,
@@ -474,6 +523,7 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
         if greedy and ar_ref is not None:
             same = sum(a == b for a, b in zip(outputs[lane.label], ar_ref, strict=True))
             row["prompts_identical_to_ar"] = same
+            row["identical_reference"] = ref_label
         if c.k_used:
             row["k_mean"] = round(sum(c.k_used) / len(c.k_used), 3)
         results.append(row)
@@ -496,6 +546,7 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
         "seed": opts.seed,
         "repeats": opts.repeats,
         "ignore_eos": opts.ignore_eos,
+        "compile": opts.compile if compile_supported() else "unavailable",
         "baseline": baseline.label if baseline else None,
         "params": {"model": sum(p.numel() for p in model.parameters()),
                    "module": sum(p.numel() for p in module.parameters()) if module is not None else 0},
@@ -504,5 +555,5 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
         "machine": _machine(device),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "timing": "median over rounds of new tokens / wall seconds of the generate calls (prefill included); "
-                  "lanes interleaved, order rotated per round, each warmed up first",
+                  "lanes interleaved per batch, order rotated per batch and round, each warmed up first",
     }

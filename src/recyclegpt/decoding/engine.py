@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import RecycleError
 from ..model import FullModel
 from ..module import RecyclableModule
-from . import steps
+from . import compiled, steps
 from .drafters import AcceptanceTracker, AdaptiveK, HostDrafter, NgramDrafter, prefer_ngram
 from .options import GenerationConfig
 from .sampling import Picker
@@ -165,6 +165,12 @@ class Decoder:
         self.stats = DecodeStats(config.mode, 0)
         self._step = 0
         self._aranges: dict[int, Tensor] = {}
+        # compile=True: compiled rounds (decoding.compiled), looked up once per (kind, k) and batch.
+        self.compiled = config.compile
+        self._sampling: compiled.Sampling = None if self.picker.greedy else (
+            self.picker.temperature, self.picker.top_k, self.picker.top_p)
+        self._noise = compiled.Noise(gen)
+        self._rounds: dict[tuple, object] = {}
 
     # ---------------------------------------------------------------- public loop
     @property
@@ -250,25 +256,50 @@ class Decoder:
             cu_idx = torch.cat([idx[:, 1:], torch.zeros_like(idx[:, :1])], 1)
             cu_idx[self.rows_t, last] = tok
             self.cu: steps.CatchUp = (cu_idx, h, pos, last)
+            if self.compiled:  # compiled rounds carry the catch-up's result (same shapes every round)
+                self.mlogits, self.g = compiled.prefill_catch_up(self.model, self.module, cu_idx, h, pos, last)
+                self.stats.module_passes += 1
         return self._emit([[t] for t in tok.tolist()], passes=False)
+
+    def _compiled_round(self, kind: str, k: int | None = None, eager: bool = False):
+        key = (kind, k, eager, len(self.rows))
+        fn = self._rounds.get(key)
+        if fn is None:
+            make = compiled.eager_round if eager else compiled.compiled_round
+            args = (kind, self.model, self.module, k, self._sampling) if eager else (
+                kind, self.model, self.module, len(self.rows), k, self._sampling)
+            fn = self._rounds[key] = make(*args)
+        return fn
+
+    def _expo(self, *shape: int, slot: str = "e") -> Tensor:
+        return self._noise.expo((len(self.rows), *shape, self.vocab_size), self.device, slot)
 
     @torch.inference_mode()
     def _step_ar(self) -> StepEvent:
-        logits, _ = steps.decode_one(self.model, self.pending[:, None], self.n[:, None])
+        if self.compiled:
+            noise = () if self._sampling is None else (self._expo(),)
+            tok, self.n = self._compiled_round("ar")(self.pending, self.n, *noise)
+        else:
+            logits, _ = steps.decode_one(self.model, self.pending[:, None], self.n[:, None])
+            tok, _ = self.picker.pick(logits)
+            self.n.add_(1)
         self.stats.full_passes += 1
-        tok, _ = self.picker.pick(logits)
         self.pending = tok
-        self.n.add_(1)
         self._freeze()
         return self._emit([[t] for t in tok.tolist()])
 
     @torch.inference_mode()
     def _step_recycle(self) -> StepEvent:
-        out, self.pending, self.cu = steps.recycle_round(
-            self.model, self.module, self.pending, self.n, self.cu, self.picker, self.rows_t, self._arange(2))
+        if self.compiled:
+            noise = () if self._sampling is None else (self._expo(2),)
+            out, self.pending, self.n, self.mlogits = self._compiled_round("recycle")(
+                self.pending, self.n, self.mlogits, *noise)
+        else:
+            out, self.pending, self.cu = steps.recycle_round(
+                self.model, self.module, self.pending, self.n, self.cu, self.picker, self.rows_t, self._arange(2))
+            self.n.add_(2)
         self.stats.full_passes += 1
         self.stats.module_passes += 1
-        self.n.add_(2)
         self._freeze()
         return self._emit(out.tolist())
 
@@ -279,9 +310,29 @@ class Decoder:
         remaining = max(self.rows[b].budget - self.rows[b].produced for b in active)
         return max(1, min(self.max_seq_len - 1 - max_n, remaining - 1))
 
+    def _verify_compiled(self, active: list[int]) -> tuple[list[list[int]], int]:
+        """One compiled verify round (k = the configured or adaptive k; never capped by the budget, which
+        would compile another graph: tokens past a row's budget are dropped by `_emit`). Near
+        max_seq_len, where k drafts do not fit, the same round runs eagerly with fewer drafts."""
+        k = self.adaptive.next_k() if self.adaptive is not None else self.cfg.k
+        fits = self.max_seq_len - 1 - max(len(self.rows[b].ctx) - 1 for b in active)
+        eager = k > fits
+        k = max(1, min(k, fits))
+        noise = () if self._sampling is None else (
+            self._expo(k), self._noise.uniform((len(self.rows), k), self.device), self._expo(slot="e2"))
+        vals, self.pending, self.n, self.mlogits, self.g = self._compiled_round("verify", k, eager)(
+            self.pending, self.n, self.mlogits, self.g, *noise)
+        return vals.tolist(), k
+
     @torch.inference_mode()
     def _step_verify(self) -> StepEvent:
         active = [b for b, r in enumerate(self.rows) if r.finish is None]
+        if self.compiled:
+            vals, k = self._verify_compiled(active)
+            self.stats.k_used.append(k)
+            self.stats.module_passes += k
+            self.stats.full_passes += 1
+            return self._finish_verify(vals, [k] * len(self.rows), ["module"] * len(self.rows))
         cap = self._draft_cap(active)
         k = min(self.adaptive.next_k() if self.adaptive is not None else self.cfg.k, cap)
         self.stats.k_used.append(k)
@@ -297,6 +348,10 @@ class Decoder:
         self.stats.full_passes += 1
         vals = torch.cat([accepted[:, None], out], 1).tolist()
         self.n.add_(accepted + 1)
+        return self._finish_verify(vals, proposed, kinds)
+
+    def _finish_verify(self, vals: list[list[int]], proposed: list[int], kinds: list[str]) -> StepEvent:
+        """vals[b] = [accepted, tokens...]: counters, trackers and the event of one verify round."""
         self._freeze()
         new = []
         for b, row_vals in enumerate(vals):

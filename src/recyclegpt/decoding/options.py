@@ -30,6 +30,14 @@ class GenerationConfig:
     adaptive_k: move k within [1, k_max] from recent acceptance.
     ngram_k: most n-gram drafts per round (None: k). ngram_max_n / ngram_min_n: match lengths
       tried, longest first (None: 1 for `ngram`, 2 for `hybrid`).
+    compile: run each decoding step as one torch.compile'd graph (`decoding.compiled`): the `ar` step,
+      the `recycle` round, and the `verify` round with the module drafter (one graph per k; static
+      shapes, acceptance inside, one host sync per step). Greedy and sampling. Graphs are cached per
+      model, batch, k, dtype, sampling setting and thread count for the process; the first use of
+      each compiles (tens of seconds on CPU, less with inductor's on-disk cache from an earlier
+      process: see `decoding.compiled.COMPILE_STATS`), so it pays off on long or repeated runs.
+      With adaptive_k every k visited compiles its own graph. Needs drafter='module' for `verify`.
+      Sampled output has the same distribution as eager sampling but another random stream.
     """
 
     mode: str = "verify"
@@ -47,6 +55,7 @@ class GenerationConfig:
     ngram_k: int | None = None
     ngram_max_n: int = 3
     ngram_min_n: int | None = None
+    compile: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -93,6 +102,11 @@ class GenerationConfig:
         elif not isinstance(self.drafter, HostDrafter):
             raise RecycleError("drafter must be 'module', 'ngram', 'hybrid' "
                                "or an object with propose() and reset()")
+        if not isinstance(self.compile, bool):
+            raise RecycleError(f"compile must be True or False, got {self.compile!r}")
+        if self.compile and self.mode == "verify" and self.drafter != "module":
+            raise RecycleError("compile=True decodes `verify` with drafter='module' only "
+                               "(the n-gram and hybrid drafters run eagerly: use compile=False)")
         validate_sampling(self.temperature, self.top_k, self.top_p)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise RecycleError(f"seed must be an integer or None, got {self.seed!r}")

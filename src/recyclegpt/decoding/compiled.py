@@ -1,0 +1,284 @@
+"""Compiled decode rounds: `GenerationConfig(compile=True)`.
+
+Each decoding step is one `torch.compile`d graph with static shapes (batch B and k fixed per graph),
+acceptance computed inside, and one host sync per step (the caller's `.tolist()` on the packed
+result):
+
+- `ar_round`: one full pass over [B, 1] + the pick -> (token [B], n + 1).
+- `recycle_round`: module token from the carried head logits, full pass over [x_n, x_{n+1}], full
+  model's token, then the module's catch-up over the two true entries -> the next head logits.
+- `verify_round`: chain of k module drafts, one full pass over [x_n, d_1..d_k], acceptance, commit,
+  and the module's catch-up over the round's k+1 true entries (row b's head read at its accepted
+  count) -> the next head logits and state.
+
+The module rounds carry the catch-up's *result* (head logits [B, V] and output state g [B, d] at
+position n-1) instead of its inputs, so every round has the same shapes: the catch-up over the
+prompt runs once, eagerly, after the prefill (`prefill_catch_up`). Rounds cost the same module
+passes as the eager ladder in `steps` (k per verify round, one per recycle round); the last round's
+catch-up is one extra module pass per generation.
+
+Sampling runs in the graph too, without a torch.Generator inside it: the caller draws the noise with
+the run's generator (`Noise`) and passes it in. A categorical draw is argmax(p / E) with E ~ Exp(1)
+(the exponential-race form of sampling: the same distribution as `torch.multinomial`, a different
+random stream), and the speculative rule takes its uniforms u from the caller. So sampled output
+has the right distribution and is reproducible per seed, but is not token-identical to eager
+sampling with the same seed.
+
+Caching: compiled callables live per (model, module, kind, batch, k, dtype, sampling, threads,
+weights' versions) in this process (`compiled_round`); each gets its own code object, so dynamo's
+per-function recompile limit and guard chain never mix keys. The first call of each compiles
+(`COMPILE_STATS` records the seconds); inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, default
+/tmp/torchinductor_$USER) makes a new process compile faster. Inductor runs with `freezing`
+(weights become constants, prepacked for oneDNN): compiled graphs must not outlive in-place weight
+changes, so the weights' version counters are part of the key and a change compiles afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..model import FullModel
+from ..module import RecyclableModule
+from .sampling import logits_to_probs
+
+# Inductor options: max-autotune (on CPU: GEMM template autotuning, no cudagraphs) + freezing.
+# RECYCLEGPT_COMPILE_MODE=default drops max-autotune (faster compile, slower graphs).
+_AUTOTUNE = os.environ.get("RECYCLEGPT_COMPILE_MODE", "max-autotune") != "default"
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": _AUTOTUNE, "triton.cudagraphs": False}
+
+Sampling = tuple[float, int, float] | None  # (temperature, top_k, top_p); None = greedy
+
+
+# ------------------------------------------------------------------------------ graph bodies
+def _pick(logits: Tensor, sampling: Sampling, expo: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """logits [..., V] -> (tokens [...], probs [..., V] | None); expo: Exp(1) noise shaped like logits."""
+    if sampling is None:
+        return logits.float().argmax(-1), None
+    p = logits_to_probs(logits, *sampling)
+    return _race(p, expo), p
+
+
+def _race(p: Tensor, expo: Tensor) -> Tensor:
+    """One categorical draw per row of p: argmax(p / E), E ~ Exp(1) i.i.d. (E > 0 enforced)."""
+    return (p / expo.clamp_min(1e-20)).argmax(-1)
+
+
+def ar_round(model: FullModel, pending: Tensor, n: Tensor, sampling: Sampling = None,
+             expo: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """pending [B], n [B] -> (token [B], n + 1)."""
+    logits, _ = model(pending[:, None], n[:, None])
+    tok, _ = _pick(logits[:, 0], sampling, expo)
+    return tok, n + 1
+
+
+def prefill_catch_up(model: FullModel, module: RecyclableModule, idx: Tensor, h: Tensor, pos: Tensor,
+                     last: Tensor) -> tuple[Tensor, Tensor]:
+    """The module's catch-up over the prompt (eager; variable length): (head logits [B, V], g [B, d])."""
+    _, g = module(model, idx, h, pos, logits=False)
+    g = g[torch.arange(g.shape[0], device=g.device), last]
+    return model.lm_head(g).contiguous(), g.contiguous()
+
+
+def _catch_up(model: FullModel, module: RecyclableModule, idx: Tensor, h: Tensor, pos: Tensor,
+              last: Tensor | None) -> tuple[Tensor, Tensor]:
+    _, g = module(model, idx, h, pos, logits=False)
+    if last is None:
+        g = g[:, -1]
+    else:
+        g = g.gather(1, last[:, None, None].expand(-1, 1, g.shape[-1]))[:, 0]
+    return model.lm_head(g), g
+
+
+def recycle_round(model: FullModel, module: RecyclableModule, pending: Tensor, n: Tensor, mlogits: Tensor,
+                  sampling: Sampling = None, expo: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The paper's round. Returns (out [B, 2] = x_{n+1}, x_{n+2}; next pending; n + 2; next mlogits)."""
+    B = pending.shape[0]
+    m, _ = _pick(mlogits, sampling, None if expo is None else expo[:, 0])
+    pos = n[:, None] + torch.arange(2, device=n.device)
+    _, h = model(torch.stack([pending, m], 1), pos, logits=False)
+    c, _ = _pick(model.lm_head(h[:, -1]), sampling, None if expo is None else expo[:, 1])
+    out = torch.stack([m, c], 1)
+    mlogits, _ = _catch_up(model, module, out, h, pos, None)
+    return out, c, n + 2, mlogits.view(B, -1)
+
+
+def _accept_speculative(drafts: Tensor, q: Tensor, p: Tensor, u: Tensor, expo: Tensor) -> tuple[Tensor, Tensor]:
+    """`sampling.accept_speculative` with the caller's noise: u [B, K] uniforms, expo [B, V]."""
+    B, K = drafts.shape
+    V = p.shape[-1]
+    pd = p[:, :K].gather(-1, drafts[..., None]).squeeze(-1)
+    qd = q.gather(-1, drafts[..., None]).squeeze(-1)
+    accepted = (u * qd < pd).long().cumprod(1).sum(1)
+    p_next = p.gather(1, accepted[:, None, None].expand(B, 1, V))[:, 0]
+    q_next = q.gather(1, accepted.clamp(max=K - 1)[:, None, None].expand(B, 1, V))[:, 0]
+    rejected = (accepted < K).to(p.dtype)
+    residual = (p_next - q_next * rejected[:, None]).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)
+    return accepted, _race(residual, expo)
+
+
+def verify_round(model: FullModel, module: RecyclableModule, k: int, pending: Tensor, n: Tensor, mlogits: Tensor,
+                 g: Tensor, sampling: Sampling = None, noise: tuple[Tensor, Tensor, Tensor] | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Module drafter round with the catch-up at its end.
+
+    pending [B] = x_n; n [B]; mlogits [B, V], g [B, d]: the module's head logits and state at n-1.
+    noise (sampling only): (Exp(1) [B, k, V] for the drafts, uniforms [B, k], Exp(1) [B, V]).
+    Returns (vals [B, k+2] = accepted, then row b's tokens out[:a+1] (junk past them); next pending;
+    n + accepted + 1; next mlogits; next g).
+    """
+    B = pending.shape[0]
+    ar = torch.arange(k + 1, device=n.device)
+    pos = n[:, None] + ar
+    d, q = _pick(mlogits, sampling, None if noise is None else noise[0][:, 0])
+    drafts, qs = [d], [q]
+    for i in range(2, k + 1):
+        sl, g2 = module(model, d[:, None], g[:, None], pos[:, i - 2:i - 1])
+        g = g2[:, 0]
+        d, q = _pick(sl[:, 0], sampling, None if noise is None else noise[0][:, i - 1])
+        drafts.append(d)
+        qs.append(q)
+    dr = torch.stack(drafts, 1)
+    logits, h = model(torch.cat([pending[:, None], dr], 1), pos)
+    if sampling is None:
+        targets = logits.float().argmax(-1)
+        accepted = (dr == targets[:, :k]).long().cumprod(1).sum(1)
+        nxt = targets.gather(1, accepted[:, None])[:, 0]
+    else:
+        p = logits_to_probs(logits, *sampling)
+        accepted, nxt = _accept_speculative(dr, torch.stack(qs, 1), p, noise[1], noise[2])
+    padded = torch.cat([dr, nxt[:, None]], 1)
+    out = torch.where(ar == accepted[:, None], nxt[:, None], padded)
+    mlogits, g = _catch_up(model, module, out, h, pos, accepted)
+    vals = torch.cat([accepted[:, None], out], 1)
+    return vals, nxt, n + accepted + 1, mlogits.view(B, -1), g.view(B, -1)
+
+
+# ------------------------------------------------------------------------------ noise
+@dataclass
+class Noise:
+    """Reusable noise buffers for sampled rounds, refilled in place from the run's generator."""
+
+    generator: torch.Generator | None
+    bufs: dict[tuple, Tensor] = field(default_factory=dict)
+
+    def _buf(self, kind: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        key = (kind, shape)
+        b = self.bufs.get(key)
+        if b is None:
+            b = self.bufs[key] = torch.empty(shape, device=device)
+        return b
+
+    def expo(self, shape: tuple[int, ...], device: torch.device, slot: str = "e") -> Tensor:
+        return self._buf(slot, shape, device).exponential_(generator=self.generator)
+
+    def uniform(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        return self._buf("u", shape, device).uniform_(generator=self.generator)
+
+
+# ------------------------------------------------------------------------------ caching
+@dataclass
+class CompileStats:
+    """Seconds spent in first calls (compiles, or loads from inductor's on-disk cache), per key."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+COMPILE_STATS = CompileStats()
+_LOCK = threading.Lock()
+_ATTR = "_recyclegpt_compiled"  # the per-model cache lives on the model (a cycle gc can collect)
+
+
+def _weights_version(*nets: torch.nn.Module | None) -> tuple:
+    return tuple((p.data_ptr(), p._version) for net in nets if net is not None for p in net.parameters())
+
+
+def _fresh_function(fn: Callable) -> Callable:
+    """A copy of closure `fn` with its own code object: dynamo keeps one cache per code object."""
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+class _FirstCallTimer:
+    """Wraps a compiled callable; records how long its first call took."""
+
+    def __init__(self, fn: Callable, label: str):
+        self.fn, self.label, self.first = fn, label, True
+
+    def __call__(self, *args):
+        if not self.first:
+            return self.fn(*args)
+        t0 = time.perf_counter()
+        out = self.fn(*args)
+        self.first = False
+        COMPILE_STATS.seconds[self.label] = COMPILE_STATS.seconds.get(self.label, 0.0) + time.perf_counter() - t0
+        return out
+
+
+def compiled_round(kind: str, model: FullModel, module: RecyclableModule | None, batch: int, k: int | None,
+                   sampling: Sampling) -> Callable:
+    """The compiled step for kind 'ar' | 'recycle' | 'verify' (cached; compiles on the first call).
+
+    Call signatures: ar(pending, n[, expo]); recycle(pending, n, mlogits[, expo]);
+    verify(pending, n, mlogits, g[, expo_drafts, u, expo_next]).
+    """
+    dtype = model.tok_embeddings.weight.dtype
+    key = (kind, id(module), batch, k, dtype, sampling, torch.get_num_threads(), INDUCTOR_OPTIONS["max_autotune"],
+           _weights_version(model, module))
+    with _LOCK:
+        per_model = model.__dict__.setdefault(_ATTR, {})
+        fn = per_model.get(key)
+        if fn is not None:
+            return fn
+        # A stale entry for the same slot (weights changed in place) is dropped.
+        for old in [o for o in per_model if o[:-1] == key[:-1]]:
+            del per_model[old]
+        if kind == "ar":
+            def body(pending, n, expo=None):
+                return ar_round(model, pending, n, sampling, expo)
+        elif kind == "recycle":
+            def body(pending, n, mlogits, expo=None):
+                return recycle_round(model, module, pending, n, mlogits, sampling, expo)
+        elif kind == "verify":
+            def body(pending, n, mlogits, g, e1=None, u=None, e2=None):
+                noise = None if e1 is None else (e1, u, e2)
+                return verify_round(model, module, k, pending, n, mlogits, g, sampling, noise)
+        else:
+            raise ValueError(f"unknown compiled round {kind!r}")
+        compiled = torch.compile(_fresh_function(body), fullgraph=True, dynamic=False, options=INDUCTOR_OPTIONS)
+        label = f"{kind}{'' if k is None else f' k={k}'} B={batch} {str(dtype).removeprefix('torch.')}" + (
+            "" if sampling is None else " sampled")
+        fn = per_model[key] = _FirstCallTimer(compiled, label)
+        return fn
+
+
+def eager_round(kind: str, model: FullModel, module: RecyclableModule | None, k: int | None,
+                sampling: Sampling) -> Callable:
+    """The same round uncompiled (used where a compiled shape would be used once: k capped by max_seq_len)."""
+    if kind == "ar":
+        return lambda pending, n, expo=None: ar_round(model, pending, n, sampling, expo)
+    if kind == "recycle":
+        return lambda pending, n, mlogits, expo=None: recycle_round(model, module, pending, n, mlogits, sampling,
+                                                                    expo)
+    return lambda pending, n, mlogits, g, e1=None, u=None, e2=None: verify_round(
+        model, module, k, pending, n, mlogits, g, sampling, None if e1 is None else (e1, u, e2))
+
+
+def clear_cache(model: FullModel) -> None:
+    """Drop the model's compiled rounds (inductor's on-disk cache stays)."""
+    with _LOCK:
+        model.__dict__.pop(_ATTR, None)
