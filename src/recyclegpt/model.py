@@ -22,6 +22,20 @@ def cache_mask(input_pos: Tensor, key_pos: Tensor) -> Tensor:
     return key_pos[None, None, None, :] <= input_pos[:, None, :, None]
 
 
+def run_blocks(layers: nn.ModuleList, caches: nn.ModuleList, x: Tensor, rope_cos: Tensor, rope_sin: Tensor,
+               key_pos: Tensor, input_pos: Tensor | None) -> Tensor:
+    """x [B, T, d] through `layers`: with input_pos [B, T] through their static caches, else plain causal."""
+    if input_pos is None:
+        T = x.shape[1]
+        cos, sin, mask, kvs = rope_cos[:T], rope_sin[:T], None, [None] * len(layers)
+    else:
+        cos, sin = rope_cos[input_pos], rope_sin[input_pos]
+        mask, kvs = cache_mask(input_pos, key_pos), caches
+    for layer, kv in zip(layers, kvs, strict=True):
+        x = layer(x, cos, sin, mask, kv, input_pos)
+    return x
+
+
 class FullModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -68,15 +82,8 @@ class FullModel(nn.Module):
 
         Returns logits [B, T, V] (None when logits=False) and hidden h [B, T, dim].
         """
-        x = self.tok_embeddings(idx)
-        if input_pos is None:
-            T = idx.shape[1]
-            cos, sin, mask, caches = self.rope_cos[:T], self.rope_sin[:T], None, [None] * len(self.layers)
-        else:
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-            mask, caches = cache_mask(input_pos, self.key_pos), self.caches
-        for layer, kv in zip(self.layers, caches, strict=True):
-            x = layer(x, cos, sin, mask, kv, input_pos)
+        x = run_blocks(self.layers, self.caches, self.tok_embeddings(idx), self.rope_cos, self.rope_sin,
+                       self.key_pos, input_pos)
         h = self.norm(x)
         return (self.output(h) if logits else None), h
 

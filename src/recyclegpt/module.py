@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .cache import KVCache, UnrollKV, unroll_mask
 from .config import ModelConfig, ModuleConfig
 from .layers import Block, RMSNorm
-from .model import FullModel, cache_mask
+from .model import FullModel, run_blocks
 
 
 class RecyclableModule(nn.Module):
@@ -57,15 +57,8 @@ class RecyclableModule(nn.Module):
         Returns logits [B, T, V] for x_{t+2} and the output state [B, T, dim] the head reads.
         `model` supplies the shared embedding and LM head.
         """
-        x = self._fuse(model.embed(idx), h)
-        if input_pos is None:
-            T = idx.shape[1]
-            cos, sin, mask, caches = model.rope_cos[:T], model.rope_sin[:T], None, [None] * len(self.layers)
-        else:
-            cos, sin = model.rope_cos[input_pos], model.rope_sin[input_pos]
-            mask, caches = cache_mask(input_pos, model.key_pos), self.caches
-        for layer, kv in zip(self.layers, caches, strict=True):
-            x = layer(x, cos, sin, mask, kv, input_pos)
+        x = run_blocks(self.layers, self.caches, self._fuse(model.embed(idx), h), model.rope_cos, model.rope_sin,
+                       model.key_pos, input_pos)
         g = self.norm(x)
         return (model.lm_head(g) if logits else None), g
 

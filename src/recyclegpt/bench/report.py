@@ -46,10 +46,10 @@ def print_table(report: dict[str, Any], console=None) -> None:
     from rich import box
 
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col, kw in (("mode", {"no_wrap": True, "min_width": 17}), ("dtype", {"min_width": 4}),
-                    ("tok/s", {"justify": "right", "min_width": 6}), ("x ar", {"justify": "right", "min_width": 5}),
-                    ("pass/tok", {"justify": "right", "min_width": 5}), ("tau", {"justify": "right", "min_width": 4}),
-                    ("accept by pos", {"min_width": 9}), ("= ar", {"no_wrap": True, "min_width": 4})):
+    for col, kw in (("mode", {"no_wrap": True, "min_width": 15}), ("dtype", {"min_width": 4}),
+                    ("tok/s", {"justify": "right", "min_width": 6}), ("x ar", {"justify": "right", "min_width": 4}),
+                    ("pass/tok", {"justify": "right", "min_width": 8}), ("tau", {"justify": "right", "min_width": 4}),
+                    ("accept by pos", {"min_width": 9, "max_width": 14}), ("= ar", {"no_wrap": True, "min_width": 6})):
         t.add_column(col, **kw)
     notes = []
     for r in report["results"]:
@@ -108,7 +108,13 @@ def write_plot(report: dict[str, Any], path: str | Path) -> None:
     vals = [r["tokens_per_s"] for r in res]
     colors = {"ar": "#777777", "recycle": "#d62728", "verify": "#1f77b4", "hf_generate": "#ff7f0e",
               "hf_assisted": "#2ca02c"}
-    bars = ax1.bar(range(len(res)), vals, color=[colors.get(r["mode"], "#999999") for r in res])
+    bars = ax1.bar(range(len(res)), vals, color=[colors.get(r["mode"], "#999999") for r in res],
+                   hatch=["//" if r.get("compiled") else "" for r in res], edgecolor="white")
+    base = next((r for r in res if r.get("baseline")), None)
+    if base is not None:
+        ax1.axhline(base["tokens_per_s"], color="#333333", lw=0.8, ls="--",
+                    label=f"baseline: {base.get('label', base['mode'])}")
+        ax1.legend(fontsize=8, loc="upper left")
     for b, r in zip(bars, res, strict=True):
         if r["speedup_vs_ar"] is not None:
             ax1.annotate(f"{r['speedup_vs_ar']:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),

@@ -64,7 +64,7 @@ class BenchOptions:
     adaptive: bool = True
     prompt_lookup: int = 10  # hf_assisted: prompt_lookup_num_tokens
     hf_cache: str = "auto"  # auto | static | dynamic
-    compile: str = "ar"  # none | ar (a compiled `ar` lane, the baseline if faster) | all (compiled lanes for every mode)
+    compile: str = "ar"  # none | ar (a compiled `ar` lane, the baseline if faster) | all (every mode compiled too)
     ignore_eos: bool = True
     progress: bool = True
 
@@ -469,8 +469,9 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
                     r_toks[lane.label].extend(toks)
                     _merge(r_cnt[lane.label], cnt)
                     r_sec[lane.label] += sec
-                    tick(f"round {r + 1}/{opts.repeats}, prompts {bi * opts.batch_size + 1}-"
-                         f"{bi * opts.batch_size + len(batch)}: {lane.label}")
+                    first = bi * opts.batch_size + 1
+                    which = f"prompt {first}" if len(batch) == 1 else f"prompts {first}-{first + len(batch) - 1}"
+                    tick(f"round {r + 1}/{opts.repeats}, {which}: {lane.label}")
                 gc.collect()
             for lane in lanes:
                 cnt, sec = r_cnt[lane.label], r_sec[lane.label]
