@@ -10,7 +10,6 @@ it was produced by the training command it names.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -18,13 +17,13 @@ from pathlib import Path
 import torch
 
 from recyclegpt.checkpoint import load_checkpoint, save_checkpoint
-from recyclegpt.demo import SHIPPED_TRAIN_ARGS
+from recyclegpt.demo import SHIPPED_DISTILL_ARGS, SHIPPED_TRAIN_ARGS
 from recyclegpt.training.loop import read_metrics
 
 DEST = Path(__file__).resolve().parents[1] / "src" / "recyclegpt" / "assets" / "shipped"
 
 
-def card(run: Path, distill: Path | None, n_full: int, n_mod: int) -> str:
+def card(run: Path, distill: Path | None, n_full: int, n_mod: int, note: str | None = None) -> str:
     start = read_metrics(run, "start")[0]
     evals = read_metrics(run, "eval")
     end = read_metrics(run, "end")[-1]
@@ -39,13 +38,14 @@ def card(run: Path, distill: Path | None, n_full: int, n_mod: int) -> str:
         "## Command",
         "```",
         "recyclegpt train " + " ".join(SHIPPED_TRAIN_ARGS) + " --out runs/shipped",
+        "recyclegpt attach runs/shipped " + " ".join(SHIPPED_DISTILL_ARGS) + " --out runs/shipped-distill",
         "```",
-        "(`recyclegpt demo --train` runs the same command into the cache directory.)",
+        "(`recyclegpt demo --train` runs the same two commands into the cache directory.)",
         "",
         "## Model",
         f"- full model: {n_full / 1e6:.2f}M parameters; recyclable module: {n_mod / 1e6:.2f}M "
         f"({100 * n_mod / (n_full + n_mod):.1f}% of the total)",
-        f"- config: see config.json; weights stored in bf16",
+        "- config: see config.json; weights stored in bf16",
         "",
         "## Training",
         f"- tokens: {start['train_tokens']:,} train / {start['val_tokens']:,} validation (document-level split)",
@@ -63,12 +63,13 @@ def card(run: Path, distill: Path | None, n_full: int, n_mod: int) -> str:
     if distill is not None:
         d_evals = read_metrics(distill, "eval")
         d_end = read_metrics(distill, "end")[-1] if read_metrics(distill, "end") else {}
-        lines += ["", "## Module-only self-distillation (frozen full model)", "```",
-                  json.loads((distill / "run.json").read_text()).get("command", "see run.json"), "```"]
+        lines += ["", "## Module-only self-distillation (frozen full model, targets = its own greedy predictions)"]
         if d_evals:
             e = d_evals[-1]
             lines.append(f"- after {e['step']} steps ({d_end.get('minutes', float('nan')):.1f} min): " +
                          ", ".join(f"{k} {v:.3f}" for k, v in e.items() if k.startswith("val_")))
+    if note:
+        lines += ["", "## Notes", note]
     return "\n".join(lines) + "\n"
 
 
@@ -76,12 +77,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="the joint-training run directory")
     ap.add_argument("--distill-run", type=Path, help="a module-only run whose checkpoint supersedes the module")
+    ap.add_argument("--note", help="history the run records do not show (appended to the card)")
     a = ap.parse_args()
     src = a.distill_run or a.run
     cfg, model, module, tok = load_checkpoint(src / "checkpoint" if (src / "checkpoint").is_dir() else src)
     model.to(torch.bfloat16)
     module.to(torch.bfloat16)
-    text = card(a.run, a.distill_run, model.num_params(), module.num_params())
+    text = card(a.run, a.distill_run, model.num_params(), module.num_params(), a.note)
     save_checkpoint(DEST, cfg, model, module, tok, write_extra=lambda d: (d / "MODEL_CARD.md").write_text(text))
     size = sum(p.stat().st_size for p in DEST.iterdir())
     print(f"wrote {DEST} ({size / 1e6:.1f} MB)")

@@ -19,8 +19,11 @@ from rich.table import Table
 
 from .errors import RecycleError
 
-# The recorded command that produced the shipped checkpoint (MODEL_CARD.md repeats it).
+# The recorded commands that produced the shipped checkpoint (MODEL_CARD.md repeats them): joint
+# training, then module-only self-distillation on the frozen full model (3 unrolled draft steps).
 SHIPPED_TRAIN_ARGS = ["--data", "stdlib", "--preset", "small", "--batch-size", "8", "--max-steps", "900"]
+SHIPPED_DISTILL_ARGS = ["--init-from-checkpoint", "--data", "stdlib", "--unroll-steps", "3", "--max-steps", "400",
+                        "--max-minutes", "12", "--eval-every", "100", "--save-every", "100"]
 
 DEMO_PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -42,15 +45,21 @@ def cache_dir() -> Path:
 
 
 def train_shipped(out: str | None) -> int:
-    run = Path(out) if out else cache_dir() / "demo-run"
-    cmd = [sys.executable, "-m", "recyclegpt.cli", "train", *SHIPPED_TRAIN_ARGS, "--out", str(run)]
-    if (run / "run.json").is_file():
-        cmd.append("--resume")
-    print("running:", " ".join(["recyclegpt", *cmd[3:]]), flush=True)
-    rc = subprocess.call(cmd)
-    if rc == 0:
-        print(f"done: recyclegpt demo --ckpt {run}")
-    return rc
+    """Reproduce the shipped checkpoint: joint training, then self-distillation of the module."""
+    root = Path(out) if out else cache_dir() / "demo-run"
+    joint, distill = root / "joint", root / "distill"
+    steps = [
+        ["train", *SHIPPED_TRAIN_ARGS, "--out", str(joint)] + (["--resume"] if (joint / "run.json").is_file() else []),
+        ["attach", str(joint), *SHIPPED_DISTILL_ARGS, "--out", str(distill)]
+        + (["--resume"] if (distill / "run.json").is_file() else []),
+    ]
+    for args in steps:
+        print("running: recyclegpt " + " ".join(args), flush=True)
+        rc = subprocess.call([sys.executable, "-m", "recyclegpt.cli", *args])
+        if rc != 0:
+            return rc
+    print(f"done: recyclegpt demo --ckpt {distill}")
+    return 0
 
 
 def demo(ckpt: str | None, max_new_tokens: int, device: str = "auto", dtype: str = "auto") -> int:
