@@ -23,10 +23,21 @@ from recyclegpt.training.loop import read_metrics
 DEST = Path(__file__).resolve().parents[1] / "src" / "recyclegpt" / "assets" / "shipped"
 
 
+def _fmt(v) -> str:
+    return "[" + ", ".join(f"{x:.2f}" for x in v) + "]" if isinstance(v, list) else f"{v:.3f}"
+
+
 def card(run: Path, distill: Path | None, n_full: int, n_mod: int, note: str | None = None) -> str:
     start = read_metrics(run, "start")[0]
     evals = read_metrics(run, "eval")
     end = read_metrics(run, "end")[-1]
+    # A resumed run logs minutes per segment (each segment starts with a "start" event): add them up.
+    wall, seg = 0.0, 0.0
+    for rec in read_metrics(run):
+        if rec.get("event") == "start":
+            wall, seg = wall + seg, 0.0
+        seg = max(seg, rec.get("minutes", 0.0))
+    wall += seg
     last = evals[-1]
     lines = [
         "# Shipped RecycleGPT checkpoint",
@@ -49,7 +60,7 @@ def card(run: Path, distill: Path | None, n_full: int, n_mod: int, note: str | N
         "",
         "## Training",
         f"- tokens: {start['train_tokens']:,} train / {start['val_tokens']:,} validation (document-level split)",
-        f"- steps: {end['step']}, tokens seen: {end['tokens_seen']:,}, wall time: {end['minutes']:.1f} min "
+        f"- steps: {end['step']}, tokens seen: {end['tokens_seen']:,}, wall time: {wall:.1f} min "
         "(the machine was shared with other work)",
         "",
         "## Validation (held-out stdlib files, teacher-forced)",
@@ -67,7 +78,7 @@ def card(run: Path, distill: Path | None, n_full: int, n_mod: int, note: str | N
         if d_evals:
             e = d_evals[-1]
             lines.append(f"- after {e['step']} steps ({d_end.get('minutes', float('nan')):.1f} min): " +
-                         ", ".join(f"{k} {v:.3f}" for k, v in e.items() if k.startswith("val_")))
+                         ", ".join(f"{k} {_fmt(v)}" for k, v in e.items() if k.startswith("val_")))
     if note:
         lines += ["", "## Notes", note]
     return "\n".join(lines) + "\n"

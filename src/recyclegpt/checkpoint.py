@@ -65,6 +65,7 @@ def save_checkpoint(path: str | Path, cfg: Config, model: FullModel | None, modu
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; a checkpoint is meant to be shared
     try:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if model is not None:
@@ -73,6 +74,8 @@ def save_checkpoint(path: str | Path, cfg: Config, model: FullModel | None, modu
         tokenizer.save(tmp / "tokenizer.json")
         if write_extra is not None:
             write_extra(tmp)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
