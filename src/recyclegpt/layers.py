@@ -53,6 +53,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def cache_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention against the KV cache whose every query row is computed independently of the others.
+
+    Lossless drafting needs the logits of position p to be bit-identical whether p is scored in a
+    one-token `ar` pass or inside a (k+1)-token verify pass. SDPA's fused CPU kernel picks its block
+    sizes from the query length, so in bf16 the same row rounds differently (measured: greedy
+    `verify` drifted from `ar`); plain matmuls + an fp32 softmax do not, for a few % of a pass.
+    q: [B, H, Tq, D]; k, v: [B, H, S, D]; mask: bool [B, 1, Tq, S].
+    """
+    scores = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)  # [B, H, Tq, S]
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+    return probs @ v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -90,6 +104,8 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif kv is not None:
+            y = cache_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.reshape(B, self.n_head, T, self.head_dim)
