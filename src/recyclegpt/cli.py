@@ -114,11 +114,14 @@ def add_decoding_args(p: argparse.ArgumentParser, default_mode: str = "verify") 
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop a row when this text appears (repeatable); nothing after it is returned")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decoding step as a torch.compile'd graph (faster per token; the first run "
+                   "compiles for tens of seconds per mode/k, later processes reuse inductor's disk cache)")
 
 
 def decoding_kwargs(a: argparse.Namespace) -> dict:
     return dict(k=a.k, adaptive_k=a.adaptive_k, drafter=a.drafter, temperature=a.temperature, top_k=a.top_k,
-                top_p=a.top_p, seed=a.seed, stop=a.stop or None)
+                top_p=a.top_p, seed=a.seed, stop=a.stop or None, compile=a.compile)
 
 
 def load_model(path: str, a: argparse.Namespace):

@@ -202,7 +202,8 @@ class HFRunner:
         self.opts = opts
         self.eos_id = None if opts.ignore_eos else eos_id
         self.pad_id = eos_id if eos_id is not None else 0
-        self.hf = to_hf_model(model, eos_token_id=self.eos_id)
+        # A generic (transformers-backed) base already is a transformers model: use it as it is.
+        self.hf = model.hf if hasattr(model, "hf") else to_hf_model(model, eos_token_id=self.eos_id)
         self.hf.generation_config.pad_token_id = self.pad_id
         self.hf.generation_config.eos_token_id = self.eos_id
         self.device = model.tok_embeddings.weight.device
