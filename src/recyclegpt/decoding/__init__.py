@@ -24,7 +24,8 @@ Public API
   `.done`, `.result()` -- the loop `stream` drives; one full-model pass per `step()`.
 - `GenerationConfig`: mode, max_new_tokens (int or one per row), k, temperature, top_k, top_p,
   seed, eos_id (int or list), stop_strings, drafter ('module' | 'ngram' | 'hybrid' | a
-  `HostDrafter`), adaptive_k, k_max, ngram_k, ngram_max_n, ngram_min_n.
+  `HostDrafter`), adaptive_k, k_max, ngram_k, ngram_max_n, ngram_min_n, compile (torch.compile'd
+  rounds: `compiled`).
 - `HostDrafter` protocol: `propose(row, context, k) -> list[int]`, `reset(row)`; `NgramDrafter`.
 - `stop_fn(row, generated_ids) -> bool`: a callback alternative to stop strings.
 
@@ -40,7 +41,8 @@ prefix plus one token of the full model: greedy output is token-identical to `ar
 has `ar`'s distribution (speculative sampling). Layers: `sampling` (logits -> probs, acceptance
 rules), `steps` (tensor-only ladder: prefill, decode_one, module_catch_up, draft_chain,
 verify_pass, verify_round_module, recycle_round), `engine` (batch loop, stops, counters),
-`drafters` (n-gram, adaptive k, hybrid choice), `stops`. `testing` has small random models and
+`drafters` (n-gram, adaptive k, hybrid choice), `stops`, `compiled` (each step one compiled graph:
+`ar`, `recycle`, and `verify` per k, acceptance inside; `compile=True`). `testing` has small random models and
 uncached references for tests; `python -m recyclegpt.decoding.bench_sanity` times the ladder.
 
 Counters: tau = new tokens / full passes during decoding, per row-pass (the prefill's pass and

@@ -49,10 +49,13 @@ from ..model import FullModel
 from ..module import RecyclableModule
 from .sampling import logits_to_probs
 
-# Inductor options: max-autotune (on CPU: GEMM template autotuning, no cudagraphs) + freezing.
+# Inductor options. max_autotune (mode "max-autotune-no-cudagraphs"): on CPU it benchmarks inductor's
+# C++ GEMM templates against oneDNN/MKL per linear shape (the templates won 1.5-3x at 1-4 rows).
+# freezing: weights become constants, prepacked. cpp_wrapper: the graph's host code is C++ too
+# (less per-call overhead, and one C++ compile instead of one per kernel).
 # RECYCLEGPT_COMPILE_MODE=default drops max-autotune (faster compile, slower graphs; tests use that).
 _AUTOTUNE = os.environ.get("RECYCLEGPT_COMPILE_MODE", "max-autotune") != "default"
-INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": _AUTOTUNE, "triton.cudagraphs": False,
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": _AUTOTUNE, "cpp_wrapper": True, "triton.cudagraphs": False,
                     "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 BACKEND = "inductor"  # tests use "aot_eager" (same graphs, no code generation) where inductor's numerics don't matter
 SKIP_GUARDS = os.environ.get("RECYCLEGPT_COMPILE_GUARDS", "0") != "1"  # 1: evaluate dynamo's guards every call
@@ -206,8 +209,21 @@ _LOCK = threading.Lock()
 _ATTR = "_recyclegpt_compiled"  # the per-model cache lives on the model (a cycle gc can collect)
 
 
-def _weights_version(*nets: torch.nn.Module | None) -> tuple:
-    return tuple((p.data_ptr(), p._version) for net in nets if net is not None for p in net.parameters())
+def stable_caches(net: torch.nn.Module, batch: int, dtype: torch.dtype) -> None:
+    """Install net's KV caches for (batch, dtype), made once and kept: compiled graphs hold the cache
+    tensors they were traced with (frozen graphs treat module tensors as fixed), so compiled decoding
+    must find the very same tensors every time, even after another batch size used the model."""
+    sets = net.__dict__.setdefault("_recyclegpt_cache_sets", {})
+    caches = sets.get((batch, dtype))
+    if caches is None:
+        net.setup_caches(batch, dtype)
+        sets[(batch, dtype)] = net.caches
+    elif net.caches is not caches:
+        net.caches = caches
+
+
+def _weights_version(*nets: torch.nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p._version) for net in nets for p in net.parameters())
 
 
 def _fresh_function(fn: Callable) -> Callable:
@@ -248,8 +264,11 @@ def compiled_round(kind: str, model: FullModel, module: RecyclableModule | None,
     """
     dtype = model.tok_embeddings.weight.dtype
     inductor = BACKEND == "inductor"
-    key = (kind, id(module), batch, k, dtype, sampling, torch.get_num_threads(), BACKEND,
-           INDUCTOR_OPTIONS["max_autotune"] if inductor else None, _weights_version(model, module))
+    # The cache tensors' identity is in the key: a graph must never run on caches it was not traced with.
+    nets = (model,) if kind == "ar" else (model, module)
+    caches = tuple(c.k_cache.data_ptr() for net in nets for c in net.caches)
+    key = (kind, id(nets[-1]), batch, k, dtype, sampling, torch.get_num_threads(), BACKEND, caches,
+           tuple(sorted(INDUCTOR_OPTIONS.items())) if inductor else None, _weights_version(*nets))
     with _LOCK:
         per_model = model.__dict__.setdefault(_ATTR, {})
         fn = per_model.get(key)

@@ -198,10 +198,11 @@ class Decoder:
         if self.host_drafter is not None:
             for b in range(B):
                 self.host_drafter.reset(b)
+        ensure = compiled.stable_caches if self.compiled else _ensure_caches
         with torch.no_grad():
-            _ensure_caches(self.model, B, self.dtype)
+            ensure(self.model, B, self.dtype)
             if self.use_module:
-                _ensure_caches(self.module, B, self.dtype)
+                ensure(self.module, B, self.dtype)
         self.rows_t = torch.arange(B, device=self.device)
         self._frozen: Tensor | None = None  # long [B]: 0 for finished rows, 1 otherwise
         self._step = 0
