@@ -14,6 +14,7 @@ equals the compiled `ar` output of the same dtype token for token.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -56,6 +57,17 @@ def load(args, dtype):
     return model, module, [torch.randint(0, model.cfg.vocab_size, (12,), generator=g).tolist() for _ in PROMPTS]
 
 
+def run_lane(model, module, prompts, lane: str, n: int) -> tuple[list[list[int]], float, float]:
+    """Every prompt at batch 1: (outputs, new tokens / wall seconds, mean tau)."""
+    outs, new, t0, tau = [], 0, time.perf_counter(), []
+    for p in prompts:
+        r = generate(model, module, [p], GenerationConfig(max_new_tokens=n, **LANES[lane]))
+        outs.append(r.tokens[0])
+        new += r.stats.total_new_tokens
+        tau.append(r.stats.tau)
+    return outs, new / (time.perf_counter() - t0), statistics.mean(tau)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt")
@@ -77,15 +89,7 @@ def main() -> None:
         dtype = getattr(torch, dname)
         model, module, prompts = load(args, dtype)
 
-        def run(lane, n):
-            outs, new, t0, tau = [], 0, time.perf_counter(), []
-            for p in prompts:  # batch 1
-                r = generate(model, module, [p], GenerationConfig(max_new_tokens=n, **LANES[lane]))
-                outs.append(r.tokens[0])
-                new += r.stats.total_new_tokens
-                tau.append(r.stats.tau)
-            return outs, new / (time.perf_counter() - t0), statistics.mean(tau)
-
+        run = functools.partial(run_lane, model, module, prompts)
         startup = {}
         for lane in args.lanes:
             before = COMPILE_STATS.total
@@ -114,7 +118,6 @@ def main() -> None:
                              tau=taus[lane], identical_to_compiled_ar=same, first_call_s=startup[lane][0],
                              compile_s=startup[lane][1]))
         report["dtypes"][dname] = rows
-        del model, module
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -24,13 +24,19 @@ random stream), and the speculative rule takes its uniforms u from the caller. S
 has the right distribution and is reproducible per seed, but is not token-identical to eager
 sampling with the same seed.
 
-Caching: compiled callables live per (model, module, kind, batch, k, dtype, sampling, threads,
-weights' versions) in this process (`compiled_round`); each gets its own code object, so dynamo's
-per-function recompile limit and guard chain never mix keys. The first call of each compiles
-(`COMPILE_STATS` records the seconds); inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, default
-/tmp/torchinductor_$USER) makes a new process compile faster. Inductor runs with `freezing`
-(weights become constants, prepacked for oneDNN): compiled graphs must not outlive in-place weight
-changes, so the weights' version counters are part of the key and a change compiles afresh.
+Caching: compiled callables live per (model, module, kind, batch, k, dtype, sampling, threads, cache
+tensors, inductor options, weights' versions) in this process (`compiled_round`); each gets its own
+code object, so dynamo's per-function recompile limit and guard chain never mix keys, and after the
+first call dynamo's guards are skipped (see `_CompiledRound`). The first call of each compiles
+(`COMPILE_STATS` records the seconds: tens of seconds per graph on a 2-core CPU). A new process
+compiles again: inductor's FX graph cache is bypassed for frozen graphs (their prepacked weights
+cannot be pickled), so only the C++ kernels and autotuning results come from inductor's on-disk
+cache (`TORCHINDUCTOR_CACHE_DIR`, default /tmp/torchinductor_$USER), which saves the C++ compile
+time. Inductor runs with `freezing` (weights become constants): compiled graphs must not outlive
+in-place weight changes, so the weights' version counters are part of the key and a change
+compiles afresh; each compiled graph holds its own prepacked copy of the weights (memory).
+KV caches: a frozen graph keeps the cache tensors it was traced with, so compiled decoding installs
+one cache set per (batch, dtype) and keeps it (`stable_caches`).
 """
 
 from __future__ import annotations

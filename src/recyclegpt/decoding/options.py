@@ -34,9 +34,12 @@ class GenerationConfig:
       the `recycle` round, and the `verify` round with the module drafter (one graph per k; static
       shapes, acceptance inside, one host sync per step). Greedy and sampling. Graphs are cached per
       model, batch, k, dtype, sampling setting and thread count for the process; the first use of
-      each compiles (tens of seconds on CPU, less with inductor's on-disk cache from an earlier
-      process: see `decoding.compiled.COMPILE_STATS`), so it pays off on long or repeated runs.
-      With adaptive_k every k visited compiles its own graph. Needs drafter='module' for `verify`.
+      each compiles (30-90 s per graph on a 2-core CPU, somewhat less in a later process thanks to
+      inductor's on-disk kernel cache; `decoding.compiled.COMPILE_STATS` has the seconds), so it
+      pays off on long or repeated runs, not on one short call.
+      With adaptive_k every k visited compiles its own graph; k is not lowered near a row's budget (a
+      smaller k would compile another graph), and rounds for which k drafts no longer fit below
+      max_seq_len run the same round eagerly. Needs drafter='module' for `verify`.
       Sampled output has the same distribution as eager sampling but another random stream.
     """
 
