@@ -1,16 +1,22 @@
-"""Reproduce every number in the README's results section from the shipped checkpoint.
+"""Reproduce every number in the README's results section.
 
-    python benchmarks/readme_results.py [--ckpt DIR] [--out benchmarks/results] [--readme README.md] [--quick]
+    python benchmarks/readme_results.py [--ckpt DIR] [--size-ckpt DIR ...] [--only S1,S2] [--render]
+                                        [--out benchmarks/results] [--readme README.md] [--quick]
 
-In one process run it
-  1. benchmarks decoding speed (`recyclegpt bench`, all modes) on the shipped code prompts at batch 1
-     greedy (the headline), on the prose prompts at batch 1 greedy, on the code prompts at batch 8
-     greedy and at batch 1 with temperature 1;
-  2. evaluates quality (`recyclegpt eval`, fp32): held-out perplexity standard vs recycle, module
-     top-1 agreement, and the greedy agreement of `recycle` with `ar` on the code prompts;
-and writes OUT/*.json (the raw reports), OUT/bench.png (the headline plot) and OUT/RESULTS.md (the
-tables, with machine, torch version, dtype and date). With --readme, the part of that file between
-`<!-- results:start -->` and `<!-- results:end -->` is replaced by the same tables.
+Sections (each writes OUT/<section>.json, the raw report, and can run on its own with --only, so a
+long measurement is done in pieces and a stopped run loses one section at most):
+  code_b1_greedy   `recyclegpt bench` on the shipped code prompts, batch 1, greedy, every mode, with
+                   compiled lanes for every mode (the headline; its plot is OUT/bench.png)
+  prose_b1_greedy  the same on the prose prompts (compiled `ar` only)
+  code_b8_greedy   code prompts at batch 8, greedy
+  code_b1_t1       code prompts at batch 1, temperature 1
+  eval             quality (`recyclegpt eval` in fp32): held-out perplexity standard vs recycle, module
+                   top-1 agreement, greedy agreement of `recycle` with `ar` on the code prompts
+  sizes            the same bench (ar, verify; compiled `ar` and verify) on every --size-ckpt, for the
+                   table of speedup across model sizes
+Then OUT/RESULTS.md is rendered from every section's JSON present (with machine, torch version,
+dtype and date), and with --readme the part of that file between `<!-- results:start -->` and
+`<!-- results:end -->` is replaced by the same text. --render only renders.
 
 Run it on a quiet machine: the timings are only as good as the machine is idle.
 """
@@ -46,19 +52,24 @@ def default_ckpt() -> str:
     raise SystemExit("no shipped checkpoint found; pass --ckpt DIR")
 
 
-def configs(quick: bool) -> list[tuple[str, str, dict]]:
-    n = 4 if quick else None
-    new = 32 if quick else 128
-    base = dict(max_new_tokens=new, repeats=1 if quick else 3)
-    # Batch-1 greedy runs carry compiled lanes for every mode (the graphs are shared by the code and
-    # prose runs); the batch-8 and sampled runs add only the compiled `ar` baseline, each further
-    # graph costing tens of seconds of compile time on CPU.
-    return [
-        ("code_b1_greedy", "code", dict(base, batch_size=1, num_prompts=n, compile="all")),
-        ("prose_b1_greedy", "prose", dict(base, batch_size=1, num_prompts=n, compile="all")),
-        ("code_b8_greedy", "code", dict(base, batch_size=8, num_prompts=n, compile="ar")),
-        ("code_b1_t1", "code", dict(base, batch_size=1, temperature=1.0, num_prompts=n, compile="ar")),
-    ]
+BENCH_SECTIONS = ("code_b1_greedy", "prose_b1_greedy", "code_b8_greedy", "code_b1_t1")
+SECTIONS = (*BENCH_SECTIONS, "eval", "sizes")
+
+
+def bench_config(name: str, quick: bool) -> tuple[str, dict]:
+    """(prompt set, BenchOptions keywords + num_prompts) of a bench section."""
+    base = dict(max_new_tokens=32 if quick else 128, repeats=1 if quick else 3, num_prompts=4 if quick else 8)
+    # Only the headline carries compiled lanes for every mode: each further graph costs tens of
+    # seconds of compile time on CPU. The others add the compiled `ar`, the baseline of their speedups.
+    return {
+        "code_b1_greedy": ("code", dict(base, batch_size=1, compile="all")),
+        "prose_b1_greedy": ("prose", dict(base, batch_size=1, compile="ar")),
+        "code_b8_greedy": ("code", dict(base, batch_size=8, compile="ar")),
+        "code_b1_t1": ("code", dict(base, batch_size=1, temperature=1.0, compile="ar")),
+        # sizes: what decides the speedup across sizes (no transformers lanes, no recycle)
+        "sizes": ("code", dict(base, batch_size=1, compile="all", modes=["ar", "verify"], ks=[2, 3, 4],
+                               adaptive=False, hybrid=False)),
+    }[name]
 
 
 def _acc(r: dict) -> str:
@@ -116,9 +127,126 @@ def quality_table(q: dict) -> str:
     ])
 
 
+def size_table(reports: list[dict]) -> str:
+    lines = ["| checkpoint | full model | module | ar | ar (compiled) | best eager verify | best compiled verify "
+             "| eager verify ÷ eager ar | compiled verify ÷ compiled ar |",
+             "|---|---:|---:|---:|---:|---|---|---:|---:|"]
+    for rep in sorted(reports, key=lambda r: r["params"]["model"]):
+        by = {r["label"]: r for r in rep["results"]}
+        ar, arc = by.get("ar"), by.get("ar (compiled)")
+        eager = [r for r in rep["results"] if r["mode"] == "verify" and not r.get("compiled")]
+        comp = [r for r in rep["results"] if r["mode"] == "verify" and r.get("compiled")]
+        be = max(eager, key=lambda r: r["tokens_per_s"]) if eager else None
+        bc = max(comp, key=lambda r: r["tokens_per_s"]) if comp else None
+
+        def cell(r):
+            return "–" if r is None else f"{r['tokens_per_s']:.1f} ({r['label']}, τ {r['mean_accepted']:.2f})"
+
+        def ratio(a, b):
+            return "–" if a is None or b is None else f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x"
+
+        lines.append(f"| `{rep['model']}` | {rep['params']['model'] / 1e6:.1f}M | {rep['params']['module'] / 1e6:.2f}M "
+                     f"| {ar['tokens_per_s']:.1f} | {arc['tokens_per_s']:.1f} | {cell(be)} | {cell(bc)} "
+                     f"| {ratio(be, ar)} | {ratio(bc, arc)} |")
+    return "\n".join(lines)
+
+
+def run_section(name: str, a: argparse.Namespace, ckpt: str, out: Path) -> None:
+    print(f"== {name}", file=sys.stderr)
+    if name == "eval":
+        q = RecycleGPT.from_pretrained(ckpt, device=a.device, dtype="float32")
+        files = [str(f) for f in val_sources(ROOT / "runs/shipped", 0.05)]
+        tokens = load_eval_tokens(files, q.tokenizer, 8192 if a.quick else a.eval_tokens)
+        rep_q = perplexity(q.model, q.module, tokens, 512, progress=sys.stderr.isatty()).to_dict()
+        code = load_prompts("code", 4 if a.quick else None)
+        agree = greedy_agreement(q.model, q.module, q.encode(code.prompts), 32 if a.quick else 64,
+                                 q.tokenizer.eos_id)
+        rep_q["greedy_agreement"] = {"prompt_set": "code", **agree.to_dict()}
+        rep_q.update(checkpoint=Path(ckpt).name, dtype="float32", held_out_files=len(files),
+                     date=datetime.date.today().isoformat())
+        write_json(rep_q, out / "eval.json")
+        return
+    ckpts = a.size_ckpt if name == "sizes" else [ckpt]
+    if name == "sizes" and not ckpts:
+        print("sizes: no --size-ckpt given; skipped", file=sys.stderr)
+        return
+    pset, kw = bench_config(name, a.quick)
+    n = kw.pop("num_prompts")
+    reports = []
+    for c in ckpts:
+        m = RecycleGPT.from_pretrained(c, device=a.device, dtype=a.dtype)
+        rep = run_bench(m.model, m.module, m.tokenizer, load_prompts(pset, n),
+                        BenchOptions(progress=sys.stderr.isatty(), **kw), checkpoint=_name(c))
+        print_table(rep)
+        reports.append(rep)
+    if name == "sizes":
+        write_json({"reports": reports}, out / "sizes.json")
+    else:
+        write_json(reports[0], out / f"{name}.json")
+        if name == "code_b1_greedy":
+            write_plot(reports[0], out / "bench.png")
+
+
+def _name(ckpt: str) -> str:
+    p = Path(ckpt).resolve()
+    try:
+        return str(p.relative_to(ROOT))
+    except ValueError:
+        return p.name
+
+
+def render(out: Path, quick: bool) -> str:
+    def load(name: str) -> dict | None:
+        f = out / f"{name}.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    reports = {n: r for n in BENCH_SECTIONS if (r := load(n)) is not None}
+    parts: list[str] = []
+    head = reports.get("code_b1_greedy")
+    if head is not None:
+        mach = head["machine"]
+        parts += [
+            f"Measured by `python benchmarks/readme_results.py` on "
+            f"{mach['gpu'] + ' + ' if mach.get('gpu') else ''}{mach['cpu']} ({mach['threads']} threads), "
+            f"torch {head['torch']}, transformers {head['transformers']}, device {head['device']}, "
+            f"dtype {head['dtype']} (speed) / float32 (quality); headline run {head['date'][:10]}. Checkpoint "
+            f"`{head['model']}` ({head['params']['model'] / 1e6:.1f}M parameters + "
+            f"{head['params']['module'] / 1e6:.2f}M module)."
+            + (" QUICK SMOKE RUN: not for publication." if quick else ""),
+            "",
+            f"**Speed**, batch 1, greedy, {head['prompts']} held-out code prompts x {head['max_new_tokens']} new "
+            f"tokens (median of {head['repeats']} interleaved rounds after warm-up; speedup over the fastest `ar` "
+            f"(`{head['baseline']}`) with the same weights, dtype and device; \"(compiled)\" lanes run each decode "
+            "round as one torch.compile'd graph and their identity is checked against the compiled `ar`; "
+            "their compile time is in the last column, spent once per process):",
+            "",
+            headline_table(head),
+            "",
+            "![tokens/s by mode and acceptance by draft position](benchmarks/results/bench.png)",
+            "",
+        ]
+    if reports:
+        parts += ["**Speed across settings**, tokens/s (speedup vs the fastest `ar` of the same run; "
+                  + ", ".join(f"{n}: {r['date'][:10]}" for n, r in reports.items()) + "):", "",
+                  summary_table(reports), ""]
+    sizes = load("sizes")
+    if sizes is not None:
+        parts += ["**Across model sizes**, code prompts, batch 1, greedy (each checkpoint's own `ar` lanes as "
+                  f"baseline; {sizes['reports'][0]['date'][:10]}):", "", size_table(sizes["reports"]), ""]
+    q = load("eval")
+    if q is not None:
+        parts += [f"**Quality of `recycle`** (lossy), {q['held_out_files']} held-out stdlib files, float32:", "",
+                  quality_table(q), ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", help="checkpoint (default: the shipped one)")
+    ap.add_argument("--size-ckpt", nargs="*", default=[], metavar="DIR",
+                    help="checkpoints for the size table (the shipped one is added)")
+    ap.add_argument("--only", help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
+    ap.add_argument("--render", action="store_true", help="run nothing: render RESULTS.md (and --readme) only")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     ap.add_argument("--readme", help="replace the results block of this file (between the markers)")
     ap.add_argument("--device", default="auto")
@@ -128,64 +256,22 @@ def main() -> None:
     a = ap.parse_args()
     if a.readme and not Path(a.readme).is_file():
         raise SystemExit(f"--readme {a.readme}: no such file")
+    only = SECTIONS if not a.only else tuple(x.strip() for x in a.only.split(",") if x.strip())
+    bad = [x for x in only if x not in SECTIONS]
+    if bad:
+        raise SystemExit(f"--only: unknown section(s) {bad}; choose from {','.join(SECTIONS)}")
     set_threads()
     ckpt = a.ckpt or default_ckpt()
+    if a.size_ckpt:
+        a.size_ckpt = [ckpt, *a.size_ckpt]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-
-    m = RecycleGPT.from_pretrained(ckpt, device=a.device, dtype=a.dtype)
-    reports: dict[str, dict] = {}
-    for name, pset, kw in configs(a.quick):
-        n = kw.pop("num_prompts")
-        print(f"== bench {name}", file=sys.stderr)
-        rep = run_bench(m.model, m.module, m.tokenizer, load_prompts(pset, n),
-                        BenchOptions(progress=sys.stderr.isatty(), **kw), checkpoint=Path(ckpt).name)
-        print_table(rep)
-        write_json(rep, out / f"bench_{name}.json")
-        reports[name] = rep
-    write_plot(reports["code_b1_greedy"], out / "bench.png")
-
-    print("== eval (fp32)", file=sys.stderr)
-    q = RecycleGPT.from_pretrained(ckpt, device=a.device, dtype="float32")
-    files = [str(f) for f in val_sources(ROOT / "runs/shipped", 0.05)]
-    tokens = load_eval_tokens(files, q.tokenizer, 8192 if a.quick else a.eval_tokens)
-    rep_q = perplexity(q.model, q.module, tokens, 512, progress=sys.stderr.isatty()).to_dict()
-    code = load_prompts("code", 4 if a.quick else None)
-    agree = greedy_agreement(q.model, q.module, q.encode(code.prompts), 32 if a.quick else 64, q.tokenizer.eos_id)
-    rep_q["greedy_agreement"] = {"prompt_set": "code", **agree.to_dict()}
-    rep_q.update(checkpoint=Path(ckpt).name, dtype="float32", held_out_files=len(files))
-    write_json(rep_q, out / "eval.json")
-
-    head = reports["code_b1_greedy"]
-    mach = head["machine"]
-    date = datetime.date.today().isoformat()
-    md = "\n".join([
-        f"Measured {date} by `python benchmarks/readme_results.py` on "
-        f"{mach['gpu'] + ' + ' if mach.get('gpu') else ''}{mach['cpu']} ({mach['threads']} threads), "
-        f"torch {head['torch']}, transformers {head['transformers']}, device {head['device']}, "
-        f"dtype {head['dtype']} (speed) / float32 (quality). Checkpoint `{Path(ckpt).name}` "
-        f"({head['params']['model'] / 1e6:.1f}M parameters + {head['params']['module'] / 1e6:.2f}M module)."
-        + (" QUICK SMOKE RUN: not for publication." if a.quick else ""),
-        "",
-        f"**Speed**, batch 1, greedy, {head['prompts']} held-out code prompts x {head['max_new_tokens']} new tokens "
-        f"(median of {head['repeats']} interleaved rounds after warm-up; speedup over the fastest `ar` "
-        f"(`{head['baseline']}`) with the same weights, dtype and device; \"(compiled)\" lanes run each decode "
-        "step as one torch.compile'd graph and are compared with the compiled `ar`):",
-        "",
-        headline_table(head),
-        "",
-        "**Speed across settings**, tokens/s (speedup vs `ar`):",
-        "",
-        summary_table(reports),
-        "",
-        f"**Quality of `recycle`** (lossy), {rep_q['held_out_files']} held-out stdlib files, float32:",
-        "",
-        quality_table(rep_q),
-        "",
-        "![tokens/s by mode and acceptance by draft position](benchmarks/results/bench.png)",
-    ])
-    (out / "RESULTS.md").write_text(md + "\n")
+    if not a.render:
+        for name in only:
+            run_section(name, a, ckpt, out)
+    md = render(out, a.quick)
+    (out / "RESULTS.md").write_text(md)
     print(md)
     if a.readme:
         path = Path(a.readme)
@@ -193,12 +279,11 @@ def main() -> None:
         if START in text and END in text:
             pre, rest = text.split(START, 1)
             _, post = rest.split(END, 1)
-            path.write_text(f"{pre}{START}\n{md}\n{END}{post}")
+            path.write_text(f"{pre}{START}\n{md}{END}{post}")
             print(f"updated {path}", file=sys.stderr)
         else:
             print(f"{path} has no {START} ... {END} block; tables are in {out / 'RESULTS.md'}", file=sys.stderr)
     print(f"done in {time.time() - t0:.0f} s; reports in {out}", file=sys.stderr)
-    json.dumps(reports)  # plain JSON throughout
 
 
 if __name__ == "__main__":

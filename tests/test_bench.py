@@ -65,8 +65,8 @@ def test_bench_json_schema_and_plot(bench_run):
     assert (rep["device"], rep["dtype"], rep["batch_size"], rep["prompts"], rep["max_new_tokens"]) == \
         ("cpu", "float32", 1, len(PROMPTS), 10)
     labels = [r["label"] for r in rep["results"]]
-    assert labels == ["ar", "recycle", "verify k=1", "verify k=2", "verify k=3", "verify k=4", "verify adaptive",
-                      "hf_generate", "hf_assisted"]
+    assert labels == ["ar", "recycle", "verify k=1", "verify k=2", "verify k=3", "verify k=4", "verify hybrid",
+                      "verify adaptive", "hf_generate", "hf_assisted"]
     for r in rep["results"]:
         assert set(RESULT_KEYS) <= set(r)
         assert r["dtype"] == "float32" and r["device"] == "cpu"
@@ -82,6 +82,7 @@ def test_bench_json_schema_and_plot(bench_run):
         acc = by[f"verify k={k}"]["acceptance_by_position"]
         assert by[f"verify k={k}"]["k"] == k and 1 <= len(acc) <= k and all(0 <= a <= 1 for a in acc)
     assert by["verify adaptive"]["adaptive_k"] is True
+    assert by["verify hybrid"]["drafter"] == "hybrid"
     assert json.dumps(rep)  # plain JSON types only
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -89,8 +90,8 @@ def test_bench_json_schema_and_plot(bench_run):
 def test_identical_to_ar_flags(bench_run, ckpt):
     rep, _ = bench_run
     by = {r["label"]: r for r in rep["results"]}
-    for label in ("ar", "verify k=1", "verify k=2", "verify k=3", "verify k=4", "verify adaptive",
-                  "hf_generate", "hf_assisted"):
+    for label in ("ar", "verify k=1", "verify k=2", "verify k=3", "verify k=4", "verify hybrid",
+                  "verify adaptive", "hf_generate", "hf_assisted"):
         assert by[label]["identical_to_ar"] is True, label  # lossless lanes, fp32
     # recycle is lossy: its flag must match a comparison made here, independently of the bench.
     _, model, module, tok = load_checkpoint(ckpt)
@@ -106,8 +107,8 @@ def test_identical_to_ar_flags(bench_run, ckpt):
 def test_bench_batch_and_sampling(ckpt, prompt_file):
     _, model, module, tok = load_checkpoint(ckpt)
     opts = BenchOptions(max_new_tokens=6, batch_size=3, temperature=1.0, repeats=2, modes=["ar", "verify",
-                        "hf_generate", "hf_assisted"], ks=[2], adaptive=False, hf_cache="auto", compile="none",
-                        progress=False)
+                        "hf_generate", "hf_assisted"], ks=[2], adaptive=False, hybrid=False, hf_cache="auto",
+                        compile="none", progress=False)
     rep = run_bench(model, module, tok, load_prompts(prompt_file), opts)
     assert check_schema(rep) == []
     assert rep["batch_size"] == 3 and rep["temperature"] == 1.0
@@ -137,7 +138,7 @@ def test_compiled_lanes_and_baseline(ckpt, prompt_file, monkeypatch):
                         compiled.eager_round(kind, model, module, k, sampling))
     _, model, module, tok = load_checkpoint(ckpt)
     opts = BenchOptions(max_new_tokens=6, batch_size=3, repeats=2, modes=["ar", "recycle", "verify"], ks=[2],
-                        adaptive=False, compile="all", progress=False)
+                        adaptive=False, hybrid=False, compile="all", progress=False)
     rep = run_bench(model, module, tok, load_prompts(prompt_file), opts)
     by = {r["label"]: r for r in rep["results"]}
     assert list(by) == ["ar", "ar (compiled)", "recycle", "recycle (compiled)", "verify k=2",

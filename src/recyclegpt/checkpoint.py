@@ -76,14 +76,15 @@ def save_checkpoint(path: str | Path, cfg: Config, model: FullModel | None, modu
             write_extra(tmp)
         for f in tmp.iterdir():
             f.chmod(0o644)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move the finished directory `tmp` to `path`, replacing what is there with renames only."""
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -14,18 +14,19 @@ from .errors import RecycleError
 Handler = Callable[[argparse.Namespace], int | None]
 
 
-def _positive_float(s: str) -> float:
-    v = float(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
+def _positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: `kind(s)`, refused unless > 0."""
+    def parse(s: str) -> int | float:
+        v = kind(s)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
+_positive_float = _positive(float)
+_positive_int = _positive(int)
 
 
 # ---- train -----------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def _mode_list(s: str) -> list[str]:
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="decoding speed of every mode vs plain ar and transformers",
-        description="Measure tokens/s of `ar`, `recycle`, `verify` (k = 1..4 and adaptive), transformers' "
+        description="Measure tokens/s of `ar`, `recycle`, `verify` (k = 1..4, adaptive, hybrid drafter), transformers' "
         "`generate` on the same weights (hf_generate) and its prompt-lookup decoding (hf_assisted): same weights, "
         "dtype, device, prompts, batch and max_new_tokens, warmed up, rounds interleaved, median reported. "
         "Per mode: speedup vs `ar`, full passes per token, tau, acceptance by draft position, and whether the "
@@ -276,6 +277,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=_positive_int, nargs="+", default=[1, 2, 3, 4], metavar="K",
                    help="verify draft lengths (default 1 2 3 4)")
     p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-k verify lane")
+    p.add_argument("--no-hybrid", action="store_true",
+                   help="skip the `verify hybrid` lane (module chain or a prompt-lookup match per round)")
     p.add_argument("--prompt-lookup", type=_positive_int, default=10,
                    help="hf_assisted: prompt_lookup_num_tokens (default 10)")
     p.add_argument("--hf-cache", default="auto", choices=["auto", "static", "dynamic"],
@@ -303,8 +306,8 @@ def run_bench(a: argparse.Namespace) -> int:
     m = load_model(a.ckpt, a)
     opts = BenchOptions(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, temperature=a.temperature,
                         seed=a.seed, repeats=a.repeats, modes=a.modes or list(ALL_MODES), ks=a.k,
-                        adaptive=not a.no_adaptive, prompt_lookup=a.prompt_lookup, hf_cache=a.hf_cache,
-                        compile=a.compile,
+                        adaptive=not a.no_adaptive, hybrid=not a.no_hybrid, prompt_lookup=a.prompt_lookup,
+                        hf_cache=a.hf_cache, compile=a.compile,
                         ignore_eos=not a.stop_at_eos, progress=not a.no_progress and sys.stderr.isatty())
     report = bench(m.model, m.module, m.tokenizer, prompts, opts, checkpoint=a.ckpt)
     print_table(report)

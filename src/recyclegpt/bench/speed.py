@@ -62,6 +62,7 @@ class BenchOptions:
     modes: Sequence[str] = ALL_MODES
     ks: Sequence[int] = (1, 2, 3, 4)
     adaptive: bool = True
+    hybrid: bool = True  # a `verify hybrid` lane (module + prompt-lookup drafter)
     prompt_lookup: int = 10  # hf_assisted: prompt_lookup_num_tokens
     hf_cache: str = "auto"  # auto | static | dynamic
     compile: str = "ar"  # none | ar (a compiled `ar` lane, the baseline if faster) | all (every mode compiled too)
@@ -383,6 +384,14 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
         if opts.compile == "all":
             for k in opts.ks:
                 lanes.append(compiled_lane(f"verify k={k}", "verify", k))
+        if opts.hybrid:
+            # The module chain or a longer prompt-lookup match, per row and round (decoding.drafters):
+            # the lane to hold against hf_assisted, which drafts up to --prompt-lookup tokens too.
+            lane = native_lane(model, module, "verify hybrid", "verify", 3, opts, eos_id,
+                               drafter="hybrid", ngram_k=opts.prompt_lookup)
+            lane.extra["drafter"] = "hybrid"
+            lane.note = f"module chain (k=3) or an n-gram match of up to {opts.prompt_lookup} tokens"
+            lanes.append(lane)
         if opts.adaptive:
             kmax = max(opts.ks) if opts.ks else 4
             lane = native_lane(model, module, "verify adaptive", "verify", None, opts, eos_id,

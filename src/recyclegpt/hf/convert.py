@@ -285,18 +285,9 @@ def from_hf_state_dict(sd: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, 
     out: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for name, t in sd.items():
-        try:
-            native = hf_to_native_name(name)
-        except KeyError:
-            unexpected.append(name)
-            continue
-        if native is None or (native == "output.weight" and cfg.tie_embeddings):
-            continue
-        if native not in expected:
-            unexpected.append(name)
-            continue
-        check_shape(name, tuple(t.shape), expected[native])
-        out[native] = t
+        native = native_target(name, tuple(t.shape), cfg, expected, unexpected)
+        if native is not None:
+            out[native] = t
     missing = sorted(set(expected) - set(out))
     if unexpected or missing:
         raise RecycleError(
@@ -304,6 +295,24 @@ def from_hf_state_dict(sd: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, 
             f"unexpected {unexpected[:3]}"
         )
     return out
+
+
+def native_target(name: str, shape: tuple[int, ...], cfg: ModelConfig, expected: Mapping[str, tuple[int, ...]],
+                  unexpected: list[str]) -> str | None:
+    """The native name an HF tensor loads into, None when it is skipped (rotary buffers, a tied head);
+    names that fit nowhere are appended to `unexpected`. A wrong shape raises a one-line error."""
+    try:
+        native = hf_to_native_name(name)
+    except KeyError:
+        unexpected.append(name)
+        return None
+    if native is None or (native == "output.weight" and cfg.tie_embeddings):
+        return None
+    if native not in expected:
+        unexpected.append(name)
+        return None
+    check_shape(name, shape, expected[native])
+    return native
 
 
 def native_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

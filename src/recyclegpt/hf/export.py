@@ -49,7 +49,6 @@ EAGLE-1 draft format, as the engines load it (sources read for this file):
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import tempfile
@@ -62,7 +61,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, replace_dir
 from ..config import Config, ModelConfig
 from ..errors import RecycleError
 from ..model import FullModel
@@ -95,14 +94,7 @@ def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
     try:
         yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

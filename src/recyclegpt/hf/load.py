@@ -20,7 +20,7 @@ from ..errors import RecycleError
 from ..layers import rope_tables
 from ..model import FullModel
 from ..tokenizer import Tokenizer
-from .convert import check_shape, hf_to_native_name, model_config_from_hf, native_shapes, native_to_hf_name
+from .convert import model_config_from_hf, native_shapes, native_target, native_to_hf_name
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -95,18 +95,9 @@ def load_weights_lazily(model: FullModel, path: Path) -> None:
                     raise RecycleError(f"corrupt shard {path / file}: lacks {missing_in_file[:3]} "
                                        f"that {INDEX_FILE} places there")
                 for name in keys:
-                    try:
-                        native = hf_to_native_name(name)
-                    except KeyError:
-                        unexpected.append(name)
+                    native = native_target(name, tuple(f.get_slice(name).get_shape()), cfg, expected, unexpected)
+                    if native is None:
                         continue
-                    if native is None or (native == "output.weight" and cfg.tie_embeddings):
-                        continue
-                    if native not in expected:
-                        unexpected.append(name)
-                        continue
-                    shape = tuple(f.get_slice(name).get_shape())
-                    check_shape(name, shape, expected[native])
                     with torch.no_grad():
                         params[native].copy_(f.get_tensor(name))
                     loaded.add(native)

@@ -69,7 +69,15 @@ from ..module import RecyclableModule
 from ..runtime import cpu_has_native_bf16
 from ..tokenizer import Tokenizer
 from .joint import JointModel
-from .loop import Batches, _check_out_dir, _load_train_state, _make_optimizer, _save_train_state, lr_at
+from .loop import (
+    Batches,
+    StepMeter,
+    _check_out_dir,
+    _load_train_state,
+    _make_optimizer,
+    _save_train_state,
+    lr_at,
+)
 
 BACKENDS = ("auto", "native", "generic")
 BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -448,8 +456,7 @@ def attach(opts: AttachOptions) -> Path:
     bar = tqdm(total=tc.max_steps, initial=step, disable=not opts.progress, unit="step", dynamic_ncols=True,
                desc="attach")
     tok_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
-    last_t, last_step = time.time(), step
-    ema: dict[str, float] = {}
+    meter = StepMeter(step, tok_per_step, bar, log, {"module": "ce_module_1"})
     last_eval: dict[str, Any] = {}
     saved_at = step if resuming else -1
     while step < tc.max_steps:
@@ -470,16 +477,8 @@ def attach(opts: AttachOptions) -> Path:
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += tok_per_step
-        for k, v in metrics.items():
-            ema[k] = float(v) if k not in ema else 0.9 * ema[k] + 0.1 * float(v)
+        meter.update(step, lr, tokens_seen, metrics, last=step == tc.max_steps)
         now = time.time()
-        if step % 10 == 0 or step == tc.max_steps:
-            tps = (step - last_step) * tok_per_step / max(1e-9, now - last_t)
-            last_t, last_step = now, step
-            bar.set_postfix(tok_s=f"{tps:.0f}", module=f"{ema['ce_module_1']:.3f}")
-            log({"event": "train", "step": step, "lr": lr, "tokens_seen": tokens_seen, "tok_s": tps,
-                 **{k: float(v) for k, v in metrics.items()}})
-        bar.update(1)
         stop = (deadline is not None and now >= deadline) or step == opts.stop_at_step
         if step % tc.eval_every == 0 or step == tc.max_steps or stop:
             last_eval = evaluate_attach(base, module, data.val, tc, autocast, eval_steps, opts.val_prompts,

@@ -87,6 +87,28 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class StepMeter:
+    """Per optimizer step: smoothed losses on the progress bar, and every 10 steps tokens/s and a
+    `train` line in metrics.jsonl. `shown` maps bar labels to metric names."""
+
+    def __init__(self, step: int, tok_per_step: int, bar: tqdm, log, shown: dict[str, str]):
+        self.tok_per_step, self.bar, self.log, self.shown = tok_per_step, bar, log, shown
+        self.last_t, self.last_step = time.time(), step
+        self.ema: dict[str, float] = {}
+
+    def update(self, step: int, lr: float, tokens_seen: int, metrics: dict, last: bool) -> None:
+        for k, v in metrics.items():
+            self.ema[k] = float(v) if k not in self.ema else 0.9 * self.ema[k] + 0.1 * float(v)
+        if step % 10 == 0 or last:
+            now = time.time()
+            tps = (step - self.last_step) * self.tok_per_step / max(1e-9, now - self.last_t)
+            self.last_t, self.last_step = now, step
+            self.bar.set_postfix(tok_s=f"{tps:.0f}", **{s: f"{self.ema[m]:.3f}" for s, m in self.shown.items()})
+            self.log({"event": "train", "step": step, "lr": lr, "tokens_seen": tokens_seen, "tok_s": tps,
+                      **{k: float(v) for k, v in metrics.items()}})
+        self.bar.update(1)
+
+
 def _make_optimizer(joint: JointModel, tc: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for p in joint.parameters():
@@ -296,8 +318,7 @@ def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, i
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (opts.progress and accel.is_main_process),
                unit="step", dynamic_ncols=True)
     tok_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * accel.num_processes
-    last_t, last_step = time.time(), step
-    ema: dict[str, float] = {}
+    meter = StepMeter(step, tok_per_step, bar, log, {"full": "ce_full", "module": "ce_module_1"})
     while step < tc.max_steps:
         lr = lr_at(step, tc)
         for g in opt.param_groups:
@@ -315,16 +336,8 @@ def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, i
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += tok_per_step
-        for k, v in metrics.items():
-            ema[k] = float(v) if k not in ema else 0.9 * ema[k] + 0.1 * float(v)
+        meter.update(step, lr, tokens_seen, metrics, last=step == tc.max_steps)
         now = time.time()
-        if step % 10 == 0 or step == tc.max_steps:
-            tps = (step - last_step) * tok_per_step / max(1e-9, now - last_t)
-            last_t, last_step = now, step
-            bar.set_postfix(tok_s=f"{tps:.0f}", full=f"{ema['ce_full']:.3f}", module=f"{ema['ce_module_1']:.3f}")
-            log({"event": "train", "step": step, "lr": lr, "tokens_seen": tokens_seen, "tok_s": tps,
-                 **{k: float(v) for k, v in metrics.items()}})
-        bar.update(1)
         stop = (deadline is not None and now >= deadline) or step == opts.stop_at_step
         if accel.num_processes > 1:  # every rank must stop at the same step
             flag = torch.tensor([1.0 if stop else 0.0], device=accel.device)
