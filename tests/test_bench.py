@@ -138,11 +138,11 @@ def test_compiled_lanes_and_baseline(ckpt, prompt_file, monkeypatch):
                         compiled.eager_round(kind, model, module, k, sampling))
     _, model, module, tok = load_checkpoint(ckpt)
     opts = BenchOptions(max_new_tokens=6, batch_size=3, repeats=2, modes=["ar", "recycle", "verify"], ks=[2],
-                        adaptive=False, hybrid=False, compile="all", progress=False)
+                        adaptive=False, compile="all", progress=False)
     rep = run_bench(model, module, tok, load_prompts(prompt_file), opts)
     by = {r["label"]: r for r in rep["results"]}
     assert list(by) == ["ar", "ar (compiled)", "recycle", "recycle (compiled)", "verify k=2",
-                        "verify k=2 (compiled)"]
+                        "verify k=2 (compiled)", "verify hybrid", "verify hybrid (compiled)"]
     ar_lanes = [by["ar"], by["ar (compiled)"]]
     best = max(ar_lanes, key=lambda r: r["tokens_per_s"])
     assert rep["baseline"] == best["label"] and best["baseline"] and best["speedup_vs_ar"] == 1.0

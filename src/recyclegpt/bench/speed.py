@@ -387,11 +387,17 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
         if opts.hybrid:
             # The module chain or a longer prompt-lookup match, per row and round (decoding.drafters):
             # the lane to hold against hf_assisted, which drafts up to --prompt-lookup tokens too.
-            lane = native_lane(model, module, "verify hybrid", "verify", 3, opts, eos_id,
-                               drafter="hybrid", ngram_k=opts.prompt_lookup)
-            lane.extra["drafter"] = "hybrid"
-            lane.note = f"module chain (k=3) or an n-gram match of up to {opts.prompt_lookup} tokens"
+            hybrid_kw = dict(drafter="hybrid", ngram_k=opts.prompt_lookup)
+            note = f"module chain (k=3) or an n-gram match of up to {opts.prompt_lookup} tokens"
+            lane = native_lane(model, module, "verify hybrid", "verify", 3, opts, eos_id, **hybrid_kw)
+            lane.extra["drafter"], lane.note = "hybrid", note
             lanes.append(lane)
+            if opts.compile == "all":
+                lane = native_lane(model, module, "verify hybrid (compiled)", "verify", 3, opts, eos_id,
+                                   compile=True, **hybrid_kw)
+                lane.extra.update(compiled=True, drafter="hybrid")
+                lane.note = note + "; two graphs (module round, host-draft round)"
+                lanes.append(lane)
         if opts.adaptive:
             kmax = max(opts.ks) if opts.ks else 4
             lane = native_lane(model, module, "verify adaptive", "verify", None, opts, eos_id,

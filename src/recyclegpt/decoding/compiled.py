@@ -128,13 +128,20 @@ def recycle_round(model: FullModel, module: RecyclableModule, pending: Tensor, n
     return out, c, n + 2, mlogits.view(B, -1)
 
 
-def _accept_speculative(drafts: Tensor, q: Tensor, p: Tensor, u: Tensor, expo: Tensor) -> tuple[Tensor, Tensor]:
-    """`sampling.accept_speculative` with the caller's noise: u [B, K] uniforms, expo [B, V]."""
+def _accept_speculative(drafts: Tensor, q: Tensor, p: Tensor, u: Tensor, expo: Tensor,
+                        valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`sampling.accept_speculative` with the caller's noise: u [B, K] uniforms, expo [B, V].
+
+    valid [B, K] (bool, a prefix per row): drafts that exist; the others are padding, never accepted,
+    and their q must be zero so that stopping at one samples from p itself."""
     B, K = drafts.shape
     V = p.shape[-1]
     pd = p[:, :K].gather(-1, drafts[..., None]).squeeze(-1)
     qd = q.gather(-1, drafts[..., None]).squeeze(-1)
-    accepted = (u * qd < pd).long().cumprod(1).sum(1)
+    ok = u * qd < pd
+    if valid is not None:
+        ok = ok & valid
+    accepted = ok.long().cumprod(1).sum(1)
     p_next = p.gather(1, accepted[:, None, None].expand(B, 1, V))[:, 0]
     q_next = q.gather(1, accepted.clamp(max=K - 1)[:, None, None].expand(B, 1, V))[:, 0]
     rejected = (accepted < K).to(p.dtype)
@@ -178,6 +185,37 @@ def verify_round(model: FullModel, module: RecyclableModule, k: int, pending: Te
     out = torch.where(ar == accepted[:, None], nxt[:, None], padded)
     mlogits, g = _catch_up(model, module, out, h, pos, accepted)
     vals = torch.cat([accepted[:, None], out], 1)
+    return vals, nxt, n + accepted + 1, mlogits.view(B, -1), g.view(B, -1)
+
+
+def verify_host_round(model: FullModel, module: RecyclableModule | None, pending: Tensor, n: Tensor, drafts: Tensor,
+                      lens: Tensor, sampling: Sampling = None, noise: tuple[Tensor, Tensor] | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Verify round for drafts made on the host (prompt lookup / n-gram: `drafter` ngram or hybrid).
+
+    drafts [B, K] with lens [B] real drafts per row (the rest is padding, never accepted). A host
+    drafter is deterministic, so its q is one-hot. With a module, its catch-up runs at the end as in
+    `verify_round`, so the next round can draft with either. noise (sampling): (uniforms [B, K],
+    Exp(1) [B, V]). Returns what `verify_round` returns (mlogits, g None without a module).
+    """
+    B, K = drafts.shape
+    ar = torch.arange(K + 1, device=n.device)
+    pos = n[:, None] + ar
+    valid = ar[:K] < lens[:, None]
+    logits, h = model(torch.cat([pending[:, None], drafts], 1), pos)
+    if sampling is None:
+        targets = logits.float().argmax(-1)
+        accepted = ((drafts == targets[:, :K]) & valid).long().cumprod(1).sum(1)
+        nxt = targets.gather(1, accepted[:, None])[:, 0]
+    else:
+        p = logits_to_probs(logits, *sampling)
+        q = torch.nn.functional.one_hot(drafts, p.shape[-1]).to(p.dtype) * valid[..., None]
+        accepted, nxt = _accept_speculative(drafts, q, p, noise[0], noise[1], valid)
+    out = torch.where(ar == accepted[:, None], nxt[:, None], torch.cat([drafts, nxt[:, None]], 1))
+    vals = torch.cat([accepted[:, None], out], 1)
+    if module is None:
+        return vals, nxt, n + accepted + 1, None, None
+    mlogits, g = _catch_up(model, module, out, h, pos, accepted)
     return vals, nxt, n + accepted + 1, mlogits.view(B, -1), g.view(B, -1)
 
 
@@ -268,15 +306,17 @@ class _CompiledRound:
 
 def compiled_round(kind: str, model: FullModel, module: RecyclableModule | None, batch: int, k: int | None,
                    sampling: Sampling) -> Callable:
-    """The compiled step for kind 'ar' | 'recycle' | 'verify' (cached; compiles on the first call).
+    """The compiled step for kind 'ar' | 'recycle' | 'verify' | 'verify_host' (cached; compiles on the
+    first call; for verify_host, k is the padded draft length K).
 
     Call signatures: ar(pending, n[, expo]); recycle(pending, n, mlogits[, expo]);
-    verify(pending, n, mlogits, g[, expo_drafts, u, expo_next]).
+    verify(pending, n, mlogits, g[, expo_drafts, u, expo_next]); verify_host(pending, n, drafts, lens[, u,
+    expo_next]).
     """
     dtype = model.tok_embeddings.weight.dtype
     inductor = BACKEND == "inductor"
     # The cache tensors' identity is in the key: a graph must never run on caches it was not traced with.
-    nets = (model,) if kind == "ar" else (model, module)
+    nets = (model,) if kind == "ar" or module is None else (model, module)
     caches = tuple(c.k_cache.data_ptr() for net in nets for c in net.caches)
     key = (kind, id(nets[-1]), batch, k, dtype, sampling, torch.get_num_threads(), BACKEND, caches,
            tuple(sorted(INDUCTOR_OPTIONS.items())) if inductor else None, _weights_version(*nets))
@@ -298,6 +338,10 @@ def compiled_round(kind: str, model: FullModel, module: RecyclableModule | None,
             def body(pending, n, mlogits, g, e1=None, u=None, e2=None):
                 noise = None if e1 is None else (e1, u, e2)
                 return verify_round(model, module, k, pending, n, mlogits, g, sampling, noise)
+        elif kind == "verify_host":
+            def body(pending, n, drafts, lens, u=None, e2=None):
+                return verify_host_round(model, module, pending, n, drafts, lens, sampling,
+                                         None if u is None else (u, e2))
         else:
             raise ValueError(f"unknown compiled round {kind!r}")
         compiled = torch.compile(_fresh_function(body), fullgraph=True, dynamic=False, backend=BACKEND,
@@ -316,6 +360,9 @@ def eager_round(kind: str, model: FullModel, module: RecyclableModule | None, k:
     if kind == "recycle":
         return lambda pending, n, mlogits, expo=None: recycle_round(model, module, pending, n, mlogits, sampling,
                                                                     expo)
+    if kind == "verify_host":
+        return lambda pending, n, drafts, lens, u=None, e2=None: verify_host_round(
+            model, module, pending, n, drafts, lens, sampling, None if u is None else (u, e2))
     return lambda pending, n, mlogits, g, e1=None, u=None, e2=None: verify_round(
         model, module, k, pending, n, mlogits, g, sampling, None if e1 is None else (e1, u, e2))
 

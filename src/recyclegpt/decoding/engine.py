@@ -153,6 +153,7 @@ class Decoder:
             else:
                 self.host_drafter = config.drafter
         self.ngram_k = config.ngram_k or config.k
+        self.hybrid = self.drafter_name == "hybrid"
         k_max = max(config.k_max, config.k)
         track = max(k_max, self.ngram_k)
         self.trackers = {"module": AcceptanceTracker(track), "host": AcceptanceTracker(track)}
@@ -267,8 +268,9 @@ class Decoder:
         fn = self._rounds.get(key)
         if fn is None:
             make = compiled.eager_round if eager else compiled.compiled_round
-            args = (kind, self.model, self.module, k, self._sampling) if eager else (
-                kind, self.model, self.module, len(self.rows), k, self._sampling)
+            module = self.module if self.use_module else None  # e.g. `ngram` has no module caches
+            args = (kind, self.model, module, k, self._sampling) if eager else (
+                kind, self.model, module, len(self.rows), k, self._sampling)
             fn = self._rounds[key] = make(*args)
         return fn
 
@@ -311,11 +313,37 @@ class Decoder:
         remaining = max(self.rows[b].budget - self.rows[b].produced for b in active)
         return max(1, min(self.max_seq_len - 1 - max_n, remaining - 1))
 
-    def _verify_compiled(self, active: list[int]) -> tuple[list[list[int]], int]:
+    def _verify_compiled_host(self, active: list[int], k: int) -> StepEvent | None:
+        """A compiled round on the host drafter's proposals, padded to K = ngram_k (one graph), when every
+        active row takes them (the hybrid: when each prefers them to the module's chain). None: the
+        round goes to the module's graph instead (or, without a module, to the compiled `ar` step when
+        no row has a proposal)."""
+        K = self.ngram_k
+        fits = self.max_seq_len - 1 - max(len(self.rows[b].ctx) - 1 for b in active)
+        eager = K > fits  # near max_seq_len: fewer drafts, the same round run eagerly
+        K = max(1, min(K, fits))
+        props, use_mod = self._host_proposals(active, k, K)
+        if any(use_mod):
+            return None
+        if not self.use_module and not any(props):
+            return self._step_ar()
+        B = len(self.rows)
+        drafts = torch.tensor([p + [0] * (K - len(p)) for p in props], dtype=torch.long, device=self.device)
+        lens = torch.tensor([len(p) for p in props], dtype=torch.long, device=self.device)
+        noise = () if self._sampling is None else (self._noise.uniform((B, K), self.device), self._expo(slot="e2"))
+        vals, self.pending, self.n, mlogits, g = self._compiled_round("verify_host", K, eager)(
+            self.pending, self.n, drafts, lens, *noise)
+        if self.use_module:
+            self.mlogits, self.g = mlogits, g
+            self.stats.module_passes += 1
+        self.stats.k_used.append(max(map(len, props)))
+        self.stats.full_passes += 1
+        return self._finish_verify(vals.tolist(), [len(p) for p in props], ["host"] * B)
+
+    def _verify_compiled(self, active: list[int], k: int) -> tuple[list[list[int]], int]:
         """One compiled verify round (k = the configured or adaptive k; never capped by the budget, which
         would compile another graph: tokens past a row's budget are dropped by `_emit`). Near
         max_seq_len, where k drafts do not fit, the same round runs eagerly with fewer drafts."""
-        k = self.adaptive.next_k() if self.adaptive is not None else self.cfg.k
         fits = self.max_seq_len - 1 - max(len(self.rows[b].ctx) - 1 for b in active)
         eager = k > fits
         k = max(1, min(k, fits))
@@ -329,7 +357,12 @@ class Decoder:
     def _step_verify(self) -> StepEvent:
         active = [b for b, r in enumerate(self.rows) if r.finish is None]
         if self.compiled:
-            vals, k = self._verify_compiled(active)
+            k = self.adaptive.next_k() if self.adaptive is not None else self.cfg.k
+            if self.host_drafter is not None:
+                event = self._verify_compiled_host(active, k)
+                if event is not None:
+                    return event
+            vals, k = self._verify_compiled(active, k)
             self.stats.k_used.append(k)
             self.stats.module_passes += k
             self.stats.full_passes += 1
@@ -365,20 +398,24 @@ class Decoder:
                 self.trackers[kinds[b]].update(proposed[b], a)
         return self._emit(new)
 
-    def _verify_with_host_drafts(self, active: list[int], k: int, cap: int
-                                 ) -> tuple[Tensor, Tensor, list[int], list[str]]:
-        """Verify round whose drafts come (for some or all rows) from the host drafter."""
-        B, dev = len(self.rows), self.device
-        hybrid = self.drafter_name == "hybrid"
-        k_host = min(self.ngram_k, cap) if hybrid else k
+    def _host_proposals(self, active: list[int], k: int, k_host: int) -> tuple[list[list[int]], list[bool]]:
+        """Per row: the host drafter's proposal (at most k_host tokens) and, for the hybrid, whether the
+        module's chain of k promises more accepted tokens than it (finished rows: [], False)."""
+        B = len(self.rows)
         props: list[list[int]] = [[] for _ in range(B)]
         for b in active:
             props[b] = self.host_drafter.propose(b, self.rows[b].ctx, k_host)[:k_host]
         use_mod = [False] * B
-        if hybrid:
+        if self.hybrid:
             for b in active:
-                use_mod[b] = not prefer_ngram(self.trackers["module"], k, self.trackers["host"],
-                                              len(props[b]))
+                use_mod[b] = not prefer_ngram(self.trackers["module"], k, self.trackers["host"], len(props[b]))
+        return props, use_mod
+
+    def _verify_with_host_drafts(self, active: list[int], k: int, cap: int
+                                 ) -> tuple[Tensor, Tensor, list[int], list[str]]:
+        """Verify round whose drafts come (for some or all rows) from the host drafter."""
+        B, dev = len(self.rows), self.device
+        props, use_mod = self._host_proposals(active, k, min(self.ngram_k, cap) if self.hybrid else k)
         any_mod = any(use_mod)
         if self.use_module:  # keep the module's cache true every round, draft only if someone uses it
             logits1, g = steps.module_catch_up(self.model, self.module, self.cu, self.rows_t, head=any_mod)

@@ -39,7 +39,10 @@ class GenerationConfig:
       pays off on long or repeated runs, not on one short call.
       With adaptive_k every k visited compiles its own graph; k is not lowered near a row's budget (a
       smaller k would compile another graph), and rounds for which k drafts no longer fit below
-      max_seq_len run the same round eagerly. Needs drafter='module' for `verify`.
+      max_seq_len run the same round eagerly. Host drafters (ngram, hybrid, your own) propose on
+      the host and their drafts, padded to ngram_k, are verified by one more graph (`verify_host`,
+      module catch-up inside); the hybrid runs the module's graph in rounds where any row prefers
+      the module's chain.
       Sampled output has the same distribution as eager sampling but another random stream.
     """
 
@@ -107,9 +110,6 @@ class GenerationConfig:
                                "or an object with propose() and reset()")
         if not isinstance(self.compile, bool):
             raise RecycleError(f"compile must be True or False, got {self.compile!r}")
-        if self.compile and self.mode == "verify" and self.drafter != "module":
-            raise RecycleError("compile=True decodes `verify` with drafter='module' only "
-                               "(the n-gram and hybrid drafters run eagerly: use compile=False)")
         validate_sampling(self.temperature, self.top_k, self.top_p)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise RecycleError(f"seed must be an integer or None, got {self.seed!r}")
