@@ -212,6 +212,8 @@ class Decoder:
                 r.finish = "length"
             return StepEvent(0, [[] for _ in self.rows], [r.finish for r in self.rows], True)
         t0 = time.perf_counter()
+        if self.compiled and self.host_drafter is not None and self.cfg.mode == "verify":
+            self._warm_host_round()
         event = self._prefill()
         self.stats.prefill_s += time.perf_counter() - t0
         return event
@@ -312,6 +314,19 @@ class Decoder:
         max_n = max(len(self.rows[b].ctx) - 1 for b in active)
         remaining = max(self.rows[b].budget - self.rows[b].produced for b in active)
         return max(1, min(self.max_seq_len - 1 - max_n, remaining - 1))
+
+    @torch.inference_mode()
+    def _warm_host_round(self) -> None:
+        """Compile the host-draft graph now, not at the first n-gram match in the middle of a run. It
+        runs on dummy inputs at positions 0..K before the prefill, which then overwrites those cache
+        entries (later positions are masked until decoding writes them)."""
+        K = self.ngram_k
+        if K + 1 > self.max_seq_len:
+            return
+        B, dev = len(self.rows), self.device
+        zeros = torch.zeros(B, dtype=torch.long, device=dev)
+        noise = () if self._sampling is None else (self._noise.uniform((B, K), dev), self._expo(slot="e2"))
+        self._compiled_round("verify_host", K)(zeros, zeros.clone(), zeros.new_zeros(B, K), zeros.clone(), *noise)
 
     def _verify_compiled_host(self, active: list[int], k: int) -> StepEvent | None:
         """A compiled round on the host drafter's proposals, padded to K = ngram_k (one graph), when every
