@@ -114,19 +114,26 @@ def summary_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def quality_table(q: dict) -> str:
-    a = q["greedy_agreement"]
-    return "\n".join([
-        "| measure | value |", "|---|---:|",
-        f"| held-out tokens scored | {q['tokens']} |",
-        f"| perplexity, standard (every token by the full model) | {q['ppl_standard']:.3f} |",
-        f"| perplexity, recycle (every second token by the module) | {q['ppl_recycle']:.3f} "
-        f"({100 * q['recycle_ppl_increase']:+.1f}%) |",
-        f"| module top-1 = full model's top-1 one position later | {q['module_agrees_with_full']:.3f} |",
-        f"| greedy `recycle` = greedy `ar`, share of tokens ({a['prompts']} code prompts x {a['max_new_tokens']}) "
-        f"| {a['token_agreement']:.3f} |",
-        f"| tokens before the first difference, mean | {a['mean_common_prefix']:.1f} |",
-    ])
+def quality_table(evals: list[dict]) -> str:
+    """One column per evaluated checkpoint (the shipped one first)."""
+    rows = [
+        ("held-out tokens scored", lambda q: f"{q['tokens']}"),
+        ("perplexity, standard (every token by the full model)", lambda q: f"{q['ppl_standard']:.2f}"),
+        ("perplexity, recycle (every second token by the module)",
+         lambda q: f"{q['ppl_recycle']:.2f} ({100 * q['recycle_ppl_increase']:+.1f}%)"),
+        ("top-1 accuracy, full model / module (its token, one further)",
+         lambda q: f"{q['full_top1_accuracy']:.3f} / {q['module_top1_accuracy']:.3f}"),
+        ("module top-1 = full model's top-1 one position later", lambda q: f"{q['module_agrees_with_full']:.3f}"),
+        ("greedy `recycle` = greedy `ar`, share of tokens", lambda q: "–" if not q.get("greedy_agreement") else
+         f"{q['greedy_agreement']['token_agreement']:.3f} ({q['greedy_agreement']['prompts']} code prompts x "
+         f"{q['greedy_agreement']['max_new_tokens']})"),
+        ("tokens before the first difference, mean", lambda q: "–" if not q.get("greedy_agreement") else
+         f"{q['greedy_agreement']['mean_common_prefix']:.1f}"),
+    ]
+    lines = ["| measure | " + " | ".join(f"`{q.get('checkpoint', '?')}`" for q in evals) + " |",
+             "|---|" + "---:|" * len(evals)]
+    lines += [f"| {name} | " + " | ".join(f(q) for q in evals) + " |" for name, f in rows]
+    return "\n".join(lines)
 
 
 def size_table(reports: list[dict]) -> str:
@@ -156,17 +163,18 @@ def size_table(reports: list[dict]) -> str:
 def run_section(name: str, a: argparse.Namespace, ckpt: str, out: Path) -> None:
     print(f"== {name}", file=sys.stderr)
     if name == "eval":
-        q = RecycleGPT.from_pretrained(ckpt, device=a.device, dtype="float32")
         files = [str(f) for f in val_sources(ROOT / "runs/shipped", 0.05)]
-        tokens = load_eval_tokens(files, q.tokenizer, 8192 if a.quick else a.eval_tokens)
-        rep_q = perplexity(q.model, q.module, tokens, 512, progress=sys.stderr.isatty()).to_dict()
-        code = load_prompts("code", 4 if a.quick else None)
-        agree = greedy_agreement(q.model, q.module, q.encode(code.prompts), 32 if a.quick else 64,
-                                 q.tokenizer.eos_id)
-        rep_q["greedy_agreement"] = {"prompt_set": "code", **agree.to_dict()}
-        rep_q.update(checkpoint=Path(ckpt).name, dtype="float32", held_out_files=len(files),
-                     date=datetime.date.today().isoformat())
-        write_json(rep_q, out / "eval.json")
+        for i, c in enumerate([ckpt, *a.eval_ckpt]):
+            q = RecycleGPT.from_pretrained(c, device=a.device, dtype="float32")
+            tokens = load_eval_tokens(files, q.tokenizer, 8192 if a.quick else a.eval_tokens)
+            rep_q = perplexity(q.model, q.module, tokens, 512, progress=sys.stderr.isatty()).to_dict()
+            code = load_prompts("code", 4 if a.quick else None)
+            agree = greedy_agreement(q.model, q.module, q.encode(code.prompts), 32 if a.quick else 64,
+                                     q.tokenizer.eos_id)
+            rep_q["greedy_agreement"] = {"prompt_set": "code", **agree.to_dict()}
+            rep_q.update(checkpoint=_name(c), dtype="float32", held_out_files=len(files),
+                         date=datetime.date.today().isoformat())
+            write_json(rep_q, out / ("eval.json" if i == 0 else f"eval_{i}.json"))
         return
     ckpts = a.size_ckpt if name == "sizes" else [ckpt]
     if name == "sizes" and not ckpts:
@@ -220,7 +228,7 @@ def render(out: Path, quick: bool) -> str:
         mach = head["machine"]
         parts += [
             f"Measured by `python benchmarks/readme_results.py` on "
-            f"{mach['gpu'] + ' + ' if mach.get('gpu') else ''}{mach['cpu']} ({mach['threads']} threads), "
+            f"{mach['gpu'] + ' + ' if mach.get('gpu') else ''}{mach['cpu']} (torch threads: {mach['threads']}), "
             f"torch {head['torch']}, transformers {head['transformers']}, device {head['device']}, "
             f"dtype {head['dtype']} (speed) / float32 (quality); headline run {head['date'][:10]}. Checkpoint "
             f"`{head['model']}` ({head['params']['model'] / 1e6:.1f}M parameters + "
@@ -246,10 +254,10 @@ def render(out: Path, quick: bool) -> str:
     if sizes is not None:
         parts += ["**Across model sizes**, code prompts, batch 1, greedy (each checkpoint's own `ar` lanes as "
                   f"baseline; {sizes['reports'][0]['date'][:10]}):", "", size_table(sizes["reports"]), ""]
-    q = load("eval")
-    if q is not None:
-        parts += [f"**Quality of `recycle`** (lossy), {q['held_out_files']} held-out stdlib files, float32:", "",
-                  quality_table(q), ""]
+    evals = [q for q in [load("eval"), *(load(f"eval_{i}") for i in range(1, 10))] if q is not None]
+    if evals:
+        parts += [f"**Quality of `recycle`** (lossy), {evals[0].get('held_out_files', '?')} held-out stdlib files "
+                  "that no checkpoint here trained on, float32:", "", quality_table(evals), ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -258,6 +266,8 @@ def main() -> None:
     ap.add_argument("--ckpt", help="checkpoint (default: the shipped one)")
     ap.add_argument("--size-ckpt", nargs="*", default=[], metavar="DIR",
                     help="checkpoints for the size table (the shipped one is added)")
+    ap.add_argument("--eval-ckpt", nargs="*", default=[], metavar="DIR",
+                    help="more checkpoints for the quality table (e.g. the joint-only run before distillation)")
     ap.add_argument("--only", help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     ap.add_argument("--render", action="store_true", help="run nothing: render RESULTS.md (and --readme) only")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results"))
