@@ -308,12 +308,15 @@ class Decoder:
         self._freeze()
         return self._emit(out.tolist())
 
+    def _fits(self, active: list[int]) -> int:
+        """Most drafts that fit this round: positions n..n+k must exist (< max_seq_len) for every row."""
+        return self.max_seq_len - 1 - max(len(self.rows[b].ctx) - 1 for b in active)
+
     def _draft_cap(self, active: list[int]) -> int:
-        """Most drafts any row can use this round: positions n..n+k must exist (< max_seq_len), and
-        more than remaining-1 drafts can never all be kept."""
-        max_n = max(len(self.rows[b].ctx) - 1 for b in active)
+        """Most drafts any row can use this round: they must fit, and more than remaining-1 drafts can
+        never all be kept."""
         remaining = max(self.rows[b].budget - self.rows[b].produced for b in active)
-        return max(1, min(self.max_seq_len - 1 - max_n, remaining - 1))
+        return max(1, min(self._fits(active), remaining - 1))
 
     @torch.inference_mode()
     def _warm_host_round(self) -> None:
@@ -334,7 +337,7 @@ class Decoder:
         round goes to the module's graph instead (or, without a module, to the compiled `ar` step when
         no row has a proposal)."""
         K = self.ngram_k
-        fits = self.max_seq_len - 1 - max(len(self.rows[b].ctx) - 1 for b in active)
+        fits = self._fits(active)
         eager = K > fits  # near max_seq_len: fewer drafts, the same round run eagerly
         K = max(1, min(K, fits))
         props, use_mod = self._host_proposals(active, k, K)
@@ -359,7 +362,7 @@ class Decoder:
         """One compiled verify round (k = the configured or adaptive k; never capped by the budget, which
         would compile another graph: tokens past a row's budget are dropped by `_emit`). Near
         max_seq_len, where k drafts do not fit, the same round runs eagerly with fewer drafts."""
-        fits = self.max_seq_len - 1 - max(len(self.rows[b].ctx) - 1 for b in active)
+        fits = self._fits(active)
         eager = k > fits
         k = max(1, min(k, fits))
         noise = () if self._sampling is None else (
