@@ -69,7 +69,7 @@ def bench_config(name: str, quick: bool) -> tuple[str, dict]:
         "code_b8_greedy": ("code", dict(base, batch_size=8, compile="all", ks=[2, 3])),
         "code_b1_t1": ("code", dict(base, batch_size=1, temperature=1.0, compile="all", ks=[2, 3])),
         # sizes: what decides the speedup across sizes (no transformers lanes, no recycle)
-        "sizes": ("code", dict(base, batch_size=1, compile="all", modes=["ar", "verify"], ks=[2, 3, 4],
+        "sizes": ("code", dict(base, batch_size=1, compile="all", modes=["ar", "verify"], ks=[3],
                                adaptive=False, hybrid=False)),
     }[name]
 

@@ -1,6 +1,6 @@
 """Copy a trained run's checkpoint into the package as the shipped checkpoint, with its model card.
 
-    python benchmarks/ship_checkpoint.py runs/shipped [--distill-run runs/shipped-distill]
+    python benchmarks/ship_checkpoint.py runs/shipped [--distill-run runs/shipped-distill runs/shipped-soft]
 
 Weights are stored in bf16 (half the bytes; the shipped model *is* the bf16-rounded one) and the
 model card is written from the run's own records (run.json, metrics.jsonl), so every number in
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from recyclegpt.checkpoint import load_checkpoint, save_checkpoint
-from recyclegpt.demo import SHIPPED_DISTILL_ARGS, SHIPPED_TRAIN_ARGS
+from recyclegpt.demo import SHIPPED_DISTILL_ARGS, SHIPPED_SOFT_ARGS, SHIPPED_TRAIN_ARGS
 from recyclegpt.training.loop import read_metrics
 
 DEST = Path(__file__).resolve().parents[1] / "src" / "recyclegpt" / "assets" / "shipped"
@@ -27,7 +27,7 @@ def _fmt(v) -> str:
     return "[" + ", ".join(f"{x:.2f}" for x in v) + "]" if isinstance(v, list) else f"{v:.3f}"
 
 
-def card(run: Path, distill: Path | None, n_full: int, n_mod: int, note: str | None = None) -> str:
+def card(run: Path, distill: list[Path], n_full: int, n_mod: int, note: str | None = None) -> str:
     start = read_metrics(run, "start")[0]
     evals = read_metrics(run, "eval")
     end = read_metrics(run, "end")[-1]
@@ -50,8 +50,10 @@ def card(run: Path, distill: Path | None, n_full: int, n_mod: int, note: str | N
         "```",
         "recyclegpt train " + " ".join(SHIPPED_TRAIN_ARGS) + " --out runs/shipped",
         "recyclegpt attach runs/shipped " + " ".join(SHIPPED_DISTILL_ARGS) + " --out runs/shipped-distill",
+        "recyclegpt attach runs/shipped --init-from-checkpoint runs/shipped-distill/checkpoint "
+        + " ".join(SHIPPED_SOFT_ARGS) + " --out runs/shipped-soft",
         "```",
-        "(`recyclegpt demo --train` runs the same two commands into the cache directory.)",
+        "(`recyclegpt demo --train` runs the same three commands into the cache directory.)",
         "",
         "## Model",
         f"- full model: {n_full / 1e6:.2f}M parameters; recyclable module: {n_mod / 1e6:.2f}M "
@@ -71,10 +73,13 @@ def card(run: Path, distill: Path | None, n_full: int, n_mod: int, note: str | N
         lines.append(f"| {e['step']} | {e['val_ce_full']:.3f} | {e['val_ce_module_1']:.3f} | "
                      f"{e.get('val_ce_module_2', float('nan')):.3f} | {e['val_agree_full_1']:.3f} / "
                      f"{e.get('val_agree_full_2', float('nan')):.3f} |")
-    if distill is not None:
-        d_evals = read_metrics(distill, "eval")
-        d_end = read_metrics(distill, "end")[-1] if read_metrics(distill, "end") else {}
-        lines += ["", "## Module-only self-distillation (frozen full model, targets = its own greedy predictions)"]
+    titles = ["targets = its own greedy predictions",
+              "targets = 0.2 x its greedy prediction + 0.8 x its distribution, from the module above"]
+    for i, d in enumerate(distill):
+        d_evals = read_metrics(d, "eval")
+        d_end = read_metrics(d, "end")[-1] if read_metrics(d, "end") else {}
+        lines += ["", f"## Module-only self-distillation, phase {i + 1} (frozen full model, "
+                  f"{titles[min(i, len(titles) - 1)]})"]
         if d_evals:
             e = d_evals[-1]
             lines.append(f"- after {e['step']} steps ({d_end.get('minutes', float('nan')):.1f} min): " +
@@ -87,10 +92,11 @@ def card(run: Path, distill: Path | None, n_full: int, n_mod: int, note: str | N
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="the joint-training run directory")
-    ap.add_argument("--distill-run", type=Path, help="a module-only run whose checkpoint supersedes the module")
+    ap.add_argument("--distill-run", type=Path, nargs="*", default=[],
+                    help="module-only runs in order; the last one's checkpoint supersedes the module")
     ap.add_argument("--note", help="history the run records do not show (appended to the card)")
     a = ap.parse_args()
-    src = a.distill_run or a.run
+    src = a.distill_run[-1] if a.distill_run else a.run
     cfg, model, module, tok = load_checkpoint(src / "checkpoint" if (src / "checkpoint").is_dir() else src)
     model.to(torch.bfloat16)
     module.to(torch.bfloat16)
