@@ -93,3 +93,22 @@ def test_bad_input_is_one_line_exit_2(run_dir, capsys, tmp_path, args, message):
     assert main(args) == 2
     assert message in one_line_error(capsys)
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
+
+
+def test_demo_train_runs_the_three_shipped_phases(tmp_path, monkeypatch):
+    """`recyclegpt demo --train` = the commands in the shipped MODEL_CARD.md, resumable phase by phase."""
+    from recyclegpt import demo
+
+    calls = []
+    monkeypatch.setattr(demo.subprocess, "call", lambda args: calls.append(args[3:]) or 0)
+    assert demo.train_shipped(str(tmp_path)) == 0
+    assert [c[0] for c in calls] == ["train", "attach", "attach"]
+    assert calls[2][calls[2].index("--init-from-checkpoint") + 1] == str(tmp_path / "distill" / "checkpoint")
+    assert "--distill-kl" in calls[2] and not any("--resume" in c for c in calls)
+    card = (demo.shipped_checkpoint() / "MODEL_CARD.md").read_text()
+    assert " ".join(demo.SHIPPED_SOFT_ARGS) in card and " ".join(demo.SHIPPED_TRAIN_ARGS) in card
+    (tmp_path / "joint").mkdir()
+    (tmp_path / "joint" / "run.json").write_text("{}")
+    calls.clear()
+    demo.train_shipped(str(tmp_path))
+    assert "--resume" in calls[0] and "--resume" not in calls[1]
