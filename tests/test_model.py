@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_pair
 
@@ -98,3 +99,19 @@ def test_module_reads_embedding_first():
     a, _ = module(model, x, h)
     b, _ = module(model, x, torch.randn_like(h))
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("fan_in, fan_out", [(1536, 576), (2048, 576), (384, 1024), (576, 4096)])
+def test_linear_row_result_independent_of_row_count_bf16(fan_in, fan_out):
+    """A one-token `ar` pass and a multi-token verify pass must round each row the same way in bf16
+    (plain nn.Linear does not at 1536 -> 576 on oneDNN CPUs: its single-row path differs)."""
+    from recyclegpt.layers import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(fan_in, fan_out, bias=False).to(torch.bfloat16)
+    x = torch.randn(1, 5, fan_in).to(torch.bfloat16)
+    with torch.no_grad():
+        together = lin(x)  # [1, 5, out]
+        alone = torch.cat([lin(x[:, j:j + 1]) for j in range(5)], 1)
+    assert torch.equal(alone, together)
+    assert alone.shape == (1, 5, fan_out)

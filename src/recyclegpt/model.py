@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import Block, RMSNorm, rope_tables
+from .layers import Block, Linear, RMSNorm, rope_tables
 
 
 def cache_mask(input_pos: Tensor, key_pos: Tensor) -> Tensor:
@@ -44,7 +44,7 @@ class FullModel(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .cache import KVCache, UnrollKV, unroll_mask
 from .config import ModelConfig, ModuleConfig
-from .layers import Block, RMSNorm
+from .layers import Block, Linear, RMSNorm
 from .model import FullModel, run_blocks
 
 
@@ -27,7 +27,7 @@ class RecyclableModule(nn.Module):
         if cfg.input_norms:
             self.enorm = RMSNorm(d, model_cfg.norm_eps)
             self.hnorm = RMSNorm(d, model_cfg.norm_eps)
-        self.fc = nn.Linear(2 * d, d, bias=False)
+        self.fc = Linear(2 * d, d, bias=False)
         self.layers = nn.ModuleList(
             Block(model_cfg, cfg.ffn_dim, input_norm=i > 0) for i in range(cfg.n_layer)
         )
