@@ -15,6 +15,24 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 
+# (in, out, dtype, threads) -> whether a single-row call rounds differently from the same row in a
+# multi-row call; probed once per shape (`Linear`).
+_SINGLE_ROW_DIFFERS: dict[tuple, bool] = {}
+
+
+def _single_row_differs(weight: Tensor) -> bool:
+    key = (*weight.shape, weight.dtype, torch.get_num_threads())
+    differs = _SINGLE_ROW_DIFFERS.get(key)
+    if differs is None:
+        # Only outputs near a bf16 rounding boundary show the other accumulation order: 32 rows give
+        # thousands of outputs, so a differing path is all but certain to show.
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(32, weight.shape[1], generator=g).to(weight.dtype)
+        with torch.no_grad():
+            alone = torch.cat([F.linear(x[i:i + 1], weight) for i in range(32)])
+            differs = _SINGLE_ROW_DIFFERS[key] = not torch.equal(alone, F.linear(x, weight))
+    return differs
+
 
 class Linear(nn.Linear):
     """nn.Linear whose result for a row does not depend on how many rows the call has (CPU, bf16).
@@ -22,16 +40,18 @@ class Linear(nn.Linear):
     On this project's CPU, oneDNN's bf16 kernels take another path for a single row at some shapes
     (seen for 1536 -> 576 and 2048 -> 576, not for the shipped model's): the one-token `ar` pass then
     rounds differently from the same row inside a (k+1)-token verify pass, and greedy `verify` drifts
-    from `ar`. A single row is therefore computed as two (the row twice, a stride-0 view: no copy), which
-    takes the multi-row path. Compiled graphs use inductor's own kernels and skip this.
+    from `ar`. For shapes where a one-time probe finds that difference, a single row is computed as two
+    (the row twice, a stride-0 view: no copy), which takes the multi-row path; other shapes pay
+    nothing. Compiled graphs use inductor's own kernels and skip this.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.dtype is torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling() and _single_row_differs(self.weight)):
             y = F.linear(x.reshape(1, -1).expand(2, -1), self.weight, self.bias)  # [2, out]
             return y[:1].reshape(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
+
 
 class KVStore(Protocol):
     """Anything attention can write keys/values into and read all visible keys/values back from."""
