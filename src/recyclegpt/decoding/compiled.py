@@ -63,8 +63,13 @@ from .sampling import logits_to_probs
 # - the Python wrapper (cpp_wrapper off): about as fast per call at this size, and its kernels come
 #   from inductor's on-disk cache in a new process (the C++ wrapper's source embeds tensor addresses,
 #   so it is rebuilt every time).
-# RECYCLEGPT_COMPILE_MODE=default drops max-autotune (compiles faster, runs about 2x slower).
-_AUTOTUNE = os.environ.get("RECYCLEGPT_COMPILE_MODE", "max-autotune") != "default"
+# - max_autotune only up to AUTOTUNE_MAX_BATCH rows: at batch 8 the templates lost to ATen's GEMMs
+#   (compiled `ar` 389 vs 482 tok/s, verify k=2 321 vs 507; shipped checkpoint, bf16, 1 thread).
+# RECYCLEGPT_COMPILE_MODE: auto (the above), max-autotune (every batch size), default (none: compiles
+# faster, runs about 2x slower at batch 1).
+_MODE = os.environ.get("RECYCLEGPT_COMPILE_MODE", "auto")
+_AUTOTUNE = _MODE != "default"
+AUTOTUNE_MAX_BATCH = 1 << 30 if _MODE == "max-autotune" else 2
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": _AUTOTUNE, "max_autotune_gemm_backends": "CPP",
                     "autotune_fallback_to_aten": True, "cpp_wrapper": False, "triton.cudagraphs": False,
                     "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
@@ -258,6 +263,14 @@ _LOCK = threading.Lock()
 _ATTR = "_recyclegpt_compiled"  # the per-model cache lives on the model (a cycle gc can collect)
 
 
+def inductor_options(batch: int) -> dict:
+    """INDUCTOR_OPTIONS for a graph over `batch` rows (max-autotune only where it measured faster)."""
+    opts = dict(INDUCTOR_OPTIONS)
+    if batch > AUTOTUNE_MAX_BATCH:
+        opts["max_autotune"] = False
+    return opts
+
+
 def stable_caches(net: torch.nn.Module, batch: int, dtype: torch.dtype) -> None:
     """Install net's KV caches for (batch, dtype), made once and kept: compiled graphs hold the cache
     tensors they were traced with (frozen graphs treat module tensors as fixed), so compiled decoding
@@ -289,15 +302,15 @@ class _CompiledRound:
     `compiled_round` keys it by everything the guards would check (batch, k, dtype, sampling,
     threads, the weights' identity and versions). Input shapes are still asserted by the graph."""
 
-    def __init__(self, fn: Callable, label: str, inductor: bool):
-        self.fn, self.label, self.first, self.inductor = fn, label, True, inductor
+    def __init__(self, fn: Callable, label: str, options: dict):
+        self.fn, self.label, self.first, self.options = fn, label, True, options
 
     def __call__(self, *args):
         if not self.first:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=SKIP_GUARDS):
                 return self.fn(*args)
         t0 = time.perf_counter()
-        with torch._inductor.config.patch(INDUCTOR_OPTIONS if self.inductor else {}):
+        with torch._inductor.config.patch(self.options):
             out = self.fn(*args)
         self.first = False
         COMPILE_STATS.seconds[self.label] = COMPILE_STATS.seconds.get(self.label, 0.0) + time.perf_counter() - t0
@@ -315,11 +328,12 @@ def compiled_round(kind: str, model: FullModel, module: RecyclableModule | None,
     """
     dtype = model.tok_embeddings.weight.dtype
     inductor = BACKEND == "inductor"
+    options = inductor_options(batch) if inductor else {}
     # The cache tensors' identity is in the key: a graph must never run on caches it was not traced with.
     nets = (model,) if kind == "ar" or module is None else (model, module)
     caches = tuple(c.k_cache.data_ptr() for net in nets for c in net.caches)
     key = (kind, id(nets[-1]), batch, k, dtype, sampling, torch.get_num_threads(), BACKEND, caches,
-           tuple(sorted(INDUCTOR_OPTIONS.items())) if inductor else None, _weights_version(*nets))
+           tuple(sorted(options.items())), _weights_version(*nets))
     with _LOCK:
         per_model = model.__dict__.setdefault(_ATTR, {})
         fn = per_model.get(key)
@@ -345,10 +359,10 @@ def compiled_round(kind: str, model: FullModel, module: RecyclableModule | None,
         else:
             raise ValueError(f"unknown compiled round {kind!r}")
         compiled = torch.compile(_fresh_function(body), fullgraph=True, dynamic=False, backend=BACKEND,
-                                 options=dict(INDUCTOR_OPTIONS) if inductor else None)
+                                 options=dict(options) if inductor else None)
         label = f"{kind}{'' if k is None else f' k={k}'} B={batch} {str(dtype).removeprefix('torch.')}" + (
             "" if sampling is None else " sampled")
-        fn = per_model[key] = _CompiledRound(compiled, label, inductor)
+        fn = per_model[key] = _CompiledRound(compiled, label, options)
         return fn
 
 
