@@ -322,14 +322,19 @@ class Decoder:
     def _warm_host_round(self) -> None:
         """Compile the host-draft graph now, not at the first n-gram match in the middle of a run. It
         runs on dummy inputs at positions 0..K before the prefill, which then overwrites those cache
-        entries (later positions are masked until decoding writes them)."""
+        entries (later positions are masked until decoding writes them). Once compiled, nothing runs."""
         K = self.ngram_k
         if K + 1 > self.max_seq_len:
             return
+        fn = self._compiled_round("verify_host", K)
+        if not getattr(fn, "first", True):
+            return
         B, dev = len(self.rows), self.device
         zeros = torch.zeros(B, dtype=torch.long, device=dev)
-        noise = () if self._sampling is None else (self._noise.uniform((B, K), dev), self._expo(slot="e2"))
-        self._compiled_round("verify_host", K)(zeros, zeros.clone(), zeros.new_zeros(B, K), zeros.clone(), *noise)
+        # Constant noise of the right shapes: the run's random stream must not depend on whether this ran.
+        noise = () if self._sampling is None else (torch.full((B, K), 0.5, device=dev),
+                                                   torch.ones(B, self.vocab_size, device=dev))
+        fn(zeros, zeros.clone(), zeros.new_zeros(B, K), zeros.clone(), *noise)
 
     def _verify_compiled_host(self, active: list[int], k: int) -> StepEvent | None:
         """A compiled round on the host drafter's proposals, padded to K = ngram_k (one graph), when every
