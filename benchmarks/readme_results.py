@@ -168,11 +168,12 @@ def run_section(name: str, a: argparse.Namespace, ckpt: str, out: Path) -> None:
     print(f"== {name}", file=sys.stderr)
     if name == "eval":
         files = [str(f) for f in val_sources(ROOT / "runs/shipped", 0.05)]
+        code = load_prompts("code", 4 if a.quick else None)
         for i, c in enumerate([ckpt, *a.eval_ckpt]):
             q = RecycleGPT.from_pretrained(c, device=a.device, dtype="float32")
+            # tokenized per checkpoint: another checkpoint may bring another tokenizer
             tokens = load_eval_tokens(files, q.tokenizer, 8192 if a.quick else a.eval_tokens)
             rep_q = perplexity(q.model, q.module, tokens, 512, progress=sys.stderr.isatty()).to_dict()
-            code = load_prompts("code", 4 if a.quick else None)
             agree = greedy_agreement(q.model, q.module, q.encode(code.prompts), 32 if a.quick else 64,
                                      q.tokenizer.eos_id)
             rep_q["greedy_agreement"] = {"prompt_set": "code", **agree.to_dict()}

@@ -363,8 +363,8 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
                            "use --compile none")
     compile_ar = opts.compile in ("ar", "all") and compile_supported()
 
-    def compiled_lane(label: str, mode: str, k: int | None) -> Lane:
-        lane = native_lane(model, module, f"{label} (compiled)", mode, k, opts, eos_id, compile=True)
+    def compiled_lane(label: str, mode: str, k: int | None, **gen_kw) -> Lane:
+        lane = native_lane(model, module, f"{label} (compiled)", mode, k, opts, eos_id, compile=True, **gen_kw)
         lane.extra["compiled"] = True
         lane.note = "torch.compile'd decode step; its compile time is in warm-up, not in tokens/s"
         return lane
@@ -393,9 +393,8 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
             lane.extra["drafter"], lane.note = "hybrid", note
             lanes.append(lane)
             if opts.compile == "all":
-                lane = native_lane(model, module, "verify hybrid (compiled)", "verify", 3, opts, eos_id,
-                                   compile=True, **hybrid_kw)
-                lane.extra.update(compiled=True, drafter="hybrid")
+                lane = compiled_lane("verify hybrid", "verify", 3, **hybrid_kw)
+                lane.extra["drafter"] = "hybrid"
                 lane.note = note + "; two graphs (module round, host-draft round)"
                 lanes.append(lane)
         if opts.adaptive:

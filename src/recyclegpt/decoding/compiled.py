@@ -166,9 +166,7 @@ def verify_round(model: FullModel, module: RecyclableModule, k: int, pending: Te
     Returns (vals [B, k+2] = accepted, then row b's tokens out[:a+1] (junk past them); next pending;
     n + accepted + 1; next mlogits; next g).
     """
-    B = pending.shape[0]
-    ar = torch.arange(k + 1, device=n.device)
-    pos = n[:, None] + ar
+    pos = n[:, None] + torch.arange(k + 1, device=n.device)
     d, q = _pick(mlogits, sampling, None if noise is None else noise[0][:, 0])
     drafts, qs = [d], [q]
     for i in range(2, k + 1):
@@ -177,20 +175,9 @@ def verify_round(model: FullModel, module: RecyclableModule, k: int, pending: Te
         d, q = _pick(sl[:, 0], sampling, None if noise is None else noise[0][:, i - 1])
         drafts.append(d)
         qs.append(q)
-    dr = torch.stack(drafts, 1)
-    logits, h = model(torch.cat([pending[:, None], dr], 1), pos)
-    if sampling is None:
-        targets = logits.float().argmax(-1)
-        accepted = (dr == targets[:, :k]).long().cumprod(1).sum(1)
-        nxt = targets.gather(1, accepted[:, None])[:, 0]
-    else:
-        p = logits_to_probs(logits, *sampling)
-        accepted, nxt = _accept_speculative(dr, torch.stack(qs, 1), p, noise[1], noise[2])
-    padded = torch.cat([dr, nxt[:, None]], 1)
-    out = torch.where(ar == accepted[:, None], nxt[:, None], padded)
-    mlogits, g = _catch_up(model, module, out, h, pos, accepted)
-    vals = torch.cat([accepted[:, None], out], 1)
-    return vals, nxt, n + accepted + 1, mlogits.view(B, -1), g.view(B, -1)
+    q_all = None if sampling is None else torch.stack(qs, 1)
+    return _verify_drafts(model, module, pending, n, torch.stack(drafts, 1), None, sampling, q_all,
+                          None if noise is None else noise[1:])
 
 
 def verify_host_round(model: FullModel, module: RecyclableModule | None, pending: Tensor, n: Tensor, drafts: Tensor,
@@ -203,18 +190,31 @@ def verify_host_round(model: FullModel, module: RecyclableModule | None, pending
     `verify_round`, so the next round can draft with either. noise (sampling): (uniforms [B, K],
     Exp(1) [B, V]). Returns what `verify_round` returns (mlogits, g None without a module).
     """
+    K = drafts.shape[1]
+    valid = torch.arange(K, device=n.device) < lens[:, None]
+    q = None
+    if sampling is not None:
+        q = torch.nn.functional.one_hot(drafts, model.cfg.vocab_size).float() * valid[..., None]
+    return _verify_drafts(model, module, pending, n, drafts, valid, sampling, q, noise)
+
+
+def _verify_drafts(model: FullModel, module: RecyclableModule | None, pending: Tensor, n: Tensor, drafts: Tensor,
+                   valid: Tensor | None, sampling: Sampling, q: Tensor | None,
+                   noise: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The verify pass over [pending, drafts [B, K]] at positions n..n+K, acceptance (greedy, or the
+    speculative rule with the drafts' q [B, K, V] and noise (uniforms [B, K], Exp(1) [B, V])), and the
+    module's catch-up on the result. valid [B, K]: drafts that exist (None: all)."""
     B, K = drafts.shape
     ar = torch.arange(K + 1, device=n.device)
     pos = n[:, None] + ar
-    valid = ar[:K] < lens[:, None]
     logits, h = model(torch.cat([pending[:, None], drafts], 1), pos)
     if sampling is None:
         targets = logits.float().argmax(-1)
-        accepted = ((drafts == targets[:, :K]) & valid).long().cumprod(1).sum(1)
+        agree = drafts == targets[:, :K]
+        accepted = (agree if valid is None else agree & valid).long().cumprod(1).sum(1)
         nxt = targets.gather(1, accepted[:, None])[:, 0]
     else:
         p = logits_to_probs(logits, *sampling)
-        q = torch.nn.functional.one_hot(drafts, p.shape[-1]).to(p.dtype) * valid[..., None]
         accepted, nxt = _accept_speculative(drafts, q, p, noise[0], noise[1], valid)
     out = torch.where(ar == accepted[:, None], nxt[:, None], torch.cat([drafts, nxt[:, None]], 1))
     vals = torch.cat([accepted[:, None], out], 1)
