@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from recyclegpt.decoding import Decoder, GenerationConfig, StepEvent, generate, stream
-from recyclegpt.decoding.testing import random_models, reference_greedy, uncached_logits
+from recyclegpt.decoding import Decoder, GenerationConfig, StepEvent, generate, steps, stream
+from recyclegpt.decoding.testing import cache_prefix, random_models, reference_greedy, uncached_logits
 from recyclegpt.errors import RecycleError
 
 torch.set_num_threads(1)
@@ -184,3 +184,45 @@ def test_zero_new_tokens_and_bad_inputs(models):
         generate(model, None, PROMPTS, GenerationConfig(mode="recycle"))
     with pytest.raises(RecycleError, match="entries"):
         generate(model, module, PROMPTS, GenerationConfig(max_new_tokens=[1, 2]))
+
+
+@pytest.mark.parametrize("lens", [[5], [3, 40, 41, 12, 1, 39], [7, 7, 7]])
+def test_prefill_groups_cover_every_row_once_with_little_padding(lens):
+    groups = steps.prefill_groups(lens)
+    assert sorted(b for g in groups for b in g) == list(range(len(lens)))
+    for g in groups:
+        real = sum(lens[b] for b in g)
+        assert len(g) * max(lens[b] for b in g) <= 1.25 * real
+    assert len(steps.prefill_groups([10] * 6)) == 1  # equal lengths: one pass
+
+
+def test_prefill_fills_caches_as_a_cached_pass_does(models):
+    """The grouped prefill (causal over each prompt) leaves the full model's and the module's caches and
+    the last logits as a pass through the static caches over the right-padded batch does."""
+    model, module = models
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [12, 13, 14, 15], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    B, T = len(prompts), max(map(len, prompts))
+    lens = torch.tensor([len(p) for p in prompts])
+    with torch.no_grad():
+        for net in (model, module):
+            net.setup_caches(B)
+        logits, h = steps.prefill(model, module, prompts, torch.device("cpu"))
+        got = [cache_prefix(net, b, len(p) - (net is module)) for net in (model, module)
+               for b, p in enumerate(prompts)]
+        idx = torch.zeros(B, T, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            idx[b, :len(p)] = torch.tensor(p)
+        pos = torch.arange(T).expand(B, T)
+        for net in (model, module):
+            net.setup_caches(B)
+        ref_logits, ref_h = model(idx, pos)
+        module(model, idx[:, 1:], ref_h[:, :-1], pos[:, :-1], logits=False)
+        ref = [cache_prefix(net, b, len(p) - (net is module)) for net in (model, module)
+               for b, p in enumerate(prompts)]
+    rows = torch.arange(B)
+    torch.testing.assert_close(logits, ref_logits[rows, lens - 1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(h, ref_h[rows, lens - 1], atol=1e-5, rtol=1e-4)
+    for g_layers, r_layers in zip(got, ref, strict=True):
+        for (gk, gv), (rk, rv) in zip(g_layers, r_layers, strict=True):
+            torch.testing.assert_close(gk, rk, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(gv, rv, atol=1e-5, rtol=1e-4)

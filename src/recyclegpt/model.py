@@ -9,12 +9,14 @@ by `setup_caches` are used; without it the call is a plain causal pass (training
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
-from .cache import KVCache
+from .cache import CacheRows, KVCache
 from .config import ModelConfig
-from .layers import Block, Linear, RMSNorm, rope_tables
+from .layers import Block, KVStore, Linear, RMSNorm, rope_tables
 
 
 def cache_mask(input_pos: Tensor, key_pos: Tensor) -> Tensor:
@@ -22,15 +24,20 @@ def cache_mask(input_pos: Tensor, key_pos: Tensor) -> Tensor:
     return key_pos[None, None, None, :] <= input_pos[:, None, :, None]
 
 
-def run_blocks(layers: nn.ModuleList, caches: nn.ModuleList, x: Tensor, rope_cos: Tensor, rope_sin: Tensor,
-               key_pos: Tensor, input_pos: Tensor | None) -> Tensor:
-    """x [B, T, d] through `layers`: with input_pos [B, T] through their static caches, else plain causal."""
+def run_blocks(layers: nn.ModuleList, kvs: Sequence[KVStore] | None, x: Tensor, rope_cos: Tensor,
+               rope_sin: Tensor, key_pos: Tensor, input_pos: Tensor | None) -> Tensor:
+    """x [B, T, d] through `layers`.
+
+    input_pos [B, T]: against the static caches `kvs` (a query at position p sees keys <= p).
+    input_pos None: a plain causal pass over x from position 0; `kvs`, if given, only store each
+    layer's keys/values (a prefill: `CacheRows`).
+    """
     if input_pos is None:
         T = x.shape[1]
-        cos, sin, mask, kvs = rope_cos[:T], rope_sin[:T], None, [None] * len(layers)
+        cos, sin, mask = rope_cos[:T], rope_sin[:T], None
+        kvs = kvs if kvs is not None else [None] * len(layers)
     else:
-        cos, sin = rope_cos[input_pos], rope_sin[input_pos]
-        mask, kvs = cache_mask(input_pos, key_pos), caches
+        cos, sin, mask = rope_cos[input_pos], rope_sin[input_pos], cache_mask(input_pos, key_pos)
     for layer, kv in zip(layers, kvs, strict=True):
         x = layer(x, cos, sin, mask, kv, input_pos)
     return x
@@ -82,10 +89,17 @@ class FullModel(nn.Module):
 
         Returns logits [B, T, V] (None when logits=False) and hidden h [B, T, dim].
         """
-        x = run_blocks(self.layers, self.caches, self.tok_embeddings(idx), self.rope_cos, self.rope_sin,
-                       self.key_pos, input_pos)
+        x = run_blocks(self.layers, None if input_pos is None else self.caches, self.tok_embeddings(idx),
+                       self.rope_cos, self.rope_sin, self.key_pos, input_pos)
         h = self.norm(x)
         return (self.output(h) if logits else None), h
+
+    def prefill(self, idx: Tensor, rows: Tensor) -> Tensor:
+        """Prompts from position 0: idx [G, T] into cache rows `rows` [G]. A causal pass over the prompts
+        themselves that stores every layer's keys/values (`CacheRows`). Returns h [G, T, dim]."""
+        fill = [CacheRows(c, rows) for c in self.caches]
+        return self.norm(run_blocks(self.layers, fill, self.tok_embeddings(idx), self.rope_cos, self.rope_sin,
+                                    self.key_pos, None))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .cache import KVCache, UnrollKV, unroll_mask
+from .cache import CacheRows, KVCache, UnrollKV, unroll_mask
 from .config import ModelConfig, ModuleConfig
 from .layers import Block, Linear, RMSNorm
 from .model import FullModel, run_blocks
@@ -57,10 +57,17 @@ class RecyclableModule(nn.Module):
         Returns logits [B, T, V] for x_{t+2} and the output state [B, T, dim] the head reads.
         `model` supplies the shared embedding and LM head.
         """
-        x = run_blocks(self.layers, self.caches, self._fuse(model.embed(idx), h), model.rope_cos, model.rope_sin,
-                       model.key_pos, input_pos)
+        x = run_blocks(self.layers, None if input_pos is None else self.caches, self._fuse(model.embed(idx), h),
+                       model.rope_cos, model.rope_sin, model.key_pos, input_pos)
         g = self.norm(x)
         return (model.lm_head(g) if logits else None), g
+
+    def prefill(self, model: FullModel, idx: Tensor, h: Tensor, rows: Tensor) -> None:
+        """The module's entries for a prompt from position 0 (`FullModel.prefill`): idx [G, T] tokens
+        x_{t+1}, h [G, T, dim] states h_t, into cache rows `rows` [G]; only the caches are written."""
+        fill = [CacheRows(c, rows) for c in self.caches]
+        run_blocks(self.layers, fill, self._fuse(model.embed(idx), h), model.rope_cos, model.rope_sin,
+                   model.key_pos, None)
 
     def forward_unrolled(self, model: FullModel, idx: Tensor, h: Tensor, steps: int) -> list[Tensor]:
         """Training: `steps` chained module passes over a whole sequence, no cache.

@@ -12,9 +12,9 @@ result):
   count) -> the next head logits and state.
 
 The module rounds carry the catch-up's *result* (head logits [B, V] and output state g [B, d] at
-position n-1) instead of its inputs, so every round has the same shapes: the catch-up over the
-prompt runs once, eagerly, after the prefill (`prefill_catch_up`). Rounds cost the same module
-passes as the eager ladder in `steps` (k per verify round, one per recycle round); the last round's
+position n-1) instead of its inputs, so every round has the same shapes: the first catch-up (the
+prompt's last entry; `steps.prefill` fills the others) runs once, eagerly, after the prefill. Rounds
+cost the same module passes as the eager ladder in `steps` (k per verify round, one per recycle round); the last round's
 catch-up is one extra module pass per generation.
 
 Sampling runs in the graph too, without a torch.Generator inside it: the caller draws the noise with
@@ -99,14 +99,6 @@ def ar_round(model: FullModel, pending: Tensor, n: Tensor, sampling: Sampling = 
     logits, _ = model(pending[:, None], n[:, None])
     tok, _ = _pick(logits[:, 0], sampling, expo)
     return tok, n + 1
-
-
-def prefill_catch_up(model: FullModel, module: RecyclableModule, idx: Tensor, h: Tensor, pos: Tensor,
-                     last: Tensor) -> tuple[Tensor, Tensor]:
-    """The module's catch-up over the prompt (eager; variable length): (head logits [B, V], g [B, d])."""
-    _, g = module(model, idx, h, pos, logits=False)
-    g = g[torch.arange(g.shape[0], device=g.device), last]
-    return model.lm_head(g).contiguous(), g.contiguous()
 
 
 def _catch_up(model: FullModel, module: RecyclableModule, idx: Tensor, h: Tensor, pos: Tensor,

@@ -243,25 +243,17 @@ class Decoder:
 
     @torch.inference_mode()
     def _prefill(self) -> StepEvent:
-        B, dev = len(self.rows), self.device
-        lens = [len(r.prompt) for r in self.rows]
-        T = max(lens)
-        idx = torch.zeros(B, T, dtype=torch.long, device=dev)
-        for b, r in enumerate(self.rows):
-            idx[b, :lens[b]] = torch.tensor(r.prompt, dtype=torch.long)
-        pos = self._arange(T).expand(B, T)
-        last = torch.tensor(lens, device=dev) - 1
-        logits, h = steps.prefill(self.model, idx, pos, last, self.rows_t)
+        prompts = [r.prompt for r in self.rows]
+        logits, h = steps.prefill(self.model, self.module if self.use_module else None, prompts, self.device)
         self.stats.prefill_passes += 1
         tok, _ = self.picker.pick(logits)
         self.pending = tok
-        self.n = torch.tensor(lens, device=dev)
+        self.n = torch.tensor([len(p) for p in prompts], device=self.device)
         if self.use_module:
-            cu_idx = torch.cat([idx[:, 1:], torch.zeros_like(idx[:, :1])], 1)
-            cu_idx[self.rows_t, last] = tok
-            self.cu: steps.CatchUp = (cu_idx, h, pos, last)
+            # the module's entry at n-1 reads (h_{n-1}, x_n): the first catch-up
+            self.cu: steps.CatchUp = (tok[:, None], h[:, None], (self.n - 1)[:, None], None)
             if self.compiled:  # compiled rounds carry the catch-up's result (same shapes every round)
-                self.mlogits, self.g = compiled.prefill_catch_up(self.model, self.module, cu_idx, h, pos, last)
+                self.mlogits, self.g = steps.module_catch_up(self.model, self.module, self.cu, self.rows_t)
                 self.stats.module_passes += 1
         return self._emit([[t] for t in tok.tolist()], passes=False)
 

@@ -16,6 +16,8 @@ shapes: the seam where a torch.compile'd graph per k can be dropped in later.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -31,13 +33,46 @@ def _take(x: Tensor, last: Tensor | None, rows: Tensor) -> Tensor:
     return x[:, -1] if last is None else x[rows, last]
 
 
-def prefill(model: FullModel, idx: Tensor, pos: Tensor, last: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Prompts right-padded to [B, T] at positions [B, T]; head only at each row's last prompt token.
+def prefill_groups(lens: Sequence[int], slack: float = 1.25) -> list[list[int]]:
+    """Rows grouped for the prefill: by length, a group growing while its padded size (rows x longest)
+    stays within `slack` x its real tokens. Few passes, little padding (8 code prompts of 45-279
+    tokens: 4 groups, 3% padding instead of 68% for one right-padded batch)."""
+    groups: list[list[int]] = []
+    real = 0
+    for b in sorted(range(len(lens)), key=lambda i: lens[i]):
+        if groups and (len(groups[-1]) + 1) * lens[b] <= slack * (real + lens[b]):
+            groups[-1].append(b)
+            real += lens[b]
+        else:
+            groups.append([b])
+            real = lens[b]
+    return groups
 
-    Returns (logits [B, V], h [B, T, d]).
+
+def prefill(model: FullModel, module: RecyclableModule | None, prompts: Sequence[Sequence[int]],
+            device: torch.device) -> tuple[Tensor, Tensor]:
+    """Every prompt from position 0 in length groups (`prefill_groups`), each a causal pass over the
+    prompts themselves that fills the caches; with a module, also its entries at positions 0..len-2
+    (they read (h_t, x_{t+1}), both known from the prompt). The entry at len-1 reads the first new
+    token: the first catch-up feeds it.
+
+    Returns (logits [B, V], h [B, d]) at each row's last prompt token.
     """
-    _, h = model(idx, pos, logits=False)
-    return model.lm_head(_take(h, last, rows)), h
+    parts, order = [], []
+    for group in prefill_groups([len(p) for p in prompts]):
+        lens = [len(prompts[b]) for b in group]
+        T = max(lens)
+        idx = torch.zeros(len(group), T, dtype=torch.long, device=device)  # right-padded: junk past a row's
+        for i, b in enumerate(group):  # length is masked until decoding overwrites it
+            idx[i, :lens[i]] = torch.tensor(prompts[b], dtype=torch.long, device=device)
+        rows = torch.tensor(group, device=device)
+        h = model.prefill(idx, rows)  # [G, T, d]
+        if module is not None and T > 1:
+            module.prefill(model, idx[:, 1:], h[:, :-1], rows)
+        parts.append(h[torch.arange(len(group), device=device), torch.tensor(lens, device=device) - 1])
+        order += group
+    h_last = torch.cat(parts)[torch.tensor(order, device=device).argsort()]  # [B, d] in row order
+    return model.lm_head(h_last), h_last
 
 
 def decode_one(model: FullModel, tok: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:

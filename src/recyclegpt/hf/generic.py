@@ -8,6 +8,7 @@ engine, the training code and the recyclable module use from `FullModel`:
                              attention settings (n_head, n_kv_head, ffn_dim, rope_theta, norm_eps)
     forward(idx, input_pos, logits) -> (logits, h)   h = the last hidden state after the final norm
                              (what the base's LM head reads); input_pos None: plain causal pass
+    prefill(idx, rows) -> h  prompts from position 0 into the caches of rows `rows`
     setup_caches(batch, dtype), embed(idx), lm_head(h), tok_embeddings, num_params()
     rope_cos / rope_sin / key_pos   tables for the module's own attention (the base's are its own business)
 
@@ -214,6 +215,12 @@ class GenericCausalLM(nn.Module):
                                    f"called with {idx.shape[0]} rows (call setup_caches first)")
             h = torch.cat([self._row_forward(b, idx[b], input_pos[b]) for b in range(idx.shape[0])], 0)
         return (self.lm_head(h) if logits else None), h
+
+    def prefill(self, idx: Tensor, rows: Tensor) -> Tensor:
+        """Prompts idx [G, T] (right-padded; the next call crops the padding) from position 0 into rows
+        `rows` [G]; returns h [G, T, d]."""
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return torch.cat([self._row_forward(int(b), idx[i], pos) for i, b in enumerate(rows.tolist())], 0)
 
     # ------------------------------------------------------------------ internals
     def _new_cache(self) -> Any:
