@@ -79,6 +79,10 @@ def _acc(r: dict) -> str:
     return " / ".join(f"{x:.2f}" for x in a) if a else "–"
 
 
+def _x(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}x"
+
+
 def _same(r: dict, n: int) -> str:
     v = r.get("identical_to_ar")
     if v is None:
@@ -87,15 +91,17 @@ def _same(r: dict, n: int) -> str:
 
 
 def headline_table(rep: dict) -> str:
-    lines = ["| mode | dtype | tokens/s | speedup vs ar | full passes / token | τ | acceptance by position | "
-             "identical to ar | compile time |", "|---|---|---:|---:|---:|---:|---|---|---:|"]
+    lines = ["| mode | dtype | tokens/s | speedup vs ar | decode speedup | full passes / token | τ | "
+             "acceptance by position | identical to ar | compile time |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rep["results"]:
         label = r["label"] + (" (baseline)" if r.get("baseline") else "")
         if r["mode"] == "hf_generate":
             label += f" ({r.get('cache')} cache)"
         comp = f"{r['warmup_s']:.0f} s" if r.get("compiled") else "–"
         lines.append(f"| {label} | {r['dtype']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_ar']:.2f}x | "
-                     f"{r['full_passes_per_token']:.3f} | {r['mean_accepted']:.2f} | {_acc(r)} | "
+                     f"{_x(r.get('decode_speedup_vs_ar'))} | {r['full_passes_per_token']:.3f} | "
+                     f"{r['mean_accepted']:.2f} | {_acc(r)} | "
                      f"{_same(r, rep['prompts'])} | {comp} |")
     return "\n".join(lines)
 
@@ -109,7 +115,8 @@ def summary_table(reports: dict[str, dict]) -> str:
         cells = []
         for n in names:
             r = next((x for x in reports[n]["results"] if x["label"] == lab), None)
-            cells.append("–" if r is None else f"{r['tokens_per_s']:.0f} ({r['speedup_vs_ar']:.2f}x)")
+            cells.append("–" if r is None else f"{r['tokens_per_s']:.0f} ({r['speedup_vs_ar']:.2f}x; "
+                         f"decode {_x(r.get('decode_speedup_vs_ar'))})")
         lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -244,7 +251,8 @@ def render(out: Path, quick: bool) -> str:
             f"tokens (median of {head['repeats']} interleaved rounds after warm-up; speedup over the fastest `ar` "
             f"(`{head['baseline']}`) with the same weights, dtype and device; \"(compiled)\" lanes run each decode "
             "round as one torch.compile'd graph and their identity is checked against the compiled `ar`; "
-            "their compile time is in the last column, spent once per process):",
+            "their compile time is in the last column, spent once per process; tokens/s counts the prefill, "
+            "\"decode speedup\" is the same ratio over the decoding phase alone, prefill left out of both):",
             "",
             headline_table(head),
             "",
@@ -252,7 +260,8 @@ def render(out: Path, quick: bool) -> str:
             "",
         ]
     if reports:
-        parts += ["**Speed across settings**, tokens/s (speedup vs the fastest `ar` of the same run; "
+        parts += ["**Speed across settings**, tokens/s (speedup vs the fastest `ar` of the same run, prefill "
+                  "included; then over the decoding phase alone; "
                   + ", ".join(f"{n}: {r['date'][:10]}" for n, r in reports.items()) + "):", "",
                   summary_table(reports), ""]
     sizes = load("sizes")

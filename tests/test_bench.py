@@ -72,8 +72,12 @@ def test_bench_json_schema_and_plot(bench_run):
         assert r["dtype"] == "float32" and r["device"] == "cpu"
         assert r["tokens_per_s"] > 0
         assert r["new_tokens"] == len(PROMPTS) * 10  # EOS ignored: every lane does the same work
+        # the decoding phase alone is faster per token than the whole call, which includes the prefill
+        assert r["prefill_s_median"] > 0 and r["decode_tokens_per_s"] > 0
+        assert r["decode_tokens_per_s"] * 10 / 9 > r["tokens_per_s"]
     by = {r["label"]: r for r in rep["results"]}
     assert by["ar"]["speedup_vs_ar"] == 1.0 and by["ar"]["baseline"] and rep["baseline"] == "ar"
+    assert by["ar"]["decode_speedup_vs_ar"] == 1.0
     assert by["ar"]["full_passes_per_token"] == 1.0 and by["ar"]["mean_accepted"] == 1.0
     assert by["hf_generate"]["full_passes_per_token"] == 1.0 and by["hf_generate"]["cache"] == "dynamic"
     assert by["recycle"]["full_passes_per_token"] < 0.7  # two tokens per pass after the prefill

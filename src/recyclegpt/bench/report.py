@@ -48,6 +48,7 @@ def print_table(report: dict[str, Any], console=None) -> None:
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for col, kw in (("mode", {"no_wrap": True, "min_width": 15}), ("dtype", {"min_width": 4}),
                     ("tok/s", {"justify": "right", "min_width": 6}), ("x ar", {"justify": "right", "min_width": 4}),
+                    ("decode x ar", {"justify": "right", "min_width": 6}),
                     ("pass/tok", {"justify": "right", "min_width": 8}), ("tau", {"justify": "right", "min_width": 4}),
                     ("accept by pos", {"min_width": 9, "max_width": 14}), ("= ar", {"no_wrap": True, "min_width": 6})):
         t.add_column(col, **kw)
@@ -64,11 +65,14 @@ def print_table(report: dict[str, Any], console=None) -> None:
         dt = r.get("dtype", report["dtype"])
         t.add_row(label, _SHORT_DTYPE.get(dt, dt), _fmt(r["tokens_per_s"], ".1f"),
                   _fmt(r["speedup_vs_ar"], ".2f") if r["speedup_vs_ar"] is not None else "-",
+                  _fmt(r.get("decode_speedup_vs_ar"), ".2f"),
                   _fmt(r["full_passes_per_token"], ".3f"), _fmt(r["mean_accepted"], ".2f"), acc_s, same_s)
     console.print(t)
     m = report.get("machine", {})
     lines = [f"* baseline: {report.get('baseline')}. speedup = tokens/s / baseline tokens/s with the same weights, "
-             f"dtype, device, prompts and batch; median of {report.get('repeats')} interleaved rounds after warm-up.",
+             f"dtype, device, prompts and batch; median of {report.get('repeats')} interleaved rounds after warm-up. "
+             "tok/s counts the prefill; decode x ar: the same speedup over the decoding phase only (prefill left "
+             "out of both; it is the same work in every lane).",
              "pass/tok: full-model row-passes per new token (prefill included); tau: new tokens per decoding "
              "pass (prefill excluded); = ar: token-identical to ar's output (greedy only; in bf16 transformers' "
              "kernels round differently from the native ones, so hf_* may drift from ar where fp32 matches)."]

@@ -18,8 +18,11 @@ lane, in one process; each lane is warmed up first; then `repeats` rounds, each 
 over the whole prompt set, interleaved per batch (every lane decodes batch b, in an order rotated
 per batch and round, before any decodes batch b+1: a change in machine load hits all lanes alike);
 a lane's tokens/s is the median over rounds of (new tokens / wall seconds of its generate calls,
-prefill included). Prompts are tokenized before timing. By default EOS does not end a row, so every lane
-produces exactly max_new_tokens per prompt and the lanes do the same amount of work.
+prefill included). Decode tokens/s leaves the prefill out (tokens made by decoding passes / wall
+seconds after the prefill: the serving view, time per output token), so a prefill shared by every
+lane does not dilute the decoding speedup; both are reported. Prompts are tokenized before timing.
+By default EOS does not end a row, so every lane produces exactly max_new_tokens per prompt and the
+lanes do the same amount of work.
 
 Per lane: tokens/s, speedup vs the `ar` baseline, full passes per token (row-passes, prefill
 included: `ar` = 1.0), tau (new tokens / full passes during decoding, prefill excluded, bonus
@@ -99,6 +102,7 @@ class Counters:
     produced: int = 0  # new tokens produced by decode passes (= new_tokens - the prefill's token per row)
     full_passes: int = 0  # batched full-model calls, prefill included
     module_passes: int = 0  # module row-passes (a batched call over B rows counts B)
+    prefill_s: float = 0.0  # wall seconds of the prefill (the module's prompt entries included)
     proposed: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     k_used: list[int] = field(default_factory=list)
@@ -153,7 +157,8 @@ def native_lane(model, module, label: str, mode: str, lane_k: int | None, opts: 
             c = Counters(new_tokens=st.total_new_tokens, rows=len(batch), row_passes=sum(st.row_passes),
                          produced=sum(max(0, t - 1) for t in st.new_tokens),
                          full_passes=st.full_passes + st.prefill_passes,
-                         module_passes=st.module_passes * len(batch), k_used=list(st.k_used))
+                         module_passes=st.module_passes * len(batch), k_used=list(st.k_used),
+                         prefill_s=st.prefill_s)
             c.add_positions(st.proposed_by_position, st.accepted_by_position)
             return res.tokens, c
         return run
@@ -165,14 +170,29 @@ def native_lane(model, module, label: str, mode: str, lane_k: int | None, opts: 
 # ---------------------------------------------------------------------------------------- HF lanes
 
 class _PassCounter:
-    """Counts forward calls of a transformers model (each is one full-model pass over the batch)."""
+    """Counts forward calls of a transformers model (each is one full-model pass over the batch) and
+    times the first call after `reset` (generate's prefill)."""
 
     def __init__(self, hf_model):
         self.n = 0
-        self.handle = hf_model.register_forward_pre_hook(self._hook)
+        self.first_s: float | None = None
+        self._t0 = 0.0
+        self.handles = [hf_model.register_forward_pre_hook(self._pre), hf_model.register_forward_hook(self._post)]
 
-    def _hook(self, *_):
+    def reset(self) -> None:
+        self.first_s = None
+
+    def _pre(self, *_):
         self.n += 1
+        self._t0 = time.perf_counter()
+
+    def _post(self, *_):
+        if self.first_s is None:
+            self.first_s = time.perf_counter() - self._t0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _left_pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,8 +256,10 @@ class HFRunner:
             if self.opts.temperature > 0:
                 torch.manual_seed(self.opts.seed + bi * 1000 + gi)
             before = self.counter.n
+            self.counter.reset()
             seq = self.hf.generate(ids, attention_mask=mask, **kw)
             calls = self.counter.n - before
+            c.prefill_s += self.counter.first_s or 0.0
             rows = [_cut(r, self.eos_id) for r in seq[:, ids.shape[1]:].tolist()]
             out.extend(rows)
             new = sum(len(r) for r in rows)
@@ -291,7 +313,7 @@ def _batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[list[int
 
 
 def _merge(total: Counters, c: Counters) -> None:
-    for f in ("new_tokens", "rows", "row_passes", "produced", "full_passes", "module_passes"):
+    for f in ("new_tokens", "rows", "row_passes", "produced", "full_passes", "module_passes", "prefill_s"):
         setattr(total, f, getattr(total, f) + getattr(c, f))
     total.add_positions(c.proposed, c.accepted)
     total.k_used.extend(c.k_used)
@@ -469,6 +491,8 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
         # (lane order rotated per batch and round), so a change in machine load hits all lanes
         # alike instead of whichever lane happened to run then. A lane's round = all batches.
         tps: dict[str, list[float]] = {lane.label: [] for lane in lanes}
+        decode_tps: dict[str, list[float]] = {lane.label: [] for lane in lanes}
+        prefill_secs: dict[str, list[float]] = {lane.label: [] for lane in lanes}
         secs: dict[str, list[float]] = {lane.label: [] for lane in lanes}
         outputs: dict[str, list[list[int]]] = {}
         counters: dict[str, Counters] = {}
@@ -491,6 +515,9 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
             for lane in lanes:
                 cnt, sec = r_cnt[lane.label], r_sec[lane.label]
                 tps[lane.label].append(cnt.new_tokens / sec if sec > 0 else float("nan"))
+                dsec = sec - cnt.prefill_s
+                decode_tps[lane.label].append(cnt.produced / dsec if dsec > 0 else float("nan"))
+                prefill_secs[lane.label].append(cnt.prefill_s)
                 secs[lane.label].append(sec)
                 if lane.label not in outputs:
                     outputs[lane.label] = r_toks[lane.label]
@@ -499,8 +526,9 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
                     _merge(counters[lane.label], cnt)
 
     if runner is not None:
-        runner.counter.handle.remove()
+        runner.counter.remove()
     medians = {k: statistics.median(v) for k, v in tps.items()}
+    decode_medians = {k: statistics.median(v) for k, v in decode_tps.items()}
     base_lanes = [lane for lane in lanes if lane.baseline_candidate]
     baseline = max(base_lanes, key=lambda ln: medians[ln.label]) if base_lanes else None
     # Identical-to-ar compares with the `ar` of the same kernels: compiled lanes with the compiled
@@ -530,6 +558,10 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
             "new_tokens": c.new_tokens,
             "tokens_per_s_rounds": [round(x, 3) for x in tps[lane.label]],
             "seconds_median": round(statistics.median(secs[lane.label]), 4),
+            "decode_tokens_per_s": round(decode_medians[lane.label], 3),
+            "decode_speedup_vs_ar": (round(decode_medians[lane.label] / decode_medians[baseline.label], 4)
+                                     if baseline else None),
+            "prefill_s_median": round(statistics.median(prefill_secs[lane.label]), 4),
             "module_passes_per_token": (round(c.module_passes / c.new_tokens, 4) if c.new_tokens else None)
             if lane.mode in NATIVE_MODES else None,
             "baseline": bool(baseline is lane),
@@ -571,5 +603,6 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
         "machine": _machine(device),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "timing": "median over rounds of new tokens / wall seconds of the generate calls (prefill included); "
-                  "lanes interleaved per batch, order rotated per batch and round, each warmed up first",
+                  "decode_tokens_per_s: tokens of decoding passes / seconds after the prefill; lanes interleaved "
+                  "per batch, order rotated per batch and round, each warmed up first",
     }
