@@ -77,6 +77,7 @@ from .loop import (
     _make_optimizer,
     _save_train_state,
     lr_at,
+    optimizer_step,
 )
 
 BACKENDS = ("auto", "native", "generic")
@@ -456,7 +457,7 @@ def attach(opts: AttachOptions) -> Path:
     bar = tqdm(total=tc.max_steps, initial=step, disable=not opts.progress, unit="step", dynamic_ncols=True,
                desc="attach")
     tok_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
-    meter = StepMeter(step, tok_per_step, bar, log, {"module": "ce_module_1"})
+    meter = StepMeter(step, tok_per_step, bar, log, {"module": "ce_module_1"}, deadline, opts.stop_at_step)
     last_eval: dict[str, Any] = {}
     saved_at = step if resuming else -1
     while step < tc.max_steps:
@@ -471,15 +472,11 @@ def attach(opts: AttachOptions) -> Path:
                 targets = distill_targets(logits, idx, opts.distill_kl)
                 loss, metrics = joint(idx, targets, h=h)
             (loss / tc.grad_accum).backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, (lambda: torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip))
+                       if tc.grad_clip > 0 else None)
         step += 1
         tokens_seen += tok_per_step
-        meter.update(step, lr, tokens_seen, metrics, last=step == tc.max_steps)
-        now = time.time()
-        stop = (deadline is not None and now >= deadline) or step == opts.stop_at_step
+        stop = meter.update(step, lr, tokens_seen, metrics, last=step == tc.max_steps)
         if step % tc.eval_every == 0 or step == tc.max_steps or stop:
             last_eval = evaluate_attach(base, module, data.val, tc, autocast, eval_steps, opts.val_prompts,
                                         tokenizer.eos_id)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,15 +89,19 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 
 class StepMeter:
-    """Per optimizer step: smoothed losses on the progress bar, and every 10 steps tokens/s and a
-    `train` line in metrics.jsonl. `shown` maps bar labels to metric names."""
+    """Per optimizer step: smoothed losses on the progress bar, every 10 steps tokens/s and a `train`
+    line in metrics.jsonl, and whether the run must stop (time budget `deadline`, a wall-clock
+    time, or step `stop_at`). `shown` maps bar labels to metric names."""
 
-    def __init__(self, step: int, tok_per_step: int, bar: tqdm, log, shown: dict[str, str]):
+    def __init__(self, step: int, tok_per_step: int, bar: tqdm, log, shown: dict[str, str],
+                 deadline: float | None = None, stop_at: int | None = None):
         self.tok_per_step, self.bar, self.log, self.shown = tok_per_step, bar, log, shown
+        self.deadline, self.stop_at = deadline, stop_at
         self.last_t, self.last_step = time.time(), step
         self.ema: dict[str, float] = {}
 
-    def update(self, step: int, lr: float, tokens_seen: int, metrics: dict, last: bool) -> None:
+    def update(self, step: int, lr: float, tokens_seen: int, metrics: dict, last: bool) -> bool:
+        """Record finished step `step`; True when the run must stop after it."""
         for k, v in metrics.items():
             self.ema[k] = float(v) if k not in self.ema else 0.9 * self.ema[k] + 0.1 * float(v)
         if step % 10 == 0 or last:
@@ -107,6 +112,15 @@ class StepMeter:
             self.log({"event": "train", "step": step, "lr": lr, "tokens_seen": tokens_seen, "tok_s": tps,
                       **{k: float(v) for k, v in metrics.items()}})
         self.bar.update(1)
+        return (self.deadline is not None and time.time() >= self.deadline) or step == self.stop_at
+
+
+def optimizer_step(opt: torch.optim.Optimizer, clip: Callable[[], object] | None) -> None:
+    """Clip the gradients (`clip`, when given), apply the update, clear the gradients."""
+    if clip is not None:
+        clip()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def _make_optimizer(joint: JointModel, tc: TrainConfig) -> torch.optim.AdamW:
@@ -318,7 +332,8 @@ def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, i
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (opts.progress and accel.is_main_process),
                unit="step", dynamic_ncols=True)
     tok_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * accel.num_processes
-    meter = StepMeter(step, tok_per_step, bar, log, {"full": "ce_full", "module": "ce_module_1"})
+    meter = StepMeter(step, tok_per_step, bar, log, {"full": "ce_full", "module": "ce_module_1"}, deadline,
+                      opts.stop_at_step)
     while step < tc.max_steps:
         lr = lr_at(step, tc)
         for g in opt.param_groups:
@@ -330,15 +345,11 @@ def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, i
             with ctx, accel.autocast():
                 loss, metrics = joint(idx)
                 accel.backward(loss / tc.grad_accum)
-        if tc.grad_clip > 0:
-            accel.clip_grad_norm_(joint.parameters(), tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, (lambda: accel.clip_grad_norm_(joint.parameters(), tc.grad_clip))
+                       if tc.grad_clip > 0 else None)
         step += 1
         tokens_seen += tok_per_step
-        meter.update(step, lr, tokens_seen, metrics, last=step == tc.max_steps)
-        now = time.time()
-        stop = (deadline is not None and now >= deadline) or step == opts.stop_at_step
+        stop = meter.update(step, lr, tokens_seen, metrics, last=step == tc.max_steps)
         if accel.num_processes > 1:  # every rank must stop at the same step
             flag = torch.tensor([1.0 if stop else 0.0], device=accel.device)
             stop = bool(accel.reduce(flag, reduction="sum").item() > 0)
