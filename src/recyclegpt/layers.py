@@ -113,6 +113,13 @@ class Attention(nn.Module):
         self.wv = Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
 
+    def keys_values(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, T, dim] -> this layer's keys (RoPE applied) and values, [B, Hkv, T, D] each."""
+        B, T, _ = x.shape
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
     def forward(
         self,
         x: Tensor,  # [B, T, dim]
@@ -123,11 +130,8 @@ class Attention(nn.Module):
         input_pos: Tensor | None,  # [B, T]
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q = apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)  # [B, H, T, D]
+        k, v = self.keys_values(x, cos, sin)
         rep = self.n_head // self.n_kv_head
         if kv is not None:
             k, v = kv.update(input_pos, k, v)  # [B, Hkv, S, D]
