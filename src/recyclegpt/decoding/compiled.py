@@ -14,8 +14,8 @@ result):
 The module rounds carry the catch-up's *result* (head logits [B, V] and output state g [B, d] at
 position n-1) instead of its inputs, so every round has the same shapes: the first catch-up (the
 prompt's last entry; `steps.prefill` fills the others) runs once, eagerly, after the prefill. Rounds
-cost the same module passes as the eager ladder in `steps` (k per verify round, one per recycle round); the last round's
-catch-up is one extra module pass per generation.
+cost the same module passes as the eager ladder in `steps` (k per verify round, one per recycle
+round); the last round's catch-up is one extra module pass per generation.
 
 Sampling runs in the graph too, without a torch.Generator inside it: the caller draws the noise with
 the run's generator (`Noise`) and passes it in. A categorical draw is argmax(p / E) with E ~ Exp(1)
