@@ -228,6 +228,11 @@ def _name(ckpt: str) -> str:
         return p.name
 
 
+def _cpu(rep: dict) -> str:
+    mach = rep["machine"]
+    return f"{mach['gpu'] + ' + ' if mach.get('gpu') else ''}{mach['cpu']}"
+
+
 def render(out: Path, quick: bool) -> str:
     def load(name: str) -> dict | None:
         f = out / f"{name}.json"
@@ -236,11 +241,16 @@ def render(out: Path, quick: bool) -> str:
     reports = {n: r for n in BENCH_SECTIONS if (r := load(n)) is not None}
     parts: list[str] = []
     head = reports.get("code_b1_greedy")
+
+    def when(rep: dict) -> str:
+        """A report's date, and its machine where it is not the headline's (ratios move with the CPU)."""
+        other = head is not None and _cpu(rep) != _cpu(head)
+        return rep["date"][:10] + (f" on {_cpu(rep)}" if other else "")
+
     if head is not None:
-        mach = head["machine"]
         parts += [
             f"Measured by `python benchmarks/readme_results.py` on "
-            f"{mach['gpu'] + ' + ' if mach.get('gpu') else ''}{mach['cpu']} (torch threads: {mach['threads']}), "
+            f"{_cpu(head)} (torch threads: {head['machine']['threads']}), "
             f"torch {head['torch']}, transformers {head['transformers']}, device {head['device']}, "
             f"dtype {head['dtype']} (speed) / float32 (quality); headline run {head['date'][:10]}. Checkpoint "
             f"`{head['model']}` ({head['params']['model'] / 1e6:.1f}M parameters + "
@@ -262,12 +272,12 @@ def render(out: Path, quick: bool) -> str:
     if reports:
         parts += ["**Speed across settings**, tokens/s (speedup vs the fastest `ar` of the same run, prefill "
                   "included; then over the decoding phase alone; "
-                  + ", ".join(f"{n}: {r['date'][:10]}" for n, r in reports.items()) + "):", "",
+                  + ", ".join(f"{n}: {when(r)}" for n, r in reports.items()) + "):", "",
                   summary_table(reports), ""]
     sizes = load("sizes")
     if sizes is not None:
         parts += ["**Across model sizes**, code prompts, batch 1, greedy (each checkpoint's own `ar` lanes as "
-                  f"baseline; {sizes['reports'][0]['date'][:10]}):", "", size_table(sizes["reports"]), ""]
+                  f"baseline; {when(sizes['reports'][0])}):", "", size_table(sizes["reports"]), ""]
     evals = [q for q in [load("eval"), *(load(f"eval_{i}") for i in range(1, 10))] if q is not None]
     if evals:
         parts += [f"**Quality of `recycle`** (lossy), {evals[0].get('held_out_files', '?')} held-out stdlib files "

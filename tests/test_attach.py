@@ -39,6 +39,7 @@ from recyclegpt.training.attach import (  # noqa: E402
     evaluate_attach,
     expected_tau,
     load_base,
+    sampled_acceptance,
 )
 
 transformers.logging.set_verbosity_error()
@@ -105,6 +106,15 @@ def test_acceptance_by_position_by_hand():
     assert expected_tau(rates) == pytest.approx(1 + 2 / 3 + 2 / 3 * 1 / 2)
 
 
+def test_sampled_acceptance_is_the_overlap_of_the_two_distributions():
+    # base logits [1, T=4, V=2]; step 1 at t reads base index t+1, step 2 at t reads base index t+2
+    p = torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [0.5, 0.5]]])
+    q1 = torch.tensor([[[0.9, 0.1], [0.6, 0.4]]])  # = p at index 1; overlap 0.2 + 0.4 with p at index 2
+    q2 = torch.tensor([[[0.0, 1.0]]])  # overlap 0.8 with p at index 2
+    rates = sampled_acceptance([q1.log(), q2.clamp_min(1e-30).log()], p.log())
+    assert rates == pytest.approx([(1.0 + 0.6) / 2, 0.8], abs=1e-6)
+
+
 # ---- GPT-2 through the generic backend ---------------------------------------------------------
 
 def test_attach_gpt2_lowers_loss_and_verify_equals_ar(gpt2_dir, text_dir, tmp_path, capsys):
@@ -120,6 +130,7 @@ def test_attach_gpt2_lowers_loss_and_verify_equals_ar(gpt2_dir, text_dir, tmp_pa
     evals = read_metrics(out, "eval")
     assert [e["step"] for e in evals] == [12, 24]
     assert len(evals[-1]["val_acceptance_by_position"]) == 3 and "val_decode_tau" in evals[-1]
+    assert all(0 < r <= 1 for r in evals[-1]["val_sampled_acceptance_by_position"])
 
     # the module's distillation loss went down from its (seeded) initial state
     cfg_, base, module, tok = load_checkpoint(out)

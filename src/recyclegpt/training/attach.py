@@ -153,6 +153,21 @@ def acceptance_by_position(step_logits: list[Tensor], pred: Tensor) -> tuple[lis
     return rates, counts
 
 
+@torch.no_grad()
+def sampled_acceptance(step_logits: list[Tensor], base_logits: Tensor) -> list[float]:
+    """Teacher-forced acceptance when sampling at temperature 1: for module step s at index t, the
+    probability that the speculative rule accepts its draft, sum_v min(p, q) = 1 - TV(p, q), with p the
+    base's distribution over x_{t+s+1} (base_logits[:, t+s]) and q the module's; the mean per step.
+    (Greedy acceptance can be high while this is low: a sharp, overconfident module.)"""
+    T = base_logits.shape[1]
+    rates = []
+    for s, lg in enumerate(step_logits, 1):
+        p = base_logits[:, s:T - 1].float().softmax(-1)  # [B, T-s-1, V]
+        q = lg.float().softmax(-1)
+        rates.append(float(torch.minimum(p, q).sum(-1).mean()))
+    return rates
+
+
 def expected_tau(rates: list[float]) -> float:
     """Tokens per full pass with k = len(rates) chained drafts: 1 (bonus) + sum_i prod_{j<=i} rate_j."""
     tau, p = 1.0, 1.0
@@ -285,6 +300,7 @@ def evaluate_attach(base: nn.Module, module: RecyclableModule, val: np.ndarray, 
     sums: dict[str, float] = {}
     accepted = [0.0] * steps
     proposed = [0] * steps
+    sampled = [0.0] * steps
     n = 0
     for _ in range(tc.eval_batches):
         starts = torch.randint(0, max(1, len(val) - T), (tc.batch_size,), generator=gen).tolist()
@@ -300,11 +316,15 @@ def evaluate_attach(base: nn.Module, module: RecyclableModule, val: np.ndarray, 
         for i, (r, c) in enumerate(zip(rates, counts, strict=True)):
             accepted[i] += r * c
             proposed[i] += c
+        for i, r in enumerate(sampled_acceptance(step_logits, logits)):
+            sampled[i] += r
         n += 1
     out: dict[str, Any] = {f"val_{k}": v / n for k, v in sums.items()}
     rates = [a / p if p else 0.0 for a, p in zip(accepted, proposed, strict=True)]
     out["val_acceptance_by_position"] = rates
     out["val_tau_teacher_forced"] = expected_tau(rates)
+    out["val_sampled_acceptance_by_position"] = [r / n for r in sampled[:len(step_logits)]]
+    out["val_sampled_tau_teacher_forced"] = expected_tau(out["val_sampled_acceptance_by_position"])
     if val_prompts > 0:
         P = min(32, max(1, (base.cfg.max_seq_len - 1) // 2), len(val) // max(1, val_prompts) - 1)
         if P >= 2:
@@ -501,11 +521,13 @@ def _eval_line(step: int, ev: dict[str, Any]) -> str:
         parts.append(f"val module {ev['val_ce_module_1']:.3f}")
     if ev.get("val_acceptance_by_position"):
         parts.append("accept (teacher-forced) " + " ".join(f"{r:.2f}" for r in ev["val_acceptance_by_position"]))
+    if ev.get("val_sampled_acceptance_by_position"):
+        parts.append("at T=1 " + " ".join(f"{r:.2f}" for r in ev["val_sampled_acceptance_by_position"]))
     if "val_decode_tau" in ev:
         acc = " ".join(f"{r:.2f}" for r in ev.get("val_decode_acceptance_by_position", []))
         parts.append(f"verify: tau {ev['val_decode_tau']:.2f}, accept {acc}")
     return "  ".join(parts)
 
 
-__all__ = ["AttachOptions", "attach", "distill_targets", "acceptance_by_position", "expected_tau", "load_base",
-           "evaluate_attach"]
+__all__ = ["AttachOptions", "attach", "distill_targets", "acceptance_by_position", "sampled_acceptance",
+           "expected_tau", "load_base", "evaluate_attach"]
