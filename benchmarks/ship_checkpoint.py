@@ -1,6 +1,10 @@
 """Copy a trained run's checkpoint into the package as the shipped checkpoint, with its model card.
 
     python benchmarks/ship_checkpoint.py runs/shipped [--distill-run runs/shipped-distill runs/shipped-soft]
+    python benchmarks/ship_checkpoint.py --module-run runs/shipped-kl --title "..." --command "..."
+
+The second form replaces only the shipped module by a later module-only run's (`recyclegpt attach
+src/recyclegpt/assets/shipped --init-from-checkpoint ...`) and appends that phase to the model card.
 
 Weights are stored in bf16 (half the bytes; the shipped model *is* the bf16-rounded one) and the
 model card is written from the run's own records (run.json, metrics.jsonl), so every number in
@@ -89,13 +93,43 @@ def card(run: Path, distill: list[Path], n_full: int, n_mod: int, note: str | No
     return "\n".join(lines) + "\n"
 
 
+def module_phase(run: Path, title: str, command: str) -> str:
+    """The model card's section for a module-only run: what it ran and its last validation."""
+    e = read_metrics(run, "eval")[-1]
+    end = read_metrics(run, "end")[-1]
+    return "\n".join([
+        "", f"## Module-only self-distillation, {title}", "```", command, "```",
+        f"- after {e['step']} steps ({end.get('minutes', float('nan')):.1f} min): "
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in e.items() if k.startswith("val_")), ""])
+
+
+def ship_module(run: Path, title: str, command: str) -> None:
+    cfg, model, _, tok = load_checkpoint(DEST)
+    _, _, module, _ = load_checkpoint(run / "checkpoint")
+    module.to(torch.bfloat16)
+    text = (DEST / "MODEL_CARD.md").read_text()
+    notes = text.find("\n## Notes")  # phases go before the notes
+    phase = module_phase(run, title, command)
+    text = text + phase if notes < 0 else text[:notes] + phase + text[notes:]
+    save_checkpoint(DEST, cfg, model, module, tok, write_extra=lambda d: (d / "MODEL_CARD.md").write_text(text))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path, help="the joint-training run directory")
+    ap.add_argument("run", type=Path, nargs="?", help="the joint-training run directory")
+    ap.add_argument("--module-run", type=Path, help="ship only this module-only run's module (see above)")
+    ap.add_argument("--title", default="a later phase", help="--module-run: the card section's title")
+    ap.add_argument("--command", default="", help="--module-run: the command that ran it (for the card)")
     ap.add_argument("--distill-run", type=Path, nargs="*", default=[],
                     help="module-only runs in order; the last one's checkpoint supersedes the module")
     ap.add_argument("--note", help="history the run records do not show (appended to the card)")
     a = ap.parse_args()
+    if a.module_run is not None:
+        ship_module(a.module_run, a.title, a.command)
+        print(f"wrote {DEST} (module from {a.module_run})")
+        return 0
+    if a.run is None:
+        ap.error("give the joint-training RUN directory, or --module-run")
     src = a.distill_run[-1] if a.distill_run else a.run
     cfg, model, module, tok = load_checkpoint(src / "checkpoint" if (src / "checkpoint").is_dir() else src)
     model.to(torch.bfloat16)
