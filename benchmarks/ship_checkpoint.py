@@ -105,6 +105,7 @@ def module_phase(run: Path, title: str, command: str) -> str:
 
 def ship_module(run: Path, title: str, command: str) -> None:
     cfg, model, _, tok = load_checkpoint(DEST)
+    model.to(torch.bfloat16)  # as shipped (load_checkpoint gives fp32)
     _, _, module, _ = load_checkpoint(run / "checkpoint")
     module.to(torch.bfloat16)
     text = (DEST / "MODEL_CARD.md").read_text()
