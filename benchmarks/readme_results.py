@@ -124,7 +124,8 @@ def summary_table(reports: dict[str, dict]) -> str:
 def quality_table(evals: list[dict]) -> str:
     """One column per evaluated checkpoint (the shipped one first)."""
     rows = [
-        ("held-out tokens scored", lambda q: f"{q['tokens']}"),
+        ("measured", lambda q: q.get("date", "?")),
+        ("held-out files / tokens scored", lambda q: f"{q.get('held_out_files', '?')} / {q['tokens']}"),
         ("perplexity, standard (every token by the full model)", lambda q: f"{q['ppl_standard']:.2f}"),
         ("perplexity, recycle (every second token by the module)",
          lambda q: f"{q['ppl_recycle']:.2f} ({100 * q['recycle_ppl_increase']:+.1f}%)"),
@@ -280,8 +281,8 @@ def render(out: Path, quick: bool) -> str:
                   f"baseline; {when(sizes['reports'][0])}):", "", size_table(sizes["reports"]), ""]
     evals = [q for q in [load("eval"), *(load(f"eval_{i}") for i in range(1, 10))] if q is not None]
     if evals:
-        parts += [f"**Quality of `recycle`** (lossy), {evals[0].get('held_out_files', '?')} held-out stdlib files "
-                  "that no checkpoint here trained on, float32:", "", quality_table(evals), ""]
+        parts += ["**Quality of `recycle`** (lossy), on the stdlib files held out from the full model's training "
+                  "(the `code` prompts come from them too), float32:", "", quality_table(evals), ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
