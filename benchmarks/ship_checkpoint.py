@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from recyclegpt.checkpoint import load_checkpoint, save_checkpoint
+from recyclegpt.checkpoint import link_or_copy, load_checkpoint, save_checkpoint
 from recyclegpt.demo import SHIPPED_DISTILL_ARGS, SHIPPED_SOFT_ARGS, SHIPPED_TRAIN_ARGS
 from recyclegpt.training.loop import read_metrics
 
@@ -104,15 +104,19 @@ def module_phase(run: Path, title: str, command: str) -> str:
 
 
 def ship_module(run: Path, title: str, command: str) -> None:
-    cfg, model, _, tok = load_checkpoint(DEST)
-    model.to(torch.bfloat16)  # as shipped (load_checkpoint gives fp32)
+    cfg, _, _, tok = load_checkpoint(DEST)
     _, _, module, _ = load_checkpoint(run / "checkpoint")
     module.to(torch.bfloat16)
     text = (DEST / "MODEL_CARD.md").read_text()
     notes = text.find("\n## Notes")  # phases go before the notes
     phase = module_phase(run, title, command)
     text = text + phase if notes < 0 else text[:notes] + phase + text[notes:]
-    save_checkpoint(DEST, cfg, model, module, tok, write_extra=lambda d: (d / "MODEL_CARD.md").write_text(text))
+
+    def extra(d: Path) -> None:
+        link_or_copy(DEST / "model.safetensors", d / "model.safetensors")  # the full model is unchanged
+        (d / "MODEL_CARD.md").write_text(text)
+
+    save_checkpoint(DEST, cfg, None, module, tok, write_extra=extra)
 
 
 def main() -> int:

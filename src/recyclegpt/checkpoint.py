@@ -84,6 +84,14 @@ def save_checkpoint(path: str | Path, cfg: Config, model: FullModel | None, modu
     return path
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Put an unchanged file of an existing checkpoint into a new one (`save_checkpoint`'s write_extra)."""
+    try:
+        os.link(src, dst)  # safetensors files are never modified in place: a hard link is a safe copy
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def replace_dir(tmp: Path, path: Path) -> None:
     """Move the finished directory `tmp` to `path`, replacing what is there with renames only."""
     if path.exists():

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -44,6 +42,7 @@ from tqdm import tqdm
 
 from ..checkpoint import (
     _load_weights,
+    link_or_copy,
     load_checkpoint,
     load_config,
     load_into,
@@ -382,13 +381,6 @@ def _identity(opts: AttachOptions, tc: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # safetensors files are never modified in place: a hard link is a safe copy
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def attach(opts: AttachOptions) -> Path:
     """Run (or resume) an attach run; returns the checkpoint directory (OUT/checkpoint)."""
     tc = _train_config(opts)
@@ -461,7 +453,7 @@ def attach(opts: AttachOptions) -> Path:
 
         def extra(d: Path) -> None:
             if reuse:  # the frozen base never changes: link the file the last save wrote
-                _link_or_copy(old_model, d / "model.safetensors")
+                link_or_copy(old_model, d / "model.safetensors")
             _save_train_state(d, opt, batches, info)
 
         full = base if backend == "native" and not reuse else None
