@@ -1,9 +1,10 @@
-"""GenerationConfig(compile=True): compiled rounds (decoding.compiled) against eager decoding.
+"""GenerationConfig(compile=True): the round function through torch.compile against eager decoding.
 
-Compiling is slow (a cold inductor graph of the tiny model takes 10-30 s on a loaded 2-core machine),
-so only one test runs inductor itself (fp32, batch 1, k=2, without max-autotune): compiled `verify`
-== compiled `ar` == eager `ar`, token for token. The others check the round logic through dynamo +
-the `eager` backend (the same dynamo-captured graphs, executed op by op).
+Compiling is slow (a cold inductor graph of the tiny model takes seconds to tens of seconds on a
+loaded 2-core machine), so one test runs inductor itself on each kind of round (fp32, one layer,
+without max-autotune): compiled `verify` (module drafts and host drafts) == compiled `ar` == eager
+`ar` token for token, and compiled `recycle` == eager `recycle`. The others check the round logic
+through dynamo + the `eager` backend (the same dynamo-captured graphs, executed op by op).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from recyclegpt.decoding import GenerationConfig, compiled, generate
-from recyclegpt.decoding.compiled import _accept_speculative, _race
+from recyclegpt.decoding.rounds import RoundShape
+from recyclegpt.decoding.sampling import accept, race
 from recyclegpt.decoding.testing import copy_models, random_models
 from recyclegpt.errors import RecycleError
 
@@ -52,6 +54,12 @@ def test_inductor_verify_equals_ar_fp32(small_pair, monkeypatch):
     assert ar.tokens == eager_ar.tokens  # fp32, peaked logits: compiled rounding does not flip a choice
     assert 1 < ver.stats.tau < 3 and ver.stats.full_passes < ar.stats.full_passes
     assert any(k.startswith("verify k=2 B=1 float32") for k in compiled.COMPILE_STATS.seconds)
+    rec = _gen(model, module, [PROMPT], mode="recycle", max_new_tokens=24, compile=True)
+    assert rec.tokens == _gen(model, module, [PROMPT], mode="recycle", max_new_tokens=24).tokens
+    rep = PROMPT * 3  # prompt lookup finds matches
+    host = _gen(model, module, [rep], mode="verify", drafter="ngram", k=3, max_new_tokens=24, compile=True)
+    assert host.tokens == _gen(model, module, [rep], mode="ar", max_new_tokens=24).tokens
+    assert host.stats.drafter_rounds.get("ngram", 0) > 0
     # Another batch size makes new caches; the frozen B=1 graphs must come back to their own caches
     # (no recompile, same output).
     _gen(model, module, [PROMPT, [7, 8]], mode="verify", k=2, max_new_tokens=8)
@@ -78,27 +86,33 @@ def test_rounds_match_eager_and_do_not_recompile(pair, light_backend, monkeypatc
         if kw["mode"] == "verify":
             ref = _gen(model, module, prompts, mode="ar", max_new_tokens=[20, 9, 14, 3], eos_id=[17])
             assert comp.tokens == ref.tokens
-            assert comp.stats.module_passes == 1 + kw["k"] * comp.stats.full_passes
+            assert comp.stats.module_passes == kw["k"] * comp.stats.full_passes
 
 
 def test_compiled_round_is_cached_and_weight_changes_recompile(light_backend):
     model, module = random_models(seed=3)
-    a = compiled.compiled_round("ar", model, module, 1, None, None)
-    assert compiled.compiled_round("ar", model, module, 1, None, None) is a
-    assert compiled.compiled_round("ar", model, module, 2, None, None) is not a  # batch is part of the key
+    ar = RoundShape(0, 0, False, False)
+    a = compiled.compiled_round(model, module, ar, 1)
+    assert compiled.compiled_round(model, module, ar, 1) is a
+    assert compiled.compiled_round(model, module, ar, 2) is not a  # batch is part of the key
+    assert compiled.compiled_round(model, module, RoundShape(0, 0, False, True), 1) is not a
     with torch.no_grad():
         model.norm.weight.mul_(2.0)  # in-place change: frozen constants would be stale
-    assert compiled.compiled_round("ar", model, module, 1, None, None) is not a
+    assert compiled.compiled_round(model, module, ar, 1) is not a
     compiled.clear_cache(model)
 
 
-def test_verify_near_max_seq_len_falls_back_to_eager_round(light_backend):
+def test_verify_near_max_seq_len_stays_in_one_graph(light_backend):
+    """Near the end of the context a row drafts fewer tokens in the same graph (padding lands on the
+    junk position): no other graph, output identical to `ar`."""
     model, module = copy_models(seed=1, context=4.0, max_seq_len=24)
     prompt = list(range(1, 15))
+    counters = torch._dynamo.utils.counters["stats"]
+    before = counters["unique_graphs"]
     comp = _gen(model, module, [prompt], mode="verify", k=3, max_new_tokens=50, compile=True)
+    assert counters["unique_graphs"] - before == 1
     ref = _gen(model, module, [prompt], mode="ar", max_new_tokens=50)
     assert comp.tokens == ref.tokens and len(comp.tokens[0]) == 24 - len(prompt)
-    assert min(comp.stats.k_used) < 3  # the last rounds had no room for 3 drafts
 
 
 def test_sampled_compiled_rounds(pair, light_backend):
@@ -109,6 +123,8 @@ def test_sampled_compiled_rounds(pair, light_backend):
         b = _gen(model, module, [PROMPT, [7, 8]], compile=True, temperature=1.0, top_k=20, seed=5,
                  max_new_tokens=12, **kw)
         assert a.tokens == b.tokens and all(len(t) == 12 for t in a.tokens), kw  # reproducible per seed
+        eager = _gen(model, module, [PROMPT, [7, 8]], temperature=1.0, top_k=20, seed=5, max_new_tokens=12, **kw)
+        assert eager.tokens == a.tokens, kw  # the same random stream eagerly and compiled
     # A near-zero temperature makes every distribution one-hot: the speculative rule must then
     # reproduce greedy `ar` exactly (draft q, acceptance u, residual draw all take part).
     cold = _gen(model, module, [PROMPT], mode="verify", k=2, compile=True, temperature=1e-4, max_new_tokens=20)
@@ -121,24 +137,26 @@ def test_exponential_race_and_speculative_rule_distributions():
     g = torch.Generator().manual_seed(0)
     n, V = 40000, 4
     p = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    draws = _race(p.expand(n, V), torch.empty(n, V).exponential_(generator=g))
+    draws = race(p.expand(n, V), torch.empty(n, V).exponential_(generator=g))
     freq = torch.bincount(draws, minlength=V).float() / n
     assert (freq - p).abs().max() < 0.015
     q = torch.tensor([0.4, 0.3, 0.2, 0.1])  # a bad drafter
-    drafts = _race(q.expand(n, V), torch.empty(n, V).exponential_(generator=g))[:, None]
+    drafts = race(q.expand(n, V), torch.empty(n, V).exponential_(generator=g))[:, None]
     P = torch.stack([p, torch.full((V,), 0.25)]).expand(n, 2, V)
-    acc, nxt = _accept_speculative(drafts, q.expand(n, 1, V), P, torch.rand(n, 1, generator=g),
-                                   torch.empty(n, V).exponential_(generator=g))
+    settings = (torch.ones(n), torch.zeros(n, dtype=torch.long), torch.ones(n))
+    acc, nxt = accept(P.log(), drafts, torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool), True,
+                      settings, q.expand(n, 1, V), torch.rand(n, 1, generator=g),
+                      torch.empty(n, V).exponential_(generator=g))
     first = torch.where(acc == 1, drafts[:, 0], nxt)  # the token emitted at the first position
     freq = torch.bincount(first, minlength=V).float() / n
     assert (freq - p).abs().max() < 0.015
 
 
 def test_compiled_host_drafters_equal_ar(light_backend, monkeypatch):
-    """ngram and hybrid drafters through the compiled `verify_host` round: identical to `ar` greedy, on
+    """ngram and hybrid drafters through compiled rounds with host drafts: identical to `ar` greedy, on
     text with repeats (so prompt lookup has matches), at batch 1 and with a batch of unequal rows.
     The hybrid is made to take every n-gram match, so it switches between the module's graph and the
-    host graph (whose module catch-up must keep the next module round right)."""
+    wider host-draft graph (whose module catch-up must keep the next module round right)."""
     from recyclegpt.decoding import engine
 
     monkeypatch.setattr(engine, "prefer_ngram", lambda mt, k, nt, n: n > 0)

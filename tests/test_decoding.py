@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from recyclegpt.decoding import Decoder, GenerationConfig, StepEvent, generate, steps, stream
+from recyclegpt.decoding import Generation, GenerationConfig, StepEvent, generate, stream
+from recyclegpt.decoding.prefill import prefill, prefill_groups
 from recyclegpt.decoding.testing import cache_prefix, random_models, reference_greedy, uncached_logits
 from recyclegpt.errors import RecycleError
 
@@ -34,7 +35,8 @@ def test_ar_matches_uncached_recompute(models, prompts):
     res = generate(model, None, prompts, GenerationConfig(mode="ar", max_new_tokens=16))
     assert res.tokens == [reference_greedy(model, p, 16) for p in prompts]
     assert res.finish_reasons == ["length"] * len(prompts)
-    assert res.stats.full_passes == 15 and res.stats.prefill_passes == 1
+    assert res.stats.full_passes == 15
+    assert res.stats.prefill_passes == len(prefill_groups([len(p) for p in prompts]))  # one pass per length group
     assert res.stats.tau == 1.0 and res.stats.module_passes == 0
 
 
@@ -131,8 +133,8 @@ def test_stream_events_add_up(models):
 def test_decoder_step_api_and_cache_reuse(models):
     model, module = models
     cfg = GenerationConfig(mode="recycle", max_new_tokens=6)
-    dec = Decoder(model, module, cfg)
-    dec.start(PROMPTS)
+    dec = Generation(model, module, PROMPTS, cfg)
+    dec.start()
     caches = model.caches[0].k_cache
     while not dec.done:
         dec.step()
@@ -188,12 +190,12 @@ def test_zero_new_tokens_and_bad_inputs(models):
 
 @pytest.mark.parametrize("lens", [[5], [3, 40, 41, 12, 1, 39], [7, 7, 7]])
 def test_prefill_groups_cover_every_row_once_with_little_padding(lens):
-    groups = steps.prefill_groups(lens)
+    groups = prefill_groups(lens)
     assert sorted(b for g in groups for b in g) == list(range(len(lens)))
     for g in groups:
         real = sum(lens[b] for b in g)
         assert len(g) * max(lens[b] for b in g) <= 1.25 * real
-    assert len(steps.prefill_groups([10] * 6)) == 1  # equal lengths: one pass
+    assert len(prefill_groups([10] * 6)) == 1  # equal lengths: one pass
 
 
 def test_prefill_fills_caches_as_a_cached_pass_does(models):
@@ -206,9 +208,17 @@ def test_prefill_fills_caches_as_a_cached_pass_does(models):
     with torch.no_grad():
         for net in (model, module):
             net.setup_caches(B)
-        logits, h = steps.prefill(model, module, prompts, torch.device("cpu"))
-        got = [cache_prefix(net, b, len(p) - (net is module)) for net in (model, module)
-               for b, p in enumerate(prompts)]
+        seen = []
+
+        def choose(slots, logits):  # the first new token: the full model's argmax
+            seen.append((slots, logits))
+            return logits.argmax(-1)
+
+        first, g, passes = prefill(model, module, prompts, list(range(B)), choose)
+        logits = torch.zeros(B, model.cfg.vocab_size)
+        for slots, lg in seen:
+            logits[slots] = lg
+        got = [cache_prefix(net, b, len(p)) for net in (model, module) for b, p in enumerate(prompts)]
         idx = torch.zeros(B, T, dtype=torch.long)
         for b, p in enumerate(prompts):
             idx[b, :len(p)] = torch.tensor(p)
@@ -216,12 +226,15 @@ def test_prefill_fills_caches_as_a_cached_pass_does(models):
         for net in (model, module):
             net.setup_caches(B)
         ref_logits, ref_h = model(idx, pos)
-        module(model, idx[:, 1:], ref_h[:, :-1], pos[:, :-1], logits=False)
-        ref = [cache_prefix(net, b, len(p) - (net is module)) for net in (model, module)
-               for b, p in enumerate(prompts)]
-    rows = torch.arange(B)
+        rows = torch.arange(B)
+        nxt = torch.cat([idx[:, 1:], idx[:, :1]], 1)
+        nxt[rows, lens - 1] = ref_logits[rows, lens - 1].argmax(-1)  # the first new token after each prompt
+        _, ref_g = module(model, nxt, ref_h, pos, logits=False)
+        ref = [cache_prefix(net, b, len(p)) for net in (model, module) for b, p in enumerate(prompts)]
+    assert passes == len(prefill_groups([len(p) for p in prompts]))
     torch.testing.assert_close(logits, ref_logits[rows, lens - 1], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(h, ref_h[rows, lens - 1], atol=1e-5, rtol=1e-4)
+    assert torch.equal(first, ref_logits[rows, lens - 1].argmax(-1))
+    torch.testing.assert_close(g, ref_g[rows, lens - 1], atol=1e-5, rtol=1e-4)
     for g_layers, r_layers in zip(got, ref, strict=True):
         for (gk, gv), (rk, rv) in zip(g_layers, r_layers, strict=True):
             torch.testing.assert_close(gk, rk, atol=1e-5, rtol=1e-4)

@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 
-from recyclegpt.decoding import GenerationConfig, Picker, generate, logits_to_probs
-from recyclegpt.decoding.sampling import accept_greedy, accept_speculative
+from recyclegpt.decoding import GenerationConfig, generate, logits_to_probs
+from recyclegpt.decoding.sampling import accept
 from recyclegpt.decoding.testing import random_models
 from recyclegpt.errors import RecycleError
 
@@ -26,8 +26,6 @@ def test_bad_sampling_values_raise(kw):
     with pytest.raises(RecycleError) as err:
         GenerationConfig(**kw).validate()
     assert "\n" not in str(err.value) and str(err.value)
-    with pytest.raises(RecycleError):
-        Picker(**{"temperature": 1.0, **kw})
     model, module = random_models(seed=0, vocab_size=16, max_seq_len=16)
     with pytest.raises(RecycleError):
         generate(model, module, [[1, 2]], GenerationConfig(**kw))
@@ -73,6 +71,32 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float =
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.double), stat / 2))
 
 
+def _settings(R: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.full((R,), temperature), torch.zeros(R, dtype=torch.long), torch.ones(R)
+
+
+def accept_greedy(drafts, targets, draft_len=None, force=None):
+    """`accept` of a greedy round whose full model's argmax at each position is `targets` [R, K+1]."""
+    R, K = drafts.shape
+    logits = torch.nn.functional.one_hot(targets, 16).float() * 10
+    lens = draft_len if draft_len is not None else torch.full((R,), K)
+    force = force if force is not None else torch.zeros(R, dtype=torch.bool)
+    return accept(logits, drafts, lens, force, False, _settings(R, 0.0), None, torch.zeros(R, K),
+                  torch.ones(R, 16))
+
+
+def accept_speculative(drafts, q, p, g, draft_len=None, force=None):
+    """`accept` of a sampled round with target probabilities p [R, K+1, V] (as logits log p) and draft
+    probabilities q [R, K, V]; the noise comes from generator g."""
+    R, K = drafts.shape
+    V = p.shape[-1]
+    lens = draft_len if draft_len is not None else torch.full((R,), K)
+    force = force if force is not None else torch.zeros(R, dtype=torch.bool)
+    u = torch.rand(R, K, generator=g)
+    e = torch.empty(R, V).exponential_(generator=g)
+    return accept(p.log(), drafts, lens, force, True, _settings(R), q, u, e)
+
+
 def test_greedy_accept_rule():
     drafts = torch.tensor([[4, 5, 6], [4, 9, 6], [1, 5, 6], [4, 5, 6]])
     targets = torch.tensor([[4, 5, 6, 7]] * 4)
@@ -80,6 +104,10 @@ def test_greedy_accept_rule():
     assert acc.tolist() == [3, 1, 0, 3] and nxt.tolist() == [7, 5, 4, 7]
     acc, nxt = accept_greedy(drafts, targets, draft_len=torch.tensor([3, 3, 3, 2]))
     assert acc.tolist() == [3, 1, 0, 2] and nxt.tolist() == [7, 5, 4, 6]
+    # recycle: forced rows take their real drafts unverified, then the full model's next token
+    force = torch.tensor([False, True, True, True])
+    acc, nxt = accept_greedy(drafts, targets, draft_len=torch.tensor([3, 1, 1, 0]), force=force)
+    assert acc.tolist() == [3, 1, 1, 0] and nxt.tolist() == [7, 5, 5, 4]
 
 
 def test_speculative_accept_rule_on_stub_probs():

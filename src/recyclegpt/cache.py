@@ -31,7 +31,7 @@ class KVCache(nn.Module):
 class CacheRows:
     """Prefill store: keeps a prompt's keys/values at positions 0..T-1 of cache rows `rows` and hands the
     fresh ones back, so the prompt's queries attend causally over the prompt itself (SDPA) instead of
-    over the whole static cache (2-3x cheaper for long prompts on CPU)."""
+    over the whole static cache (less work: the prompt's length, not the cache's, sets the key count)."""
 
     def __init__(self, cache: KVCache, rows: Tensor):
         self.cache, self.rows = cache, rows  # rows [G]: the cache row of each batch entry

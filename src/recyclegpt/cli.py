@@ -117,7 +117,7 @@ def add_decoding_args(p: argparse.ArgumentParser, default_mode: str = "verify") 
                    help="stop a row when this text appears (repeatable); nothing after it is returned")
     p.add_argument("--compile", action="store_true",
                    help="run each decoding step as a torch.compile'd graph (faster per token; the first run "
-                   "compiles for tens of seconds per mode/k, later processes reuse inductor's disk cache)")
+                   "compiles once per mode/k, a start-up cost; later processes reuse inductor's disk cache)")
 
 
 def decoding_kwargs(a: argparse.Namespace) -> dict:
@@ -265,8 +265,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="shipped set (code: held-out stdlib functions, prose, all) or a file: one prompt per line, "
                    "or JSONL with a \"prompt\" field per line (default code)")
     p.add_argument("--num-prompts", type=int, default=8, metavar="N",
-                   help="use the first N prompts of the set (default 8, so a default run stays within a few "
-                   "minutes on 2 CPU cores; 0 = all)")
+                   help="use the first N prompts of the set (default 8, to keep a default run short; 0 = all)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="new tokens per prompt (default 128)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 1 to sample")
@@ -286,10 +285,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", default="ar", choices=["none", "ar", "all"],
                    help="compiled lanes (torch.compile'd decode steps): ar (default) adds a compiled `ar`, the "
                    "baseline where it is faster; all adds compiled recycle and verify k lanes too (each compiles "
-                   "its own graph: tens of seconds each on CPU); none: eager only")
+                   "its own graph, a start-up cost per lane); none: eager only")
     p.add_argument("--stop-at-eos", action="store_true",
                    help="let EOS end a row (default: ignored, so every mode produces exactly --max-new-tokens)")
-    p.add_argument("--json", metavar="OUT.json", help="write the report as JSON (keys as DESIGN.md)")
+    p.add_argument("--json", metavar="OUT.json", help="write the report as JSON (keys listed in docs/definitions.md)")
     p.add_argument("--plot", metavar="OUT.png", help="write a plot: tokens/s by mode, acceptance by draft position")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_args(p)

@@ -95,8 +95,8 @@ def cache_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
     Lossless drafting needs the logits of position p to be bit-identical whether p is scored in a
     one-token `ar` pass or inside a (k+1)-token verify pass. SDPA's fused CPU kernel picks its block
-    sizes from the query length, so in bf16 the same row rounds differently (measured: greedy
-    `verify` drifted from `ar`); plain matmuls + an fp32 softmax do not, for a few % of a pass.
+    sizes from the query length, so in bf16 the same row rounds differently (greedy `verify` then
+    drifts from `ar`); plain matmuls + an fp32 softmax do not, at a small extra cost per pass.
     q: [B, H, Tq, D]; k, v: [B, H, S, D]; mask: bool [B, 1, Tq, S].
     """
     scores = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)  # [B, H, Tq, S]
@@ -138,7 +138,7 @@ class Attention(nn.Module):
         if rep > 1 and mask is not None:
             # Grouped-query attention without copying keys/values per query head: fold the `rep` query
             # heads that share a kv head into the query length (static shapes, no repeat of the
-            # [S]-long cache; several times faster at decode time on CPU).
+            # [S]-long cache, which would otherwise be copied `rep` times on every decode step).
             q = q.reshape(B, self.n_kv_head, rep * T, self.head_dim)
             mask = mask.repeat(1, 1, rep, 1)
         elif rep > 1:  # plain causal (training): is_causal needs equal query and key lengths

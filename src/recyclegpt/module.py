@@ -62,16 +62,14 @@ class RecyclableModule(nn.Module):
         g = self.norm(x)
         return (model.lm_head(g) if logits else None), g
 
-    def prefill(self, model: FullModel, idx: Tensor, h: Tensor, rows: Tensor) -> None:
+    def prefill(self, model: FullModel, idx: Tensor, h: Tensor, rows: Tensor) -> Tensor:
         """The module's entries for a prompt from position 0 (`FullModel.prefill`): idx [G, T] tokens
-        x_{t+1}, h [G, T, dim] states h_t, into cache rows `rows` [G]; only the caches are written."""
+        x_{t+1}, h [G, T, dim] states h_t, into cache rows `rows` [G]. Returns the output state
+        [G, T, dim] (the head's input: the last real entry's gives the first draft)."""
         fill = [CacheRows(c, rows) for c in self.caches]
-        x = run_blocks(self.layers[:-1], fill[:-1], self._fuse(model.embed(idx), h), model.rope_cos,
-                       model.rope_sin, model.key_pos, None)
-        # Nothing reads the last block's output here: only its keys and values go to the cache.
-        last, T = self.layers[-1], idx.shape[1]
-        k, v = last.attention.keys_values(last.attention_norm(x), model.rope_cos[:T], model.rope_sin[:T])
-        fill[-1].update(None, k, v)
+        x = run_blocks(self.layers, fill, self._fuse(model.embed(idx), h), model.rope_cos, model.rope_sin,
+                       model.key_pos, None)
+        return self.norm(x)
 
     def forward_unrolled(self, model: FullModel, idx: Tensor, h: Tensor, steps: int) -> list[Tensor]:
         """Training: `steps` chained module passes over a whole sequence, no cache.

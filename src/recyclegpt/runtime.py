@@ -16,7 +16,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """avx512_bf16 or AMX: bf16 matmuls run natively (DESIGN.md: the fast CPU default there)."""
+    """avx512_bf16 or AMX: bf16 matmuls run natively, so bf16 is the fast CPU default there (else fp32)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -1,4 +1,4 @@
-"""Presenting a bench report: a rich table, the JSON file (DESIGN.md keys) and a PNG plot."""
+"""Presenting a bench report: a rich table, the JSON file (keys in docs/definitions.md) and a PNG plot."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-# DESIGN.md "`recyclegpt bench --json`": other tools read these keys.
+# docs/definitions.md "`recyclegpt bench --json`": other tools read these keys; keep them.
 TOP_KEYS = ("model", "device", "dtype", "batch_size", "prompts", "max_new_tokens", "results")
 RESULT_KEYS = ("mode", "k", "tokens_per_s", "speedup_vs_ar", "full_passes_per_token", "mean_accepted",
                "acceptance_by_position", "identical_to_ar")
@@ -14,7 +14,7 @@ MODES = ("ar", "recycle", "verify", "hf_generate", "hf_assisted")
 
 
 def check_schema(report: dict[str, Any]) -> list[str]:
-    """Problems with a report's DESIGN.md keys (empty list: fine)."""
+    """Problems with a report's required keys (docs/definitions.md; empty list: fine)."""
     problems = [f"missing top-level key {k!r}" for k in TOP_KEYS if k not in report]
     for i, r in enumerate(report.get("results", [])):
         problems += [f"results[{i}] lacks {k!r}" for k in RESULT_KEYS if k not in r]

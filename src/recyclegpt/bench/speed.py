@@ -4,8 +4,9 @@ Lanes (one row of the report each):
   ar                 the project's plain decoding: one full pass per token, eager
   ar (compiled)      the same with each step one torch.compile'd graph (`--compile ar`, the
                      default; `--compile all` adds compiled recycle and verify lanes). The baseline
-                     of every speedup is the fastest `ar` lane (DESIGN.md "speedup"); compile time
-                     is spent in the warm-up and reported as warmup_s, not counted in tokens/s
+                     of every speedup is the fastest `ar` lane ("speedup" in docs/definitions.md);
+                     compile time is spent in the warm-up and reported as warmup_s, not counted in
+                     tokens/s
   recycle            the paper's alternation of full model and module (lossy)
   verify k=1..4      lossless draft-and-verify with the module drafting k tokens; `verify adaptive`
                      moves k from recent acceptance
@@ -13,16 +14,16 @@ Lanes (one row of the report each):
                      same dtype and device, static or dynamic KV cache, whichever measured faster
   hf_assisted        transformers' prompt-lookup decoding (`prompt_lookup_num_tokens`)
 
-Measurement (DESIGN.md): same weights, dtype, device, prompts, batch and max_new_tokens for every
-lane, in one process; each lane is warmed up first; then `repeats` rounds, each running every lane
-over the whole prompt set, interleaved per batch (every lane decodes batch b, in an order rotated
-per batch and round, before any decodes batch b+1: a change in machine load hits all lanes alike);
-a lane's tokens/s is the median over rounds of (new tokens / wall seconds of its generate calls,
-prefill included). Decode tokens/s leaves the prefill out (tokens made by decoding passes / wall
-seconds after the prefill: the serving view, time per output token), so a prefill shared by every
-lane does not dilute the decoding speedup; both are reported. Prompts are tokenized before timing.
-By default EOS does not end a row, so every lane produces exactly max_new_tokens per prompt and the
-lanes do the same amount of work.
+Measurement (as defined in docs/definitions.md): same weights, dtype, device, prompts, batch and
+max_new_tokens for every lane, in one process; each lane is warmed up first; then `repeats` rounds,
+each running every lane over the whole prompt set, interleaved per batch (every lane decodes batch
+b, in an order rotated per batch and round, before any decodes batch b+1: a change in machine load
+hits all lanes alike); a lane's tokens/s is the median over rounds of (new tokens / wall seconds of
+its generate calls, prefill included). Decode tokens/s leaves the prefill out (tokens made by
+decoding passes / wall seconds after the prefill: the serving view, time per output token), so a
+prefill shared by every lane does not dilute the decoding speedup; both are reported. Prompts are
+tokenized before timing. By default EOS does not end a row, so every lane produces exactly
+max_new_tokens per prompt and the lanes do the same amount of work.
 
 Per lane: tokens/s, speedup vs the `ar` baseline, full passes per token (row-passes, prefill
 included: `ar` = 1.0), tau (new tokens / full passes during decoding, prefill excluded, bonus
@@ -355,7 +356,7 @@ def _progress(enabled: bool):
 @torch.inference_mode()
 def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions | None = None,
               checkpoint: str = "") -> dict[str, Any]:
-    """Run the benchmark; returns the report as a dict with DESIGN.md's `bench --json` keys."""
+    """Run the benchmark; returns the report as a dict with the `bench --json` keys of docs/definitions.md."""
     opts = opts or BenchOptions()
     opts.validate()
     device = model.tok_embeddings.weight.device
@@ -532,7 +533,7 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
     base_lanes = [lane for lane in lanes if lane.baseline_candidate]
     baseline = max(base_lanes, key=lambda ln: medians[ln.label]) if base_lanes else None
     # Identical-to-ar compares with the `ar` of the same kernels: compiled lanes with the compiled
-    # `ar` (bf16 rounding differs between eager and compiled graphs, DESIGN.md "dtype").
+    # `ar` (bf16 rounding differs between eager and compiled graphs; docs/definitions.md, "lossless").
     refs = {False: "ar" if "ar" in outputs else None,
             True: "ar (compiled)" if "ar (compiled)" in outputs else ("ar" if "ar" in outputs else None)}
     results = []

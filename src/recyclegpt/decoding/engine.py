@@ -1,19 +1,30 @@
-"""The decoding loop: batch state, one `step()` per full-model pass, events, counters.
+"""The decoding engine: a fixed number of slots that requests join and leave, one round per step.
 
-`Decoder` holds the per-row (slot) state on the host (token history, budget, finish reason) and
-the per-row device state (position n of the pending token, the pending token, the module's
-catch-up inputs). Each `step()` makes exactly one full-model pass for the whole batch, does one
-host sync, and returns a `StepEvent` with every row's newly accepted tokens. Finished rows stay in
-the batch as frozen slots (their device position is pinned at 0 and their outputs ignored), which
-is the seam for continuous batching: a server would prefill a new sequence into a free slot
-between steps (`HostDrafter.reset(row)` exists for that) instead of waiting for the batch to end.
+    engine = Engine(model, module, slots=8, compile=True, tokenizer=tok)
+    out = engine.admit(slot, prompt_ids, GenerationConfig(...))   # prefill; out.tokens = [first token]
+    outs = engine.step()          # one full-model pass over every slot: outs[b] = SlotOutput | None
+    engine.release(slot)          # the slot is free for the next request
+
+A step's data flow:
+
+    host plan    per decoding slot: how many drafts (its mode, k, remaining budget), the host
+                 drafter's proposal, the request's own random noise             -> RoundInputs
+    round        `rounds.decode_round`, eagerly or compiled, over all B slots     -> vals, SlotState
+    host emit    per slot: budget, EOS, stop strings, counters                    -> SlotOutput
+
+Slot state lives on the device (`rounds.SlotState`: pending token, position, the module's next-draft
+logits and state) and per-slot settings in per-slot tensors (temperature, top-k, top-p), so one
+graph per round shape serves every mix of requests. Idle slots (free, or finished and not yet
+released) sit at the junk position (`rounds`) with no drafts: they cost the padding they occupy.
+Admitting prefills only the new slot's cache rows; the others keep theirs.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -21,56 +32,33 @@ from torch import Tensor
 from ..errors import RecycleError
 from ..model import FullModel
 from ..module import RecyclableModule
-from . import compiled, steps
+from . import compiled
 from .drafters import AcceptanceTracker, AdaptiveK, HostDrafter, NgramDrafter, prefer_ngram
 from .options import GenerationConfig
-from .sampling import Picker
-from .stops import Decodes, StopChecker, StopFn, trim_at_stop
+from .prefill import prefill
+from .rounds import RoundInputs, RoundShape, SlotState, decode_round
+from .sampling import pick
+from .stops import Decodes, StopChecker, StopFn
 
 
 @dataclass
-class DecodeStats:
-    """Counters of one generation. Passes are batched calls (one call over B rows counts once).
+class SlotOutput:
+    """What one slot produced in a step (or at admission): new tokens and, once done, why."""
 
-    tau (mean accepted length) = new tokens / full passes during decoding, per row-pass: the token
-    the prefill produces and the prefill pass itself are excluded, the bonus token is included.
-    acceptance_by_position[i] = P(draft i+1 accepted | drafts 1..i accepted), over active rows.
-    """
+    tokens: list[int]
+    finish: str | None  # None while decoding; 'eos' | 'stop' | 'length'
 
-    mode: str
-    batch_size: int
-    k: int | None = None
-    prefill_passes: int = 0
-    full_passes: int = 0
-    module_passes: int = 0
-    new_tokens: list[int] = field(default_factory=list)  # per row, including a final EOS
-    row_passes: list[int] = field(default_factory=list)  # per row, decode passes while active
+
+@dataclass
+class SlotStats:
+    """Counters of one request."""
+
+    rounds: int = 0  # decoding passes while it was decoding (the prefill excluded)
+    produced: int = 0  # tokens produced, a final EOS included
     proposed_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
-    drafter_rounds: dict[str, int] = field(default_factory=dict)  # row-rounds per drafter:
-    # 'module', 'ngram', or 'host' (a HostDrafter object)
-    k_used: list[int] = field(default_factory=list)  # k of every verify round
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-
-    @property
-    def tau(self) -> float:
-        passes = sum(self.row_passes)
-        produced = sum(max(0, t - 1) for t in self.new_tokens)
-        return produced / passes if passes else float("nan")
-
-    @property
-    def acceptance_by_position(self) -> list[float]:
-        return [a / p for a, p in zip(self.accepted_by_position, self.proposed_by_position, strict=True) if p]
-
-    @property
-    def total_new_tokens(self) -> int:
-        return sum(self.new_tokens)
-
-    @property
-    def tokens_per_s(self) -> float:
-        t = self.prefill_s + self.decode_s
-        return self.total_new_tokens / t if t > 0 else float("nan")
+    drafter_rounds: dict[str, int] = field(default_factory=dict)  # 'module' | 'ngram' | 'host'
+    k_used: list[int] = field(default_factory=list)  # drafts planned in each verify round
 
     def count_acceptance(self, proposed: int, accepted: int) -> None:
         while len(self.proposed_by_position) < proposed:
@@ -83,31 +71,84 @@ class DecodeStats:
 
 
 @dataclass
-class StepEvent:
-    """One decoding step: tokens[b] are row b's newly accepted tokens (possibly none)."""
+class EngineStats:
+    """Counters of an engine over its life. Passes are batched calls (one call over B slots counts once)."""
 
-    step: int  # 0 = prefill
-    tokens: list[list[int]]
-    finish_reasons: list[str | None]  # per row: None while running, else 'eos' | 'stop' | 'length'
-    done: bool
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[list[int]]  # new tokens per row (no EOS; a stop string's last token included)
-    finish_reasons: list[str | None]
-    stats: DecodeStats
-    texts: list[str] | None = None  # decoded, cut before any stop string (with a tokenizer)
+    steps: int = 0  # full-model passes of decoding rounds
+    module_passes: int = 0  # module calls of decoding rounds
+    prefill_passes: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
 
 
 @dataclass
-class _Row:
-    prompt: list[int]
-    budget: int
-    ctx: list[int]  # prompt + generated; its last token is the pending one
-    generated: list[int] = field(default_factory=list)
-    produced: int = 0  # tokens produced, a final EOS included
-    finish: str | None = None
+class _Plan:
+    """One slot's part of a round."""
+
+    lens: int  # real drafts
+    width: int  # the round width it needs (its k, even when fewer drafts fit)
+    chain: int = 0  # module drafts it needs
+    force: bool = False
+    host: list[int] | None = None  # the host drafter's proposal it takes
+
+
+class _Slot:
+    """A request in a slot: its settings, token history, random stream, drafter and counters."""
+
+    def __init__(self, slot: int, prompt: list[int], cfg: GenerationConfig, budget: int, stopper: StopChecker):
+        self.prompt, self.cfg, self.budget, self.stopper = prompt, cfg, budget, stopper
+        self.ctx = list(prompt)  # prompt + emitted tokens; its last token is the pending one
+        self.generated: list[int] = []
+        self.finish: str | None = None
+        self.stats = SlotStats()
+        self.sampled = cfg.temperature > 0
+        self.generator = torch.Generator()
+        if cfg.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(cfg.seed)
+        self.drafter: HostDrafter | None = None
+        self.drafter_label = cfg.drafter if isinstance(cfg.drafter, str) else "host"
+        if cfg.mode == "verify" and cfg.drafter != "module":
+            if isinstance(cfg.drafter, str):
+                min_n = cfg.ngram_min_n or (2 if cfg.drafter == "hybrid" else 1)
+                self.drafter = NgramDrafter(cfg.ngram_max_n, min(min_n, cfg.ngram_max_n))
+            else:
+                self.drafter = cfg.drafter
+            self.drafter.reset(slot)
+        self.ngram_k = cfg.ngram_k or cfg.k
+        k_max = max(cfg.k_max, cfg.k)
+        self.trackers = {"module": AcceptanceTracker(max(k_max, self.ngram_k)),
+                         "host": AcceptanceTracker(max(k_max, self.ngram_k))}
+        self.adaptive: AdaptiveK | None = None
+        if cfg.adaptive_k:
+            key = "module" if self.drafter_label in ("module", "hybrid") else "host"
+            cost = 0.25 if key == "module" else 0.05  # one draft's price relative to a full pass
+            self.adaptive = AdaptiveK(cfg.k, 1, k_max, cost, self.trackers[key])
+
+    @property
+    def uses_module(self) -> bool:
+        return self.cfg.uses_module
+
+    def plan(self, slot: int) -> _Plan:
+        """How this slot takes part in the next round. Drafts never exceed what its budget can keep
+        (remaining - 1: the round adds one token of the full model), so they also fit the context."""
+        cap = self.budget - self.stats.produced - 1
+        mode = self.cfg.mode
+        if mode == "ar":
+            return _Plan(0, 0)
+        if mode == "recycle":
+            return _Plan(min(1, cap), 1, chain=1, force=True)
+        k = self.adaptive.next_k() if self.adaptive is not None else self.cfg.k
+        module_plan = _Plan(min(k, cap), k, chain=k)
+        if self.drafter is None:
+            return module_plan
+        props = list(self.drafter.propose(slot, self.ctx, self.ngram_k))[:self.ngram_k]
+        if self.drafter_label == "hybrid" and not prefer_ngram(self.trackers["module"], k, self.trackers["host"],
+                                                              len(props)):
+            return module_plan
+        props = props[:max(cap, 0)]
+        return _Plan(len(props), self.ngram_k if props else 0, host=props)
 
 
 def _ensure_caches(net: torch.nn.Module, batch: int, dtype: torch.dtype) -> None:
@@ -117,437 +158,302 @@ def _ensure_caches(net: torch.nn.Module, batch: int, dtype: torch.dtype) -> None
     net.setup_caches(batch, dtype)
 
 
-class Decoder:
-    """One batch of prompts decoded step by step (see the module docstring)."""
+class Engine:
+    """B decoding slots over one full model (and its recyclable module); see the module docstring.
 
-    def __init__(self, model: FullModel, module: RecyclableModule | None, config: GenerationConfig,
+    One engine owns the model's caches while it is used: do not interleave two engines of the same
+    batch size on one model.
+    """
+
+    def __init__(self, model: FullModel, module: RecyclableModule | None, slots: int, compile: bool = False,
                  tokenizer: Decodes | None = None, stop_fn: StopFn | None = None):
-        config.validate()
-        if config.uses_module:
-            if module is None:
-                what = "mode 'recycle'" if config.mode == "recycle" else f"drafter {config.drafter!r}"
-                raise RecycleError(f"{what} needs a recyclable module (or use drafter='ngram' / mode='ar')")
-            if module.fc.in_features != 2 * model.cfg.dim:
-                raise RecycleError("the recyclable module does not match the full model's width")
-        self.model, self.module, self.cfg = model, module, config
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise RecycleError(f"slots must be an integer >= 1, got {slots!r}")
+        if module is not None and module.fc.in_features != 2 * model.cfg.dim:
+            raise RecycleError("the recyclable module does not match the full model's width")
+        self.model, self.module, self.slots, self.compile = model, module, slots, compile
+        self.tokenizer, self.stop_fn = tokenizer, stop_fn
         weight = model.tok_embeddings.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.max_seq_len = model.cfg.max_seq_len
-        self.vocab_size = model.cfg.vocab_size
-        gen = torch.Generator(device=self.device)
-        if config.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(config.seed)
-        self.picker = Picker(config.temperature, config.top_k, config.top_p, gen)
-        self.stopper = StopChecker(config.eos_ids, config.stop_strings, tokenizer, stop_fn)
-        self.tokenizer = tokenizer
-        self.use_module = config.uses_module
-        self.host_drafter: HostDrafter | None = None
-        self.drafter_name = config.drafter if isinstance(config.drafter, str) else "host"
-        self.host_label = "ngram" if self.drafter_name in ("ngram", "hybrid") else "host"
-        if config.mode == "verify" and self.drafter_name != "module":
-            if isinstance(config.drafter, str):
-                min_n = config.ngram_min_n or (2 if config.drafter == "hybrid" else 1)
-                self.host_drafter = NgramDrafter(config.ngram_max_n, min(min_n, config.ngram_max_n))
-            else:
-                self.host_drafter = config.drafter
-        self.ngram_k = config.ngram_k or config.k
-        self.hybrid = self.drafter_name == "hybrid"
-        k_max = max(config.k_max, config.k)
-        track = max(k_max, self.ngram_k)
-        self.trackers = {"module": AcceptanceTracker(track), "host": AcceptanceTracker(track)}
-        self.adaptive: AdaptiveK | None = None
-        if config.adaptive_k:
-            key = "module" if self.drafter_name in ("module", "hybrid") else "host"
-            cost = 0.25 if key == "module" else 0.05  # one draft's price relative to a full pass
-            self.adaptive = AdaptiveK(config.k, 1, k_max, cost, self.trackers[key])
-        self.rows: list[_Row] = []
-        self.stats = DecodeStats(config.mode, 0)
-        self._step = 0
-        self._aranges: dict[int, Tensor] = {}
-        # compile=True: compiled rounds (decoding.compiled), looked up once per (kind, k) and batch.
-        self.compiled = config.compile
-        self._sampling: compiled.Sampling = None if self.picker.greedy else (
-            self.picker.temperature, self.picker.top_k, self.picker.top_p)
-        self._noise = compiled.Noise(gen)
-        self._rounds: dict[tuple, object] = {}
-
-    # ---------------------------------------------------------------- public loop
-    @property
-    def done(self) -> bool:
-        return all(r.finish is not None for r in self.rows)
-
-    def start(self, prompts: Sequence[Sequence[int]]) -> StepEvent:
-        """Prefill every row (one full pass, one module pass when the mode uses the module)."""
-        budgets = self.cfg.row_budgets(len(prompts))
-        if not prompts:
-            raise RecycleError("no prompts given")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise RecycleError(f"prompt {i} is empty; give at least one token")
-            if len(p) >= self.max_seq_len:
-                raise RecycleError(f"prompt {i} has {len(p)} tokens; the model's limit is "
-                                   f"{self.max_seq_len} including at least one new token")
-            if min(p) < 0 or max(p) >= self.vocab_size:
-                raise RecycleError(f"prompt {i} has token ids outside 0..{self.vocab_size - 1}")
-        B = len(prompts)
-        self.rows = [_Row(list(p), min(b, self.max_seq_len - len(p)), list(p))
-                     for p, b in zip(prompts, budgets, strict=True)]
-        self.stats = DecodeStats(self.cfg.mode, B, self.cfg.k if self.cfg.mode == "verify" else None,
-                                 new_tokens=[0] * B, row_passes=[0] * B)
-        if self.host_drafter is not None:
-            for b in range(B):
-                self.host_drafter.reset(b)
-        ensure = compiled.stable_caches if self.compiled else _ensure_caches
+        self.max_seq_len, self.vocab_size = model.cfg.max_seq_len, model.cfg.vocab_size
+        self.junk = self.max_seq_len - 1  # the position idle slots and padding write to (`rounds`)
+        ensure = compiled.stable_caches if compile else _ensure_caches
         with torch.no_grad():
-            ensure(self.model, B, self.dtype)
-            if self.use_module:
-                ensure(self.module, B, self.dtype)
-        self.rows_t = torch.arange(B, device=self.device)
-        self._frozen: Tensor | None = None  # long [B]: 0 for finished rows, 1 otherwise
-        self._step = 0
-        if all(r.budget == 0 for r in self.rows):
-            for r in self.rows:
-                r.finish = "length"
-            return StepEvent(0, [[] for _ in self.rows], [r.finish for r in self.rows], True)
+            ensure(model, slots, self.dtype)
+            if module is not None:
+                ensure(module, slots, self.dtype)
+        B, V, dev = slots, self.vocab_size, self.device
+        width = model.cfg.dim if module is not None else 0
+        with torch.inference_mode():  # like every tensor a round makes: graphs then see one kind of input
+            self.state = SlotState(torch.zeros(B, dtype=torch.long, device=dev),
+                                   torch.full((B,), self.junk, dtype=torch.long, device=dev),
+                                   torch.zeros(B, V if module is not None else 0, dtype=self.dtype, device=dev),
+                                   torch.zeros(B, width, dtype=self.dtype, device=dev))
+            self.temperature = torch.zeros(B, device=dev)
+            self.top_k = torch.zeros(B, dtype=torch.long, device=dev)
+            self.top_p = torch.ones(B, device=dev)
+        self._noise: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self._slots: list[_Slot | None] = [None] * B
+        self.stats = EngineStats()
+
+    # ------------------------------------------------------------------ slots
+    def free_slots(self) -> list[int]:
+        return [b for b, s in enumerate(self._slots) if s is None]
+
+    def decoding(self) -> list[int]:
+        """Slots whose request is still decoding."""
+        return [b for b, s in enumerate(self._slots) if s is not None and s.finish is None]
+
+    def request(self, slot: int) -> _Slot:
+        """The request in `slot` (prompt, generated tokens, finish reason, stats) until it is released."""
+        s = self._slots[self._check_slot(slot)]
+        if s is None:
+            raise RecycleError(f"slot {slot} is free")
+        return s
+
+    def _check_slot(self, slot: int) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.slots:
+            raise RecycleError(f"slot must be an integer in 0..{self.slots - 1}, got {slot!r}")
+        return slot
+
+    @torch.inference_mode()
+    def release(self, slot: int) -> None:
+        """Free a slot (finished or not): its request is dropped and the next admit may take it."""
+        if self._slots[self._check_slot(slot)] is None:
+            raise RecycleError(f"slot {slot} is already free")
+        self._slots[slot] = None
+        self._idle([slot])
+
+    def _idle(self, slots: list[int]) -> None:
+        rows = torch.tensor(slots, device=self.device)
+        self.state.n[rows] = self.junk
+        self.temperature[rows] = 0.0
+
+    def admit(self, slot: int, prompt: Sequence[int], config: GenerationConfig | None = None) -> SlotOutput:
+        """Start a request in a free slot: prefill its prompt and choose its first token."""
+        return self.admit_many([(slot, prompt, config or GenerationConfig())])[0]
+
+    @torch.inference_mode()
+    def admit_many(self, requests: Sequence[tuple[int, Sequence[int], GenerationConfig]]) -> list[SlotOutput]:
+        """Admit several requests at once; their prompts are prefilled in groups of similar length.
+        Everything is checked before anything changes: a bad request raises and admits none."""
+        new: list[tuple[int, _Slot]] = []
+        taken = set()
+        for slot, prompt, cfg in requests:
+            self._check_slot(slot)
+            if self._slots[slot] is not None or slot in taken:
+                raise RecycleError(f"slot {slot} is busy; release it first (free slots: {self.free_slots()})")
+            taken.add(slot)
+            new.append((slot, self._new_request(slot, prompt, cfg)))
+        if self.compile:
+            for _, s in new:
+                self._warm(s)
+        for slot, s in new:
+            self._slots[slot] = s
+        started = [(slot, s) for slot, s in new if s.budget > 0]
+        outputs = {slot: SlotOutput([], "length") for slot, s in new if s.budget == 0}
+        for _, s in new:
+            if s.budget == 0:
+                s.finish = "length"
+        if started:
+            outputs.update(self._prefill(started))
+        done = [slot for slot, s in new if s.finish is not None]
+        if done:
+            self._idle(done)
+        return [outputs[slot] for slot, _ in new]
+
+    def _new_request(self, slot: int, prompt: Sequence[int], cfg: GenerationConfig) -> _Slot:
+        if not isinstance(cfg, GenerationConfig):
+            raise RecycleError(f"request settings must be a GenerationConfig, got {type(cfg).__name__}")
+        cfg.validate()
+        if not isinstance(cfg.max_new_tokens, int):
+            raise RecycleError("max_new_tokens of one request must be one integer")
+        if cfg.uses_module and self.module is None:
+            what = "mode 'recycle'" if cfg.mode == "recycle" else f"drafter {cfg.drafter!r}"
+            raise RecycleError(f"{what} needs a recyclable module (or use drafter='ngram' / mode='ar')")
+        prompt = self.check_prompt(prompt)
+        stopper = StopChecker(cfg.eos_ids, cfg.stop_strings, self.tokenizer, self.stop_fn)
+        budget = min(cfg.max_new_tokens, self.max_seq_len - len(prompt))
+        return _Slot(slot, prompt, cfg, budget, stopper)
+
+    def check_prompt(self, prompt: Sequence[int]) -> list[int]:
+        """The prompt as a list of ids, or a RecycleError saying what is wrong with it."""
+        try:
+            prompt = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise RecycleError("a prompt must be a sequence of token ids") from None
+        if not prompt:
+            raise RecycleError("the prompt is empty; give at least one token")
+        if len(prompt) >= self.max_seq_len:
+            raise RecycleError(f"the prompt has {len(prompt)} tokens; the model's limit is {self.max_seq_len} "
+                               "including at least one new token")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise RecycleError(f"the prompt has token ids outside 0..{self.vocab_size - 1}")
+        return prompt
+
+    def _prefill(self, started: list[tuple[int, _Slot]]) -> dict[int, SlotOutput]:
         t0 = time.perf_counter()
-        if self.compiled and self.host_drafter is not None and self.cfg.mode == "verify":
-            self._warm_host_round()
-        event = self._prefill()
+        slots = [slot for slot, _ in started]
+        for slot, s in started:
+            self.temperature[slot] = s.cfg.temperature
+            self.top_k[slot] = s.cfg.top_k
+            self.top_p[slot] = s.cfg.top_p
+        module = self.module if any(s.uses_module for _, s in started) else None
+        first, g, passes = prefill(self.model, module, [s.prompt for _, s in started], slots, self._choose_first)
+        rows = torch.tensor(slots, device=self.device)
+        self.state.pending[rows] = first
+        self.state.n[rows] = torch.tensor([len(s.prompt) for _, s in started], device=self.device)
+        if g is not None:
+            self.state.g[rows] = g.to(self.dtype)
+            self.state.mlogits[rows] = self.model.lm_head(g).to(self.dtype)
+        self.stats.prefill_passes += passes
+        out = {slot: self._emit(slot, s, [t]) for (slot, s), t in zip(started, first.tolist(), strict=True)}
         self.stats.prefill_s += time.perf_counter() - t0
-        return event
+        return out
 
-    def step(self) -> StepEvent:
-        """One decoding step (exactly one full-model pass over the batch)."""
-        if self.done:
-            raise RuntimeError("all rows are finished")
+    def _choose_first(self, slots: list[int], logits: Tensor) -> Tensor:
+        reqs = [self._slots[b] for b in slots]
+        noise = torch.ones_like(logits, dtype=torch.float32)
+        for j, s in enumerate(reqs):
+            if s.sampled:
+                noise[j].exponential_(generator=s.generator)
+        rows = torch.tensor(slots, device=self.device)
+        tok, _ = pick(logits, any(s.sampled for s in reqs), self.temperature[rows], self.top_k[rows],
+                      self.top_p[rows], noise)
+        return tok
+
+    # ------------------------------------------------------------------ rounds
+    def _round_fn(self, shape: RoundShape):
+        if self.compile:
+            return compiled.compiled_round(self.model, self.module, shape, self.slots)
+        return functools.partial(decode_round, self.model, self.module, shape)
+
+    def _buffers(self, width: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Noise buffers of a round width, refilled per row from each request's own generator."""
+        bufs = self._noise.get(width)
+        if bufs is None:
+            B, V, dev = self.slots, self.vocab_size, self.device
+            with torch.inference_mode():
+                bufs = self._noise[width] = (torch.ones(B, width, V, device=dev), torch.zeros(B, width, device=dev),
+                                             torch.ones(B, V, device=dev))
+        return bufs
+
+    def _inputs(self, width: int, plans: dict[int, _Plan]) -> RoundInputs:
+        B, dev = self.slots, self.device
+        lens, force, host = [0] * B, [False] * B, [False] * B
+        drafts = [[0] * width for _ in range(B)]
+        for b, p in plans.items():
+            lens[b], force[b] = p.lens, p.force
+            if p.host is not None:
+                host[b] = True
+                drafts[b][:len(p.host)] = p.host
+        draft_noise, accept_noise, next_noise = self._buffers(width)
+        for b, p in plans.items():
+            s = self._slots[b]
+            if s.sampled:  # the row's draws depend on its own plan only, never on the batch
+                if p.lens and p.host is None:
+                    draft_noise[b, :p.lens].exponential_(generator=s.generator)
+                if p.lens:
+                    accept_noise[b, :p.lens].uniform_(generator=s.generator)
+                next_noise[b].exponential_(generator=s.generator)
+        return RoundInputs(torch.tensor(lens, device=dev), torch.tensor(force, device=dev),
+                           torch.tensor(host, device=dev), torch.tensor(drafts, dtype=torch.long, device=dev),
+                           self.temperature, self.top_k, self.top_p, draft_noise, accept_noise, next_noise)
+
+    def _shape(self, plans: dict[int, _Plan]) -> RoundShape:
+        reqs = [self._slots[b] for b in plans]
+        return RoundShape(width=max(p.width for p in plans.values()), chain=max(p.chain for p in plans.values()),
+                          module=any(s.uses_module for s in reqs), sampled=any(s.sampled for s in reqs))
+
+    @torch.inference_mode()
+    def step(self) -> list[SlotOutput | None]:
+        """One round: exactly one full-model pass over all slots. Returns, per slot, what it produced
+        (None for slots not decoding)."""
+        active = self.decoding()
+        if not active:
+            raise RecycleError("no request is decoding: admit one first")
         t0 = time.perf_counter()
-        self._step += 1
-        mode = self.cfg.mode
-        if mode == "ar":
-            event = self._step_ar()
-        elif mode == "recycle":
-            event = self._step_recycle()
-        else:
-            event = self._step_verify()
-        self.stats.decode_s += time.perf_counter() - t0
-        return event
-
-    # ---------------------------------------------------------------- steps
-    def _arange(self, n: int) -> Tensor:
-        a = self._aranges.get(n)
-        if a is None:
-            a = self._aranges[n] = torch.arange(n, device=self.device)
-        return a
-
-    @torch.inference_mode()
-    def _prefill(self) -> StepEvent:
-        prompts = [r.prompt for r in self.rows]
-        logits, h = steps.prefill(self.model, self.module if self.use_module else None, prompts, self.device)
-        self.stats.prefill_passes += 1
-        tok, _ = self.picker.pick(logits)
-        self.pending = tok
-        self.n = torch.tensor([len(p) for p in prompts], device=self.device)
-        if self.use_module:
-            # the module's entry at n-1 reads (h_{n-1}, x_n): the first catch-up
-            self.cu: steps.CatchUp = (tok[:, None], h[:, None], (self.n - 1)[:, None], None)
-            if self.compiled:  # compiled rounds carry the catch-up's result (same shapes every round)
-                self.mlogits, self.g = steps.module_catch_up(self.model, self.module, self.cu, self.rows_t)
-                self.stats.module_passes += 1
-        return self._emit([[t] for t in tok.tolist()], passes=False)
-
-    def _compiled_round(self, kind: str, k: int | None = None, eager: bool = False):
-        key = (kind, k, eager, len(self.rows))
-        fn = self._rounds.get(key)
-        if fn is None:
-            make = compiled.eager_round if eager else compiled.compiled_round
-            module = self.module if self.use_module else None  # e.g. `ngram` has no module caches
-            args = (kind, self.model, module, k, self._sampling) if eager else (
-                kind, self.model, module, len(self.rows), k, self._sampling)
-            fn = self._rounds[key] = make(*args)
-        return fn
-
-    def _expo(self, *shape: int, slot: str = "e") -> Tensor:
-        return self._noise.expo((len(self.rows), *shape, self.vocab_size), self.device, slot)
-
-    @torch.inference_mode()
-    def _step_ar(self) -> StepEvent:
-        if self.compiled:
-            noise = () if self._sampling is None else (self._expo(),)
-            tok, self.n = self._compiled_round("ar")(self.pending, self.n, *noise)
-        else:
-            logits, _ = steps.decode_one(self.model, self.pending[:, None], self.n[:, None])
-            tok, _ = self.picker.pick(logits)
-            self.n.add_(1)
-        self.stats.full_passes += 1
-        self.pending = tok
-        self._freeze()
-        return self._emit([[t] for t in tok.tolist()])
-
-    @torch.inference_mode()
-    def _step_recycle(self) -> StepEvent:
-        if self.compiled:
-            noise = () if self._sampling is None else (self._expo(2),)
-            out, self.pending, self.n, self.mlogits = self._compiled_round("recycle")(
-                self.pending, self.n, self.mlogits, *noise)
-        else:
-            out, self.pending, self.cu = steps.recycle_round(
-                self.model, self.module, self.pending, self.n, self.cu, self.picker, self.rows_t, self._arange(2))
-            self.n.add_(2)
-        self.stats.full_passes += 1
-        self.stats.module_passes += 1
-        self._freeze()
-        return self._emit(out.tolist())
-
-    def _fits(self, active: list[int]) -> int:
-        """Most drafts that fit this round: positions n..n+k must exist (< max_seq_len) for every row."""
-        return self.max_seq_len - 1 - max(len(self.rows[b].ctx) - 1 for b in active)
-
-    def _draft_cap(self, active: list[int]) -> int:
-        """Most drafts any row can use this round: they must fit, and more than remaining-1 drafts can
-        never all be kept."""
-        remaining = max(self.rows[b].budget - self.rows[b].produced for b in active)
-        return max(1, min(self._fits(active), remaining - 1))
-
-    @torch.inference_mode()
-    def _warm_host_round(self) -> None:
-        """Compile the host-draft graph now, not at the first n-gram match in the middle of a run. It
-        runs on dummy inputs at positions 0..K before the prefill, which then overwrites those cache
-        entries (later positions are masked until decoding writes them). Once compiled, nothing runs."""
-        K = self.ngram_k
-        if K + 1 > self.max_seq_len:
-            return
-        fn = self._compiled_round("verify_host", K)
-        if not getattr(fn, "first", True):
-            return
-        B, dev = len(self.rows), self.device
-        zeros = torch.zeros(B, dtype=torch.long, device=dev)
-        # Constant noise of the right shapes: the run's random stream must not depend on whether this ran.
-        noise = () if self._sampling is None else (torch.full((B, K), 0.5, device=dev),
-                                                   torch.ones(B, self.vocab_size, device=dev))
-        fn(zeros, zeros.clone(), zeros.new_zeros(B, K), zeros.clone(), *noise)
-
-    def _verify_compiled_host(self, active: list[int], k: int) -> StepEvent | None:
-        """A compiled round on the host drafter's proposals, padded to K = ngram_k (one graph), when every
-        active row takes them (the hybrid: when each prefers them to the module's chain). None: the
-        round goes to the module's graph instead (or, without a module, to the compiled `ar` step when
-        no row has a proposal)."""
-        K = self.ngram_k
-        fits = self._fits(active)
-        eager = K > fits  # near max_seq_len: fewer drafts, the same round run eagerly
-        K = max(1, min(K, fits))
-        props, use_mod = self._host_proposals(active, k, K)
-        if any(use_mod):
-            return None
-        if not self.use_module and not any(props):
-            return self._step_ar()
-        B = len(self.rows)
-        drafts = torch.tensor([p + [0] * (K - len(p)) for p in props], dtype=torch.long, device=self.device)
-        lens = torch.tensor([len(p) for p in props], dtype=torch.long, device=self.device)
-        noise = () if self._sampling is None else (self._noise.uniform((B, K), self.device), self._expo(slot="e2"))
-        vals, self.pending, self.n, mlogits, g = self._compiled_round("verify_host", K, eager)(
-            self.pending, self.n, drafts, lens, *noise)
-        if self.use_module:
-            self.mlogits, self.g = mlogits, g
-            self.stats.module_passes += 1
-        self.stats.k_used.append(max(map(len, props)))
-        self.stats.full_passes += 1
-        return self._finish_verify(vals.tolist(), [len(p) for p in props], ["host"] * B)
-
-    def _verify_compiled(self, active: list[int], k: int) -> tuple[list[list[int]], int]:
-        """One compiled verify round (k = the configured or adaptive k; never capped by the budget, which
-        would compile another graph: tokens past a row's budget are dropped by `_emit`). Near
-        max_seq_len, where k drafts do not fit, the same round runs eagerly with fewer drafts."""
-        fits = self._fits(active)
-        eager = k > fits
-        k = max(1, min(k, fits))
-        noise = () if self._sampling is None else (
-            self._expo(k), self._noise.uniform((len(self.rows), k), self.device), self._expo(slot="e2"))
-        vals, self.pending, self.n, self.mlogits, self.g = self._compiled_round("verify", k, eager)(
-            self.pending, self.n, self.mlogits, self.g, *noise)
-        return vals.tolist(), k
-
-    @torch.inference_mode()
-    def _step_verify(self) -> StepEvent:
-        active = [b for b, r in enumerate(self.rows) if r.finish is None]
-        if self.compiled:
-            k = self.adaptive.next_k() if self.adaptive is not None else self.cfg.k
-            if self.host_drafter is not None:
-                event = self._verify_compiled_host(active, k)
-                if event is not None:
-                    return event
-            vals, k = self._verify_compiled(active, k)
-            self.stats.k_used.append(k)
-            self.stats.module_passes += k
-            self.stats.full_passes += 1
-            return self._finish_verify(vals, [k] * len(self.rows), ["module"] * len(self.rows))
-        cap = self._draft_cap(active)
-        k = min(self.adaptive.next_k() if self.adaptive is not None else self.cfg.k, cap)
-        self.stats.k_used.append(k)
-        if self.host_drafter is None:
-            out, accepted, self.pending, self.cu = steps.verify_round_module(
-                self.model, self.module, self.pending, self.n, self.cu, k, self.picker, self.rows_t,
-                self._arange(k + 1))
-            self.stats.module_passes += k
-            proposed = [k] * len(self.rows)
-            kinds = ["module"] * len(self.rows)
-        else:
-            out, accepted, proposed, kinds = self._verify_with_host_drafts(active, k, cap)
-        self.stats.full_passes += 1
-        vals = torch.cat([accepted[:, None], out], 1).tolist()
-        self.n.add_(accepted + 1)
-        return self._finish_verify(vals, proposed, kinds)
-
-    def _finish_verify(self, vals: list[list[int]], proposed: list[int], kinds: list[str]) -> StepEvent:
-        """vals[b] = [accepted, tokens...]: counters, trackers and the event of one verify round."""
-        self._freeze()
-        new = []
-        for b, row_vals in enumerate(vals):
-            a = row_vals[0]
-            new.append(row_vals[1:a + 2])
-            if self.rows[b].finish is None:
-                self.stats.count_acceptance(proposed[b], a)
-                label = kinds[b] if kinds[b] == "module" else self.host_label
-                self.stats.drafter_rounds[label] = self.stats.drafter_rounds.get(label, 0) + 1
-                self.trackers[kinds[b]].update(proposed[b], a)
-        return self._emit(new)
-
-    def _host_proposals(self, active: list[int], k: int, k_host: int) -> tuple[list[list[int]], list[bool]]:
-        """Per row: the host drafter's proposal (at most k_host tokens) and, for the hybrid, whether the
-        module's chain of k promises more accepted tokens than it (finished rows: [], False)."""
-        B = len(self.rows)
-        props: list[list[int]] = [[] for _ in range(B)]
+        plans = {b: self._slots[b].plan(b) for b in active}
+        shape = self._shape(plans)
+        vals, self.state = self._round_fn(shape)(self.state, self._inputs(shape.width, plans))
+        rows = vals.tolist()  # the round's one host sync
+        self.stats.steps += 1
+        self.stats.module_passes += shape.module_passes
+        outputs: list[SlotOutput | None] = [None] * self.slots
         for b in active:
-            props[b] = self.host_drafter.propose(b, self.rows[b].ctx, k_host)[:k_host]
-        use_mod = [False] * B
-        if self.hybrid:
-            for b in active:
-                use_mod[b] = not prefer_ngram(self.trackers["module"], k, self.trackers["host"], len(props[b]))
-        return props, use_mod
+            s, p = self._slots[b], plans[b]
+            a = rows[b][0]
+            s.stats.rounds += 1
+            if s.cfg.mode == "verify":
+                label = "module" if p.host is None else s.drafter_label
+                label = "ngram" if label == "hybrid" else label
+                s.stats.drafter_rounds[label] = s.stats.drafter_rounds.get(label, 0) + 1
+                s.stats.k_used.append(p.width)
+                if p.lens:
+                    s.stats.count_acceptance(p.lens, a)
+                    s.trackers["module" if p.host is None else "host"].update(p.lens, a)
+            outputs[b] = self._emit(b, s, rows[b][1:a + 2])
+        done = [b for b in active if self._slots[b].finish is not None]
+        if done:
+            self._idle(done)
+        self.stats.decode_s += time.perf_counter() - t0
+        return outputs
 
-    def _verify_with_host_drafts(self, active: list[int], k: int, cap: int
-                                 ) -> tuple[Tensor, Tensor, list[int], list[str]]:
-        """Verify round whose drafts come (for some or all rows) from the host drafter."""
-        B, dev = len(self.rows), self.device
-        props, use_mod = self._host_proposals(active, k, min(self.ngram_k, cap) if self.hybrid else k)
-        any_mod = any(use_mod)
-        if self.use_module:  # keep the module's cache true every round, draft only if someone uses it
-            logits1, g = steps.module_catch_up(self.model, self.module, self.cu, self.rows_t, head=any_mod)
-            self.stats.module_passes += 1
-        lens = [k if use_mod[b] else len(props[b]) for b in range(B)]
-        K = max(lens)
-        host_rows = [[0] * K if use_mod[b] else p + [0] * (K - len(p)) for b, p in enumerate(props)]
-        drafts = torch.tensor(host_rows, dtype=torch.long, device=dev).view(B, K)
-        q = None
-        if not self.picker.greedy:
-            q = torch.nn.functional.one_hot(drafts, self.vocab_size).float()
-        pos = self.n[:, None] + self._arange(K + 1)
-        if any_mod:
-            mdrafts, mq = steps.draft_chain(self.model, self.module, logits1, g, pos, k, self.picker)
-            self.stats.module_passes += k - 1
-            sel = torch.tensor(use_mod, device=dev)
-            pad = K - k
-            if pad:
-                mdrafts = torch.cat([mdrafts, mdrafts.new_zeros(B, pad)], 1)
-            drafts = torch.where(sel[:, None], mdrafts, drafts)
-            if q is not None:
-                if pad:
-                    mq = torch.cat([mq, mq.new_zeros(B, pad, self.vocab_size)], 1)
-                q = torch.where(sel[:, None, None], mq, q)
-        draft_len = None if min(lens) == K else torch.tensor(lens, device=dev)
-        logits, h = steps.verify_pass(self.model, self.pending, drafts, pos)
-        accepted, nxt = steps.accept(self.picker, logits, drafts, q, draft_len)
-        out = steps.commit(drafts, accepted, nxt, self._arange(K + 1))
-        self.pending = nxt
-        if self.use_module:
-            self.cu = (out, h, pos, accepted)
-        kinds = ["module" if use_mod[b] else "host" for b in range(B)]
-        return out, accepted, lens, kinds
+    def _emit(self, slot: int, s: _Slot, toks: list[int]) -> SlotOutput:
+        """Apply the budget and stops to a slot's proposed new tokens."""
+        toks = toks[:s.budget - s.stats.produced]
+        start = len(s.generated)
+        s.generated.extend(toks)
+        keep, reason = s.stopper.scan(slot, s.generated, start)
+        s.stats.produced += keep - start + (reason == "eos")
+        del s.generated[keep:]
+        emitted = s.generated[start:]
+        s.ctx.extend(emitted)
+        if reason is None and s.stats.produced >= s.budget:
+            reason = "length"
+        s.finish = reason
+        return SlotOutput(emitted, reason)
 
-    # ---------------------------------------------------------------- bookkeeping
-    def _freeze(self) -> None:
-        if self._frozen is not None:
-            self.n.mul_(self._frozen)
+    # ------------------------------------------------------------------ compiling
+    def shapes_for(self, cfg: GenerationConfig) -> list[RoundShape]:
+        """The round shapes a request decoding alone uses (adaptive k: its start value only)."""
+        sampled, uses = cfg.temperature > 0, cfg.uses_module
+        if cfg.mode == "ar":
+            return [RoundShape(0, 0, False, sampled)]
+        if cfg.mode == "recycle":
+            return [RoundShape(1, 1, True, sampled)]
+        host_k = cfg.ngram_k or cfg.k
+        if cfg.drafter == "module":
+            return [RoundShape(cfg.k, cfg.k, True, sampled)]
+        if cfg.drafter == "hybrid":
+            return [RoundShape(cfg.k, cfg.k, True, sampled), RoundShape(max(host_k, cfg.k), cfg.k, True, sampled)]
+        return [RoundShape(0, 0, uses, sampled), RoundShape(host_k, 0, uses, sampled)]
 
-    def _emit(self, new: list[list[int]], passes: bool = True) -> StepEvent:
-        """Apply budgets and stops to each row's proposed new tokens; build the step's event."""
-        out: list[list[int]] = []
-        finished_now = False
-        for b, (row, toks) in enumerate(zip(self.rows, new, strict=True)):
-            if row.finish is not None:
-                out.append([])
-                continue
-            if passes:
-                self.stats.row_passes[b] += 1
-            toks = toks[:row.budget - row.produced]
-            start = len(row.generated)
-            row.generated.extend(toks)
-            keep, reason = self.stopper.scan(b, row.generated, start)
-            produced = keep - start + (reason == "eos")
-            del row.generated[keep:]
-            emitted = row.generated[start:]
-            row.ctx.extend(emitted)
-            row.produced += produced
-            self.stats.new_tokens[b] += produced
-            if reason is None and row.produced >= row.budget:
-                reason = "length"
-            if reason is not None:
-                row.finish = reason
-                finished_now = True
-            out.append(emitted)
-        if finished_now:
-            running = [r.finish is None for r in self.rows]
-            self._frozen = torch.tensor(running, dtype=torch.long, device=self.device)
-            self._freeze()
-        return StepEvent(self._step, out, [r.finish for r in self.rows], self.done)
+    def _warm(self, s: _Slot) -> None:
+        for shape in self.shapes_for(s.cfg):
+            self.warm_up(shape)
 
-    def result(self) -> GenerationResult:
-        tokens = [list(r.generated) for r in self.rows]
-        texts = None
-        if self.tokenizer is not None:
-            texts = [trim_at_stop(self.tokenizer.decode(t), self.cfg.stop_strings) for t in tokens]
-        return GenerationResult(tokens, [r.finish for r in self.rows], self.stats, texts)
+    @torch.inference_mode()
+    def warm_up(self, shape: RoundShape) -> float:
+        """Compile the graph of `shape` now (no-op when eager or already compiled); returns the seconds.
+        It runs with every slot idle: only the junk position is written, so running slots are unharmed."""
+        if not self.compile:
+            return 0.0
+        fn = self._round_fn(shape)
+        if not fn.first:
+            return 0.0
+        t0 = time.perf_counter()
+        idle = self.state._replace(n=torch.full_like(self.state.n, self.junk))
+        fn(idle, self._inputs(shape.width, {}))  # no plans: no drafts, nothing drawn
+        return time.perf_counter() - t0
 
 
-class Generation:
-    """Iterator of StepEvents (prefill first); `result()` finishes the run and returns the outcome."""
-
-    def __init__(self, decoder: Decoder, prompts: Sequence[Sequence[int]]):
-        self.decoder = decoder
-        self._prompts = prompts
-        self._started = False
-
-    @property
-    def stats(self) -> DecodeStats:
-        return self.decoder.stats
-
-    def __iter__(self) -> Iterator[StepEvent]:
-        return self
-
-    def __next__(self) -> StepEvent:
-        if not self._started:
-            self._started = True
-            return self.decoder.start(self._prompts)
-        if self.decoder.done:
-            raise StopIteration
-        return self.decoder.step()
-
-    def result(self) -> GenerationResult:
-        for _ in self:
-            pass
-        return self.decoder.result()
+def seed_for_row(seed: int | None, row: int) -> int | None:
+    """The seed of row `row` of a batch whose config has `seed`: rows draw independent streams."""
+    return None if seed is None else (seed * 0x9E3779B97F4A7C15 + row) % (1 << 63)
 
 
-def stream(model: FullModel, module: RecyclableModule | None, prompts: Sequence[Sequence[int]],
-           config: GenerationConfig | None = None, tokenizer: Decodes | None = None,
-           stop_fn: StopFn | None = None) -> Generation:
-    """Decode step by step: iterate for StepEvents; `.result()` gives the GenerationResult."""
-    return Generation(Decoder(model, module, config or GenerationConfig(), tokenizer, stop_fn), prompts)
-
-
-def generate(model: FullModel, module: RecyclableModule | None, prompts: Sequence[Sequence[int]],
-             config: GenerationConfig | None = None, tokenizer: Decodes | None = None,
-             stop_fn: StopFn | None = None) -> GenerationResult:
-    """Decode every prompt to completion (see the package docstring)."""
-    return stream(model, module, prompts, config, tokenizer, stop_fn).result()
+def row_configs(config: GenerationConfig, batch: int) -> list[GenerationConfig]:
+    """One request config per row of a batch: its own token budget and seed."""
+    budgets = config.row_budgets(batch)
+    return [replace(config, max_new_tokens=b, seed=seed_for_row(config.seed, i)) for i, b in enumerate(budgets)]

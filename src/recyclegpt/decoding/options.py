@@ -22,7 +22,8 @@ class GenerationConfig:
       stops when prompt + new tokens reach the model's max_seq_len.
     k: drafts per verify round (the start value when adaptive_k).
     temperature / top_k / top_p: 0 = greedy; top_k 0 and top_p 1 switch those filters off.
-    seed: seeds the torch.Generator every sampled token draws from (None: nondeterministic).
+    seed: seeds the request's own random stream (None: fresh randomness every call). In a batch,
+      row b draws from a stream seeded by (seed, b), so a row's text does not depend on the others.
     eos_id: token id(s) that end a row (not included in the output tokens).
     stop_strings: end a row after the token that completes any of them (needs a tokenizer).
     drafter: `module` (chained module drafts), `ngram` (prompt lookup), `hybrid` (per row and
@@ -30,20 +31,12 @@ class GenerationConfig:
     adaptive_k: move k within [1, k_max] from recent acceptance.
     ngram_k: most n-gram drafts per round (None: k). ngram_max_n / ngram_min_n: match lengths
       tried, longest first (None: 1 for `ngram`, 2 for `hybrid`).
-    compile: run each decoding step as one torch.compile'd graph (`decoding.compiled`): the `ar` step,
-      the `recycle` round, and the `verify` round with the module drafter (one graph per k; static
-      shapes, acceptance inside, one host sync per step). Greedy and sampling. Graphs are cached per
-      model, batch, k, dtype, sampling setting and thread count for the process; the first use of
-      each compiles (30-90 s per graph on a 2-core CPU, somewhat less in a later process thanks to
-      inductor's on-disk kernel cache; `decoding.compiled.COMPILE_STATS` has the seconds), so it
-      pays off on long or repeated runs, not on one short call.
-      With adaptive_k every k visited compiles its own graph; k is not lowered near a row's budget (a
-      smaller k would compile another graph), and rounds for which k drafts no longer fit below
-      max_seq_len run the same round eagerly. Host drafters (ngram, hybrid, your own) propose on
-      the host and their drafts, padded to ngram_k, are verified by one more graph (`verify_host`,
-      module catch-up inside); the hybrid runs the module's graph in rounds where any row prefers
-      the module's chain.
-      Sampled output has the same distribution as eager sampling but another random stream.
+    compile: run each decoding round as one torch.compile'd graph (`decoding.compiled`): static shapes,
+      acceptance inside, one host sync per round. A graph is compiled per round shape (width k,
+      module chain, greedy or sampled) and batch size, on first use, once per process (tens of
+      seconds each on a small CPU; `decoding.compiled.COMPILE_STATS` has the seconds): it pays off on
+      long or repeated runs, not on one short call. Greedy output is identical to `ar` run the same
+      way; a request with a seed samples the same tokens eagerly and compiled.
     """
 
     mode: str = "verify"
@@ -52,7 +45,7 @@ class GenerationConfig:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int | None = 0
+    seed: int | None = None
     eos_id: int | Sequence[int] | None = None
     stop_strings: Sequence[str] = field(default_factory=tuple)
     drafter: str | HostDrafter = "module"

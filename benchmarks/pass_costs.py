@@ -1,6 +1,6 @@
 """Sanity benchmark of the decoding ladder (not a test): random weights, batch 1, eager.
 
-    python -m recyclegpt.decoding.bench_sanity [--preset small] [--dtype bf16] [--threads 2]
+    python benchmarks/pass_costs.py [--preset small] [--dtype bf16] [--threads 2]
 
 Random weights draft badly (verify's tau stays near 1), so besides end-to-end tokens/s it reports
 what decides the speedup: ms per full pass over 1/2/3/4 tokens, ms per module pass, ms per
@@ -17,9 +17,8 @@ import time
 
 import torch
 
-from .engine import Decoder, generate
-from .options import GenerationConfig
-from .testing import random_models
+from recyclegpt.decoding import Engine, GenerationConfig, generate
+from recyclegpt.decoding.testing import random_models
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -80,17 +79,17 @@ def pass_costs(model, module, prompt_len: int, reps: int) -> dict[str, float]:
 
 
 def step_costs(model, module, prompt_len: int, reps: int) -> dict[str, float]:
-    """Minimum ms of one Decoder.step() per mode (a full round, host sync and bookkeeping included)."""
+    """Minimum ms of one Engine.step() per mode (a full round, host sync and bookkeeping included)."""
     prompt = list(range(1, prompt_len + 1))
     runs = {"ar step": dict(mode="ar"), "recycle round": dict(mode="recycle"),
             "verify k=2 round": dict(mode="verify", k=2), "verify k=3 round": dict(mode="verify", k=3)}
     best = {k: float("inf") for k in runs}
     for _ in range(reps):
         for name, kw in runs.items():
-            dec = Decoder(model, module, GenerationConfig(max_new_tokens=40, **kw))
-            dec.start([prompt])
+            engine = Engine(model, module, 1)
+            engine.admit(0, prompt, GenerationConfig(max_new_tokens=40, **kw))
             for _ in range(8):
-                best[name] = min(best[name], _min_ms(dec.step, 1))
+                best[name] = min(best[name], _min_ms(engine.step, 1))
     return best
 
 
