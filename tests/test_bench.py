@@ -52,7 +52,8 @@ def bench_run(ckpt, prompt_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     rc = cli.main(["bench", str(ckpt), "--prompts", str(prompt_file), "--max-new-tokens", "10", "--repeats", "1",
                    "--dtype", "float32", "--device", "cpu", "--no-progress", "--hf-cache", "dynamic",
-                   "--compile", "none", "--json", str(out / "b.json"), "--plot", str(out / "b.png")])
+                   "--compile", "none", "--k", "1", "2", "3", "4", "--adaptive", "--hybrid",
+                   "--json", str(out / "b.json"), "--plot", str(out / "b.png")])
     assert rc == 0
     return json.loads((out / "b.json").read_text()), out / "b.png"
 

@@ -96,10 +96,10 @@ def test_uncroppable_cache_is_rebuilt_exactly(gpt2, monkeypatch):
 
     m.setup_caches(1)
     m(x[:, :7], torch.arange(7)[None])
-    monkeypatch.setattr(type(m._rows[0].cache), "crop", refuse)
+    monkeypatch.setattr(type(m.caches.rows[0].cache), "crop", refuse)
     _, h = m(x[:, 5:12], torch.arange(5, 12)[None])
     torch.testing.assert_close(h, ref[:, 5:], atol=1e-5, rtol=0)
-    assert m._rows[0].rebuilds == 1
+    assert m.caches.rows[0].rebuilds == 1
     monkeypatch.undo()
     m.cache_mode = "recompute"
     try:

@@ -82,8 +82,8 @@ def inductor_options(batch: int) -> dict:
 
 def stable_caches(net: torch.nn.Module, batch: int, dtype: torch.dtype) -> None:
     """Install net's KV caches for (batch, dtype), made once and kept: compiled graphs hold the cache
-    tensors they were traced with (frozen graphs treat module tensors as fixed), so compiled decoding
-    must find the very same tensors every time, even after another batch size used the model."""
+    tensors they were traced with (frozen graphs treat module tensors as fixed), so decoding must find
+    the very same tensors every time, even after another batch size used the model."""
     sets = net.__dict__.setdefault("_recyclegpt_cache_sets", {})
     caches = sets.get((batch, dtype))
     if caches is None:

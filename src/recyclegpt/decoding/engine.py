@@ -151,13 +151,6 @@ class _Slot:
         return _Plan(len(props), self.ngram_k if props else 0, host=props)
 
 
-def _ensure_caches(net: torch.nn.Module, batch: int, dtype: torch.dtype) -> None:
-    caches = net.caches
-    if len(caches) and caches[0].k_cache.shape[0] == batch and caches[0].k_cache.dtype == dtype:
-        return
-    net.setup_caches(batch, dtype)
-
-
 class Engine:
     """B decoding slots over one full model (and its recyclable module); see the module docstring.
 
@@ -166,9 +159,14 @@ class Engine:
     """
 
     def __init__(self, model: FullModel, module: RecyclableModule | None, slots: int, compile: bool = False,
-                 tokenizer: Decodes | None = None, stop_fn: StopFn | None = None):
+                 tokenizer: Decodes | None = None, stop_fn: StopFn | None = None, width: int | None = None):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise RecycleError(f"slots must be an integer >= 1, got {slots!r}")
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+            raise RecycleError(f"width must be an integer >= 1 or None, got {width!r}")
+        # width None: a round is as wide as its widest request needs (a graph per width seen);
+        # an int: every drafting round has this width, so a fixed set of graphs serves any mix of requests.
+        self.width = width
         if module is not None and module.fc.in_features != 2 * model.cfg.dim:
             raise RecycleError("the recyclable module does not match the full model's width")
         self.model, self.module, self.slots, self.compile = model, module, slots, compile
@@ -177,11 +175,15 @@ class Engine:
         self.device, self.dtype = weight.device, weight.dtype
         self.max_seq_len, self.vocab_size = model.cfg.max_seq_len, model.cfg.vocab_size
         self.junk = self.max_seq_len - 1  # the position idle slots and padding write to (`rounds`)
-        ensure = compiled.stable_caches if compile else _ensure_caches
+        # The engine's KV caches: one set per (batch, dtype) and model, kept (compiled graphs hold the tensors
+        # they were traced with) and installed again before every use, so another engine or `generate` of
+        # another batch size in between leaves this one's intact (two live engines of one batch size on one
+        # model would share a set: don't).
+        self._nets = [net for net in (model, module) if net is not None]
         with torch.no_grad():
-            ensure(model, slots, self.dtype)
-            if module is not None:
-                ensure(module, slots, self.dtype)
+            for net in self._nets:
+                compiled.stable_caches(net, slots, self.dtype)
+        self._caches = [net.caches for net in self._nets]
         B, V, dev = slots, self.vocab_size, self.device
         width = model.cfg.dim if module is not None else 0
         with torch.inference_mode():  # like every tensor a round makes: graphs then see one kind of input
@@ -237,6 +239,7 @@ class Engine:
     def admit_many(self, requests: Sequence[tuple[int, Sequence[int], GenerationConfig]]) -> list[SlotOutput]:
         """Admit several requests at once; their prompts are prefilled in groups of similar length.
         Everything is checked before anything changes: a bad request raises and admits none."""
+        self._install_caches()
         new: list[tuple[int, _Slot]] = []
         taken = set()
         for slot, prompt, cfg in requests:
@@ -272,6 +275,11 @@ class Engine:
             what = "mode 'recycle'" if cfg.mode == "recycle" else f"drafter {cfg.drafter!r}"
             raise RecycleError(f"{what} needs a recyclable module (or use drafter='ngram' / mode='ar')")
         prompt = self.check_prompt(prompt)
+        if self.width is not None and cfg.mode != "ar":
+            need = 1 if cfg.mode == "recycle" else max(cfg.k_max if cfg.adaptive_k else cfg.k, cfg.ngram_k or 0)
+            if need > self.width:
+                raise RecycleError(f"the request drafts up to {need} tokens (k / k_max / ngram_k); this engine's "
+                                   f"rounds hold {self.width}: lower k or make the engine wider")
         stopper = StopChecker(cfg.eos_ids, cfg.stop_strings, self.tokenizer, self.stop_fn)
         budget = min(cfg.max_new_tokens, self.max_seq_len - len(prompt))
         return _Slot(slot, prompt, cfg, budget, stopper)
@@ -323,6 +331,11 @@ class Engine:
         return tok
 
     # ------------------------------------------------------------------ rounds
+    def _install_caches(self) -> None:
+        for net, caches in zip(self._nets, self._caches, strict=True):
+            if net.caches is not caches:
+                net.caches = caches
+
     def _round_fn(self, shape: RoundShape):
         if self.compile:
             return compiled.compiled_round(self.model, self.module, shape, self.slots)
@@ -362,8 +375,10 @@ class Engine:
 
     def _shape(self, plans: dict[int, _Plan]) -> RoundShape:
         reqs = [self._slots[b] for b in plans]
-        return RoundShape(width=max(p.width for p in plans.values()), chain=max(p.chain for p in plans.values()),
-                          module=any(s.uses_module for s in reqs), sampled=any(s.sampled for s in reqs))
+        width, chain = max(p.width for p in plans.values()), max(p.chain for p in plans.values())
+        if self.width is not None:
+            width, chain = (self.width if width else 0), (self.width if chain else 0)
+        return RoundShape(width, chain, module=any(s.uses_module for s in reqs), sampled=any(s.sampled for s in reqs))
 
     @torch.inference_mode()
     def step(self) -> list[SlotOutput | None]:
@@ -373,6 +388,7 @@ class Engine:
         if not active:
             raise RecycleError("no request is decoding: admit one first")
         t0 = time.perf_counter()
+        self._install_caches()
         plans = {b: self._slots[b].plan(b) for b in active}
         shape = self._shape(plans)
         vals, self.state = self._round_fn(shape)(self.state, self._inputs(shape.width, plans))
@@ -418,6 +434,13 @@ class Engine:
     def shapes_for(self, cfg: GenerationConfig) -> list[RoundShape]:
         """The round shapes a request decoding alone uses (adaptive k: its start value only)."""
         sampled, uses = cfg.temperature > 0, cfg.uses_module
+        if self.width is not None:
+            W = self.width
+            if cfg.mode == "ar":
+                return [RoundShape(0, 0, False, sampled)]
+            if cfg.mode == "recycle" or cfg.drafter in ("module", "hybrid"):
+                return [RoundShape(W, W, True, sampled)]
+            return [RoundShape(0, 0, uses, sampled), RoundShape(W, 0, uses, sampled)]
         if cfg.mode == "ar":
             return [RoundShape(0, 0, False, sampled)]
         if cfg.mode == "recycle":
@@ -439,6 +462,7 @@ class Engine:
         It runs with every slot idle: only the junk position is written, so running slots are unharmed."""
         if not self.compile:
             return 0.0
+        self._install_caches()
         fn = self._round_fn(shape)
         if not fn.first:
             return 0.0

@@ -19,7 +19,9 @@ batch > 1 works (different rows at different positions included) but costs a pas
 is the fast case. A cache that cannot be cropped (e.g. a sliding window that has already dropped
 what is needed) is rebuilt from the row's token history: still exact, only slower. Each call's
 positions must be contiguous per row and start at most at the row's cached length (the engine's
-calls always are); anything else is refused with a RecycleError.
+calls always are); anything else is refused with a RecycleError. The last position of the context,
+max_seq_len - 1, is the decoding engine's junk position (idle slots, padding past the context):
+entries there are not computed, so finished and free slots cost no pass.
 
 Checked once when loading (`probe`): the hidden state really is what the head reads (logits equal
 lm_head(h); Gemma-2 logit soft-capping and Cohere's logit_scale are applied in `lm_head`, any other
@@ -143,8 +145,8 @@ class GenericCausalLM(nn.Module):
         self.register_buffer("rope_cos", cos.to(dev), persistent=False)
         self.register_buffer("rope_sin", sin.to(dev), persistent=False)
         self.register_buffer("key_pos", torch.arange(cfg.max_seq_len, device=dev), persistent=False)
-        self.caches = nn.ModuleList()  # always empty: the engine calls setup_caches at every start
-        self._rows: list[_Row] = []
+        self.caches = nn.ModuleList()  # holds no modules: `caches.rows` are the per-row transformers caches
+        self.caches.rows = []
         self.use_backbone = True  # base_model(...).last_hidden_state; else hidden_states[-1]
         self.cache_mode = "dynamic"  # or "recompute" (no usable cache: rerun the prefix every call)
         self._pos_ok: dict[bool, bool] = {}
@@ -201,8 +203,10 @@ class GenericCausalLM(nn.Module):
         return self
 
     def setup_caches(self, batch: int, dtype: torch.dtype | None = None) -> None:
-        """Fresh per-row caches (transformers keeps them in the model's own dtype)."""
-        self._rows = [_Row() for _ in range(batch)]
+        """Fresh per-row caches (transformers keeps them in the model's own dtype). They live on `caches` as
+        a native model's do, so whoever installs a `caches` object (the decoding engine) installs these."""
+        self.caches = nn.ModuleList()
+        self.caches.rows = [_Row() for _ in range(batch)]
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, logits: bool = True
                 ) -> tuple[Tensor | None, Tensor]:
@@ -210,11 +214,24 @@ class GenericCausalLM(nn.Module):
         if input_pos is None:
             h = self._run(idx, None, None)
         else:
-            if len(self._rows) != idx.shape[0]:
-                raise RecycleError(f"generic backend: caches are set up for batch {len(self._rows)}, "
+            if len(self.caches.rows) != idx.shape[0]:
+                raise RecycleError(f"generic backend: caches are set up for batch {len(self.caches.rows)}, "
                                    f"called with {idx.shape[0]} rows (call setup_caches first)")
-            h = torch.cat([self._row_forward(b, idx[b], input_pos[b]) for b in range(idx.shape[0])], 0)
+            h = torch.cat([self._live_row_forward(b, idx[b], input_pos[b]) for b in range(idx.shape[0])], 0)
         return (self.lm_head(h) if logits else None), h
+
+    def _live_row_forward(self, b: int, idx: Tensor, pos: Tensor) -> Tensor:
+        """Row b of a decoding round: only its positions before max_seq_len - 1 are computed. That last
+        position is the engine's junk position (idle slots and padding past the context go there; no
+        true token is ever processed at it), so an idle row costs nothing and its junk rows are zeros."""
+        live = int((pos < self.cfg.max_seq_len - 1).sum())
+        dim = self.head.weight.shape[1]
+        if live == 0:
+            return self.head.weight.new_zeros(1, idx.shape[0], dim)
+        h = self._row_forward(b, idx[:live], pos[:live])
+        if live < idx.shape[0]:
+            h = torch.cat([h, h.new_zeros(1, idx.shape[0] - live, dim)], 1)
+        return h
 
     def prefill(self, idx: Tensor, rows: Tensor) -> Tensor:
         """Prompts idx [G, T] (right-padded; the next call crops the padding) from position 0 into rows
@@ -271,7 +288,7 @@ class GenericCausalLM(nn.Module):
 
     def _row_forward(self, b: int, idx: Tensor, pos: Tensor) -> Tensor:
         """Row b: tokens idx [T] at contiguous positions pos [T]; returns h [1, T, d]."""
-        row = self._rows[b]
+        row = self.caches.rows[b]
         T = idx.shape[0]
         p0 = int(pos[0])
         if T > 1 and int(pos[-1]) - p0 != T - 1:
@@ -344,7 +361,7 @@ class GenericCausalLM(nn.Module):
             ok = False
         if not ok:
             self.cache_mode = "recompute"
-        self._rows = []
+        self.caches.rows = []
 
 
 # ----------------------------------------------------------------------------------- loading
