@@ -1,5 +1,5 @@
-"""Prefill time: the grouped causal prefill (`decoding.steps.prefill`) against one right-padded pass
-through the static caches (what the engine did before), for a batch of prompts of different lengths.
+"""Prefill time: the grouped causal prefill (`decoding.prefill.prefill`, what admission runs) against one
+right-padded pass through the static caches, for a batch of prompts of different lengths.
 
     python benchmarks/prefill_speed.py                         # shipped checkpoint, 8 code prompts, bf16
     python benchmarks/prefill_speed.py --ckpt CKPT --batch-size 4 --dtype float32
@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+import recyclegpt
 from recyclegpt import RecycleGPT
 from recyclegpt.bench.prompts import load_prompts
-from recyclegpt.decoding import steps
+from recyclegpt.decoding.prefill import prefill, prefill_groups
 
 
 def padded_cached_pass(m: RecycleGPT, prompts: list[list[int]]) -> None:
@@ -34,7 +36,7 @@ def padded_cached_pass(m: RecycleGPT, prompts: list[list[int]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", default="src/recyclegpt/assets/shipped")
+    ap.add_argument("--ckpt", default=str(Path(recyclegpt.__file__).parent / "assets" / "shipped"))
     ap.add_argument("--prompts", default="code")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")
@@ -46,9 +48,10 @@ def main() -> None:
     for net in (m.model, m.module):
         net.setup_caches(len(prompts), m.dtype)
     lanes = {"right-padded pass over the static cache": lambda: padded_cached_pass(m, prompts),
-             "grouped causal prefill (steps.prefill)": lambda: steps.prefill(m.model, m.module, prompts, m.device)}
+             "grouped causal prefill (decoding.prefill)": lambda: prefill(
+                 m.model, m.module, prompts, list(range(len(prompts))), lambda slots, logits: logits.argmax(-1))}
     print(f"{a.ckpt}, {a.dtype}, {torch.get_num_threads()} thread(s), prompt lengths {lens}; groups "
-          f"{[[lens[b] for b in g] for g in steps.prefill_groups(lens)]}")
+          f"{[[lens[b] for b in g] for g in prefill_groups(lens)]}")
     with torch.inference_mode():
         for name, fn in lanes.items():
             fn()

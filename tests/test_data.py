@@ -61,6 +61,14 @@ def test_tokenizer_roundtrip_and_streaming(tmp_path):
     pieces = [dec.push([i]) for i in ids] + [dec.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)  # split multi-byte characters are held back
+    # linear time: a push decodes only the tokens since the last piece (plus that piece as context)
+    calls = []
+    decode = tok.decode
+    tok.decode = lambda ids: calls.append(len(ids)) or decode(ids)
+    dec = StreamDecoder(tok)
+    long_ids = ids * 40
+    assert "".join([dec.push([i]) for i in long_ids] + [dec.flush()]) == text * 40
+    assert max(calls) <= 8  # never the whole output
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(RecycleError, match="cannot read tokenizer"):
         Tokenizer.load(tmp_path / "bad.json")

@@ -112,11 +112,12 @@ def add_decoding_args(p: argparse.ArgumentParser, default_mode: str = "verify") 
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed: the same seed gives the same text (default: fresh randomness every run)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop a row when this text appears (repeatable); nothing after it is returned")
     p.add_argument("--compile", action="store_true",
-                   help="run each decoding step as a torch.compile'd graph (faster per token; the first run "
+                   help="run each decoding round as a torch.compile'd graph (faster per token; the first run "
                    "compiles once per mode/k, a start-up cost; later processes reuse inductor's disk cache)")
 
 

@@ -67,32 +67,35 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Incremental detokenization: yields only text that can no longer change.
+    """Incremental detokenization in time linear in the output: yields only text that can no longer change.
 
-    Byte-level BPE can split a UTF-8 character over tokens; text ending in U+FFFD is held back
-    until the next token completes it.
+    Each push decodes only the tokens since the last yielded piece, plus the piece before it as context
+    (`prefix`..`read`), and yields what the new tokens add. Byte-level BPE can split a UTF-8 character
+    over tokens: while the new text ends in U+FFFD, nothing is yielded until a later token completes it.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0  # characters of decode(ids) already yielded
+        self.prefix = 0  # ids[prefix:read] were yielded already; they are decoded again as context
+        self.read = 0
+
+    def _new_text(self) -> str:
+        seen = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        return self.tokenizer.decode(self.ids[self.prefix:])[len(seen):]
 
     def push(self, new_ids: Iterable[int]) -> str:
         self.ids.extend(new_ids)
-        text = self.tokenizer.decode(self.ids)
-        stable = len(text)
-        while stable > self.emitted and text[stable - 1] == "\ufffd":
-            stable -= 1
-        out = text[self.emitted:stable]
-        self.emitted = stable
-        return out
+        text = self._new_text()
+        if not text or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        out = text[self.emitted:]
-        self.emitted = len(text)
-        return out
+        text = self._new_text()
+        self.prefix = self.read = len(self.ids)
+        return text
 
 
 def iter_texts_chunked(texts: Iterable[str], chunk_chars: int = 1 << 16) -> Iterator[str]:
