@@ -106,9 +106,9 @@ def _fresh_function(fn: Callable) -> Callable:
 class _CompiledRound:
     """A compiled round. The first call traces and compiles with inductor's options set globally (dynamo
     reads `freezing` while tracing: only then do weights become graph constants) and records its
-    seconds; later calls skip dynamo's guard evaluation (~0.5 ms a call on this CPU, all of it on
+    seconds; later calls skip dynamo's guard evaluation (a noticeable cost per call on a CPU, all of it on
     the model's parameters): each callable has its own code object holding one compiled entry, and
-    `compiled_round` keys it by everything the guards would check (batch, k, dtype, sampling,
+    `compiled_round` keys it by everything the guards would check (round shape, batch, dtype,
     threads, the weights' identity and versions). Input shapes are still asserted by the graph."""
 
     def __init__(self, fn: Callable, label: str, options: dict):
