@@ -255,12 +255,14 @@ def _mode_list(s: str) -> list[str]:
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "bench", help="decoding speed of every mode vs plain ar and transformers",
+        "bench", help="decoding speed of every mode vs plain ar and transformers; `bench serve`: load-test a server",
         description="Measure tokens/s of `ar`, `recycle`, `verify` (k, optionally adaptive or hybrid), transformers' "
         "`generate` on the same weights (hf_generate) and its prompt-lookup decoding (hf_assisted): same weights, "
         "dtype, device, prompts, batch and max_new_tokens, warmed up, rounds interleaved, median reported. "
         "Per mode: speedup vs `ar`, full passes per token, tau, acceptance by draft position, and whether the "
-        "output is identical to `ar`'s.")
+        "output is identical to `ar`'s. To load-test a running OpenAI-compatible server instead (recyclegpt's own or "
+        "vLLM): `recyclegpt bench serve --url URL` (TTFT, TPOT, inter-token latency, tokens/s by concurrency; see "
+        "`recyclegpt bench serve --help`; a checkpoint directory named `serve` is then written ./serve).")
     p.add_argument("ckpt", help="checkpoint directory (or a `recyclegpt train` run directory)")
     p.add_argument("--prompts", default="code", metavar="NAME|FILE",
                    help="shipped set (code: held-out stdlib functions, prose, all) or a file: one prompt per line, "
@@ -320,6 +322,68 @@ def run_bench(a: argparse.Namespace) -> int:
     if a.plot:
         write_plot(report, a.plot)
         print(f"plot: {a.plot}")
+    return 0
+
+
+# ---- serve -----------------------------------------------------------------------------------
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server with continuous batching",
+        description="Serve a checkpoint over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models; "
+        "streaming by server-sent events), plus /health and /metrics (Prometheus). One engine thread decodes "
+        "every request in a batch of --slots; requests join and leave between rounds. Needs the serve extra: "
+        "pip install -e \".[serve]\".")
+    p.add_argument("ckpt", help="checkpoint directory (or a `recyclegpt train` run directory)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint's name)")
+    p.add_argument("--slots", type=_positive_int, default=8,
+                   help="requests decoded together in one batch (default 8)")
+    p.add_argument("--max-k", type=_positive_int, default=3,
+                   help="most drafts per round a request may ask for (`k`); every verify round is this wide "
+                   "(default 3)")
+    p.add_argument("--k", type=_positive_int, default=3, help="drafts per round when a request gives no k (default 3)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the decoding rounds at start (default on: /health answers ready once done; "
+                   "--no-compile starts at once and decodes eagerly, slower)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $RECYCLEGPT_API_KEY if set, else none)")
+    p.add_argument("--max-queue", type=_positive_int, default=256,
+                   help="requests that may wait for a slot; more get 429 (default 256)")
+    p.add_argument("--max-tokens-limit", type=_positive_int, default=None,
+                   help="largest max_tokens a request may ask for (default: the model's context)")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="request size limit (default 1 MiB)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take, queue included (default 600)")
+    add_runtime_args(p)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(a: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from .runtime import set_threads
+    from .serve import run_server
+
+    try:
+        from .serve.app import ServeOptions
+    except ImportError as e:
+        raise RecycleError(f"recyclegpt serve needs the serve extra ({e.name} is missing): "
+                           "pip install -e \".[serve]\"") from None
+    if a.k > a.max_k:
+        raise RecycleError(f"--k {a.k} is larger than --max-k {a.max_k}")
+    if a.request_timeout <= 0:
+        raise RecycleError(f"--request-timeout must be > 0, got {a.request_timeout}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_threads()
+    opts = ServeOptions(model_name=a.model_name, slots=a.slots, compile=a.compile, width=a.max_k, default_k=a.k,
+                        api_key=a.api_key or os.environ.get("RECYCLEGPT_API_KEY") or None, max_queue=a.max_queue,
+                        max_body_bytes=a.max_body_bytes, max_tokens_limit=a.max_tokens_limit,
+                        request_timeout_s=a.request_timeout)
+    run_server(a.ckpt, a.host, a.port, opts, device=a.device, dtype=a.dtype)
     return 0
 
 
@@ -515,7 +579,7 @@ def run_export(a: argparse.Namespace) -> int:
 # ---- entry -----------------------------------------------------------------------------------
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_generate, add_train, add_eval,
-                                                               add_bench, add_lm_eval,
+                                                               add_bench, add_serve, add_lm_eval,
                                                                add_attach, add_export]
 
 
@@ -532,7 +596,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "serve"]:  # load-testing a running server: a parser of its own; `bench CKPT` stays
+        from .bench.serve_load import build_parser as build_bench_serve_parser
+
+        parser, argv = build_bench_serve_parser(), argv[2:]
+    else:
+        parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -1,0 +1,311 @@
+"""`recyclegpt serve`: a live server on 127.0.0.1 and a free port, driven by the real `openai` client and by
+raw HTTP. Tiny random checkpoint, fp32, eager decoding (no compile wait)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+import uvicorn  # noqa: E402
+from test_bench import make_checkpoint  # noqa: E402
+
+from recyclegpt import RecycleGPT, cli  # noqa: E402
+from recyclegpt.decoding import GenerationConfig, generate  # noqa: E402
+from recyclegpt.serve.app import ChatTemplate, ServeOptions, create_app  # noqa: E402
+
+TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+KEY = "test-key"
+
+
+class LiveServer:
+    """uvicorn in a thread on a free loopback port; stopped (and its engine thread with it) by stop()."""
+
+    def __init__(self, app):
+        self.app = app
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.sock, self.port = sock, sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        while httpx.get(self.url + "/health").status_code != 200:
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt")
+    return path, RecycleGPT.from_pretrained(path, device="cpu", dtype="float32")
+
+
+def _opts(**kw) -> ServeOptions:
+    return ServeOptions(**{"model_name": "tiny", "slots": 4, "compile": False, "api_key": KEY, **kw})
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    _, m = bundle
+    with LiveServer(create_app(m, _opts(), ChatTemplate(TEMPLATE, eos="<|endoftext|>"))) as s:
+        yield s
+
+
+def offline_ar(m, text: str, n: int) -> str:
+    res = generate(m.model, None, [m.tokenizer.encode(text)], GenerationConfig(mode="ar", max_new_tokens=n,
+                                                                              eos_id=m.tokenizer.eos_id))
+    return m.tokenizer.decode(res.tokens[0])
+
+
+def client(server, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+def busy_slots(server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("recyclegpt_busy_slots ")))
+
+
+# ------------------------------------------------------------------ the API, greedy = offline ar
+@pytest.mark.parametrize("mode", ["verify", "ar", None])
+def test_completions_equal_offline_ar(server, bundle, mode):
+    _, m = bundle
+    c = client(server)
+    extra = {} if mode is None else {"mode": mode}
+    for prompt in ("def add(a, b):", "The quick brown fox"):
+        want = offline_ar(m, prompt, 24)
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, extra_body=extra)
+        assert r.choices[0].text == want
+        assert r.usage.prompt_tokens == len(m.tokenizer.encode(prompt))
+        stream = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                      stream_options={"include_usage": True}, extra_body=extra)
+        pieces, usage, finish = [], None, None
+        for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].text)
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage
+        assert "".join(pieces) == want and finish in ("stop", "length")
+        assert usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_chat_with_template_and_stop(server, bundle):
+    _, m = bundle
+    c = client(server)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "def f(x):"}]
+    rendered = ChatTemplate(TEMPLATE).render(msgs)
+    want = offline_ar(m, rendered, 20)
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    pieces = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=20, temperature=0, stream=True) if ch.choices]
+    assert "".join(pieces) == want
+    if len(want) > 6:  # a stop string cuts the text before it, in both forms
+        stop = want[3:5]
+        cut = want[:want.find(stop)]
+        r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0, stop=[stop])
+        assert r.choices[0].message.content == cut and r.choices[0].finish_reason == "stop"
+        pieces = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=20, temperature=0, stop=stop, stream=True) if ch.choices]
+        assert "".join(pieces) == cut
+
+
+def test_32_concurrent_streams_finish_with_correct_usage(server, bundle):
+    _, m = bundle
+    prompts = [f"for i in range({i}):" for i in range(32)]
+
+    async def one(c, p, n):
+        stream = await c.completions.create(model="tiny", prompt=p, max_tokens=n, temperature=0.8, seed=n,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+            if chunk.usage:
+                usage = chunk.usage
+        return usage
+
+    async def run():
+        c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+        return await asyncio.gather(*(one(c, p, 8 + i % 9) for i, p in enumerate(prompts)))
+
+    usages = asyncio.run(run())
+    for i, (p, u) in enumerate(zip(prompts, usages, strict=True)):
+        assert u.completion_tokens == 8 + i % 9 and u.prompt_tokens == len(m.tokenizer.encode(p))
+    assert busy_slots(server) == 0
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "prompt": "The", "max_tokens": 200, "stream": True,
+                            "ignore_eos": True}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first chunk arrived: the request holds a slot
+    deadline = time.monotonic() + 10
+    while busy_slots(server) != 0:
+        assert time.monotonic() < deadline, "the slot was not freed"
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------ bad input
+BAD = [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"model": "tiny", "prompt": "a", "max_tokens": "x"}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ({"model": "other", "prompt": "a"}, 404, "model"),
+    ({"model": "tiny", "prompt": "a", "temperature": 3}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": ""}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "a b " * 300, "max_tokens": 16}, 400, None),
+    ({"model": "tiny", "prompt": "a", "max_tokens": 10_000}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "a", "frobnicate": 1}, 400, "frobnicate"),
+    ({"model": "tiny", "prompt": "a", "n": 2}, 400, "n"),
+    ({"model": "tiny", "prompt": "a", "k": 99}, 400, "k"),
+    ({"model": "tiny", "prompt": "a", "mode": "fast"}, 400, "mode"),
+    ({"model": "tiny", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "tiny", "prompt": "a", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "a"}, 400, "model"),
+    ({"model": "tiny", "prompt": "a", "x" * 10: "y" * (2 << 20)}, 413, None),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, body, status, param):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + "/v1/completions", content=data, timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and "\n" not in err["message"] and err["type"]
+    if param is not None:
+        assert param in (err["param"] or "") or param in err["message"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_auth_and_chat_without_template(bundle):
+    _, m = bundle
+    with LiveServer(create_app(m, _opts())) as s:
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "a"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            client(s, key="wrong").models.list()
+        assert [x.id for x in client(s).models.list().data] == ["tiny"]
+        with pytest.raises(openai.BadRequestError, match="chat template"):
+            client(s).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_full_queue_answers_429(bundle):
+    _, m = bundle
+    app = create_app(m, _opts(slots=1, max_queue=1))
+    app.state.worker._admit = lambda: None  # nothing leaves the queue
+    with LiveServer(app) as s:
+        waiting = threading.Thread(target=lambda: httpx.post(
+            s.url + "/v1/completions", json={"model": "tiny", "prompt": "a"},
+            headers={"Authorization": f"Bearer {KEY}"}, timeout=3), daemon=True)
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while app.state.worker.queue_depth < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "a"},
+                       headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        waiting.join()
+
+
+def test_a_failing_round_fails_its_requests_only(bundle):
+    _, m = bundle
+    app = create_app(m, _opts())
+    engine = app.state.worker.engine
+    real_step, calls = engine.step, []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real_step()
+
+    engine.step = flaky
+    with LiveServer(app) as s:
+        c = client(s)
+        with pytest.raises(openai.InternalServerError, match="boom"):
+            c.completions.create(model="tiny", prompt="def", max_tokens=10, temperature=0)
+        r = c.completions.create(model="tiny", prompt="def", max_tokens=10, temperature=0)
+        assert r.choices[0].text == offline_ar(m, "def", 10)
+        assert app.state.worker.busy_slots == 0
+        metrics = httpx.get(s.url + "/metrics").text
+        for name in ("recyclegpt_requests_total", "recyclegpt_queue_depth", "recyclegpt_busy_slots",
+                     "recyclegpt_tau", "recyclegpt_generation_tokens_total"):
+            assert name in metrics
+
+
+def test_serve_cli_help_and_bad_options(bundle, capsys):
+    path, _ = bundle
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    assert "OpenAI" in capsys.readouterr().out
+    assert cli.main(["serve", str(path), "--k", "5", "--max-k", "4"]) == 2
+    assert "--k 5" in capsys.readouterr().err
+    assert cli.main(["serve", str(Path(path) / "missing")]) == 2
+
+
+def test_health_waits_for_warm_up(bundle):
+    """With compiling on, /health answers 503 until the graphs are compiled (here: a warm-up held back)."""
+    _, m = bundle
+    app = create_app(m, _opts(compile=True))
+    worker = app.state.worker
+    release = threading.Event()
+    worker._warm_up = lambda: release.wait(10)
+    with torch.inference_mode():
+        cfg = uvicorn.Config(app, log_level="warning", lifespan="on")
+    server = uvicorn.Server(cfg)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/health"
+        r = httpx.get(url)
+        assert r.status_code == 503 and r.json()["status"] == "warming up"
+        release.set()
+        deadline = time.monotonic() + 10
+        while httpx.get(url).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        release.set()
+        server.should_exit = True
+        t.join(timeout=30)
+        sock.close()
