@@ -187,3 +187,32 @@ def test_other_architectures(arch):
                           eos_token_id=None)
     assert ref[0, len(prompt):].tolist() == ar[0]
     assert generate(m, module, [prompt], GenerationConfig(mode="verify", max_new_tokens=20, k=3)).tokens == ar
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_verify_equals_ar_in_the_default_dtype(tmp_path, seed):
+    """A checkpoint attached to a transformers base loads in its default dtype (fp32 for the generic backend:
+    transformers' bf16 kernels round a pass by how many tokens it holds), where `verify` equals `ar`."""
+    from recyclegpt import RecycleGPT
+    from recyclegpt.checkpoint import save_checkpoint
+    from recyclegpt.config import Config, TokenizerConfig
+    from recyclegpt.hf.generic import generic_base_ref
+
+    tok = Tokenizer.train(CORPUS_LINES * 4, 300)
+    torch.manual_seed(seed)
+    cfg = transformers.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=tok.vocab_size, max_position_embeddings=128)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        hf.get_input_embeddings().weight.mul_(3)
+    hf.save_pretrained(tmp_path / "base")
+    base = load_generic(tmp_path / "base")
+    module = RecyclableModule(base.cfg, ModuleConfig()).eval()
+    ck = Config(model=base.cfg, module=ModuleConfig(), tokenizer=TokenizerConfig(vocab_size=tok.vocab_size),
+                base=generic_base_ref(base))
+    save_checkpoint(tmp_path / "ckpt", ck, None, module, tok)
+    m = RecycleGPT.from_pretrained(tmp_path / "ckpt")  # device and dtype "auto"
+    assert m.dtype == torch.float32 and isinstance(m.model, GenericCausalLM)
+    prompts = ["def add(a, b):", "The quick brown fox", "for i in range(10):", "In the morning"]
+    ar = m.generate_with_stats(prompts, mode="ar", max_new_tokens=32, eos_id=None).tokens
+    assert m.generate_with_stats(prompts, mode="verify", k=3, max_new_tokens=32, eos_id=None).tokens == ar

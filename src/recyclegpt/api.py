@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, references_base
 from .config import Config
 from .decoding import GenerationConfig, GenerationResult, generate, stream
 from .errors import RecycleError
@@ -32,9 +32,9 @@ class RecycleGPT:
     def from_pretrained(cls, path: str | Path, device: str | None = "auto",
                         dtype: str | torch.dtype | None = "auto") -> RecycleGPT:
         """Load a checkpoint (or a training run directory). dtype 'auto' is bf16 where the CPU has
-        native bf16 (or on CUDA), else fp32."""
+        native bf16 (or on CUDA), else fp32; fp32 for a transformers base (`runtime.resolve_dtype`)."""
         dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
+        dt = resolve_dtype(dtype, dev, generic=references_base(path))
         cfg, model, module, tokenizer = load_checkpoint(path, dev, dt)
         return cls(cfg, model, module, tokenizer)
 

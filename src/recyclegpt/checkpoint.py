@@ -130,6 +130,11 @@ def load_config(path: str | Path) -> Config:
         raise RecycleError(f"corrupt {path / 'config.json'}: {e}") from None
 
 
+def references_base(path: str | Path) -> bool:
+    """True when a checkpoint's full model is a referenced transformers model (the generic backend)."""
+    return _references_base(resolve_checkpoint_dir(path))
+
+
 def _references_base(path: Path) -> bool:
     try:
         raw = json.loads((path / "config.json").read_text())

@@ -35,10 +35,17 @@ def resolve_device(device: str | None) -> torch.device:
         raise RecycleError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, generic: bool = False) -> torch.dtype:
+    """dtype 'auto': bf16 on CUDA and on CPUs with native bf16, else fp32. For the generic (transformers)
+    backend it is fp32 everywhere: transformers' kernels round a bf16 pass differently depending on how
+    many tokens it holds (attention block sizes, GEMM paths), so a `verify` pass over k+1 tokens and an
+    `ar` pass over one could disagree; recyclegpt's native model has row-stable kernels for that, a
+    transformers model does not. In fp32 `verify` is identical to `ar` there too."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
+        if generic:
+            return torch.float32
         if device.type == "cuda":
             return torch.bfloat16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
