@@ -92,7 +92,7 @@ class _Plan:
     host: list[int] | None = None  # the host drafter's proposal it takes
 
 
-class _Slot:
+class Request:
     """A request in a slot: its settings, token history, random stream, drafter and counters."""
 
     def __init__(self, slot: int, prompt: list[int], cfg: GenerationConfig, budget: int, stopper: StopChecker):
@@ -195,7 +195,7 @@ class Engine:
             self.top_k = torch.zeros(B, dtype=torch.long, device=dev)
             self.top_p = torch.ones(B, device=dev)
         self._noise: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        self._slots: list[_Slot | None] = [None] * B
+        self._slots: list[Request | None] = [None] * B
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ slots
@@ -206,7 +206,7 @@ class Engine:
         """Slots whose request is still decoding."""
         return [b for b, s in enumerate(self._slots) if s is not None and s.finish is None]
 
-    def request(self, slot: int) -> _Slot:
+    def request(self, slot: int) -> Request:
         """The request in `slot` (prompt, generated tokens, finish reason, stats) until it is released."""
         s = self._slots[self._check_slot(slot)]
         if s is None:
@@ -240,7 +240,7 @@ class Engine:
         """Admit several requests at once; their prompts are prefilled in groups of similar length.
         Everything is checked before anything changes: a bad request raises and admits none."""
         self._install_caches()
-        new: list[tuple[int, _Slot]] = []
+        new: list[tuple[int, Request]] = []
         taken = set()
         for slot, prompt, cfg in requests:
             self._check_slot(slot)
@@ -265,7 +265,7 @@ class Engine:
             self._idle(done)
         return [outputs[slot] for slot, _ in new]
 
-    def _new_request(self, slot: int, prompt: Sequence[int], cfg: GenerationConfig) -> _Slot:
+    def _new_request(self, slot: int, prompt: Sequence[int], cfg: GenerationConfig) -> Request:
         if not isinstance(cfg, GenerationConfig):
             raise RecycleError(f"request settings must be a GenerationConfig, got {type(cfg).__name__}")
         cfg.validate()
@@ -282,7 +282,7 @@ class Engine:
                                    f"rounds hold {self.width}: lower k or make the engine wider")
         stopper = StopChecker(cfg.eos_ids, cfg.stop_strings, self.tokenizer, self.stop_fn)
         budget = min(cfg.max_new_tokens, self.max_seq_len - len(prompt))
-        return _Slot(slot, prompt, cfg, budget, stopper)
+        return Request(slot, prompt, cfg, budget, stopper)
 
     def check_prompt(self, prompt: Sequence[int]) -> list[int]:
         """The prompt as a list of ids, or a RecycleError saying what is wrong with it."""
@@ -299,7 +299,7 @@ class Engine:
             raise RecycleError(f"the prompt has token ids outside 0..{self.vocab_size - 1}")
         return prompt
 
-    def _prefill(self, started: list[tuple[int, _Slot]]) -> dict[int, SlotOutput]:
+    def _prefill(self, started: list[tuple[int, Request]]) -> dict[int, SlotOutput]:
         t0 = time.perf_counter()
         slots = [slot for slot, _ in started]
         for slot, s in started:
@@ -415,7 +415,7 @@ class Engine:
         self.stats.decode_s += time.perf_counter() - t0
         return outputs
 
-    def _emit(self, slot: int, s: _Slot, toks: list[int]) -> SlotOutput:
+    def _emit(self, slot: int, s: Request, toks: list[int]) -> SlotOutput:
         """Apply the budget and stops to a slot's proposed new tokens."""
         toks = toks[:s.budget - s.stats.produced]
         start = len(s.generated)
@@ -452,7 +452,7 @@ class Engine:
             return [RoundShape(cfg.k, cfg.k, True, sampled), RoundShape(max(host_k, cfg.k), cfg.k, True, sampled)]
         return [RoundShape(0, 0, uses, sampled), RoundShape(host_k, 0, uses, sampled)]
 
-    def _warm(self, s: _Slot) -> None:
+    def _warm(self, s: Request) -> None:
         for shape in self.shapes_for(s.cfg):
             self.warm_up(shape)
 
