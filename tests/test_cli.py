@@ -76,8 +76,8 @@ def test_eval_reports_both_perplexities(run_dir, capsys, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["generate", "{missing}", "--prompt", "x"], "checkpoint not found"),
     (["generate", "{run}", "--prompt", "x", "--temperature", "-1"], "temperature"),
-    (["generate", "{run}", "--prompt", "x", "--top-p", "0"], "top_p"),
-    (["generate", "{run}", "--prompt", "x", "--top-k", "-2"], "top_k"),
+    (["generate", "{run}", "--prompt", "x", "--top-p", "0"], "--top-p"),  # the flag, not the API argument
+    (["generate", "{run}", "--prompt", "x", "--top-k", "-2"], "--top-k"),
     (["generate", "{run}", "--prompt", "word " * 400], "limit"),
     (["generate", "{run}", "--prompt", ""], "empty"),
     (["eval", "{run}", "--data", "{missing}"], "not found"),

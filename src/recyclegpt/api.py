@@ -7,15 +7,17 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .checkpoint import load_checkpoint, references_base
 from .config import Config
 from .decoding import GenerationConfig, GenerationResult, generate, stream
-from .errors import RecycleError
+from .errors import RecycleError, RecycleWarning
 from .model import FullModel
 from .module import RecyclableModule
 from .runtime import resolve_device, resolve_dtype
@@ -51,7 +53,7 @@ class RecycleGPT:
         kw.setdefault("eos_id", self.tokenizer.eos_id)
         stop = kw.pop("stop", None)
         if stop is not None:
-            kw["stop_strings"] = [stop] if isinstance(stop, str) else list(stop)
+            kw["stop_strings"] = _texts(stop, "stop", "stop string")
         try:
             gc = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens, **kw)
         except TypeError as e:
@@ -60,20 +62,40 @@ class RecycleGPT:
         return gc
 
     def encode(self, prompts: str | Sequence[str]) -> list[list[int]]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        ids = self.tokenizer.encode_batch(list(prompts))
+        """Token ids per prompt; RecycleError unless `prompts` is a string or a non-empty list of non-empty
+        strings of valid Unicode (no lone surrogates)."""
+        texts = _texts(prompts, "prompts", "prompt")
+        if not texts:
+            raise RecycleError("no prompts given; pass a string or a non-empty list of strings")
+        ids = self.tokenizer.encode_batch(texts)
         for i, p in enumerate(ids):
             if not p:
                 raise RecycleError(f"prompt {i} is empty; give some text to continue")
         return ids
+
+    def _warn_context_cap(self, ids: list[list[int]], gc: GenerationConfig) -> None:
+        """One RecycleWarning per call when the model's context leaves a row fewer new tokens than asked
+        (decoding then stops the row there); prompts that do not fit at all are an error in decoding."""
+        ctx = self.model.cfg.max_seq_len
+        asked = [gc.max_new_tokens] * len(ids) if isinstance(gc.max_new_tokens, int) else list(gc.max_new_tokens)
+        if len(asked) != len(ids):
+            return  # decoding refuses the mismatch
+        capped = [(i, len(p), n) for i, (p, n) in enumerate(zip(ids, asked, strict=True)) if 0 < ctx - len(p) < n]
+        if capped:
+            i, n_prompt, n = capped[0]
+            more = f" (and {len(capped) - 1} more prompt{'s' if len(capped) > 2 else ''})" if len(capped) > 1 else ""
+            tokens = f"{n_prompt} prompt token{'s' if n_prompt > 1 else ''}"
+            warnings.warn(f"the model's context of {ctx} tokens caps the new tokens at {ctx - n_prompt} for prompt "
+                          f"{i} ({tokens}; {n} asked){more}", RecycleWarning, stacklevel=3)
 
     @torch.inference_mode()
     def generate_with_stats(self, prompts: str | Sequence[str], mode: str = "verify", max_new_tokens: int = 64,
                             **kw) -> GenerationResult:
         """Like `generate`, but returns the GenerationResult (tokens, texts, finish reasons, stats)."""
         gc = self.config(mode, max_new_tokens, **kw)
-        return generate(self.model, self.module, self.encode(prompts), gc, tokenizer=self.tokenizer)
+        ids = self.encode(prompts)
+        self._warn_context_cap(ids, gc)
+        return generate(self.model, self.module, ids, gc, tokenizer=self.tokenizer)
 
     def generate(self, prompts: str | Sequence[str], mode: str = "verify", max_new_tokens: int = 64,
                  **kw) -> list[str]:
@@ -89,15 +111,29 @@ class RecycleGPT:
     def stream(self, prompt: str, mode: str = "verify", max_new_tokens: int = 64, **kw) -> Iterator[str]:
         """Yield text pieces of one prompt's continuation as tokens are accepted.
 
+        One prompt (a string; a list holding exactly one string is accepted too): several are refused,
+        never silently cut to the first (use `generate` for a batch). Arguments are checked when called,
+        before the first piece is asked for.
         With stop strings, the last len(longest stop)-1 characters are held back until the row ends,
         so text after a stop string is never yielded.
         """
+        if not isinstance(prompt, str) and isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray):
+            if len(prompt) != 1:
+                raise RecycleError(f"stream takes one prompt, got {len(prompt)}; use generate() for several")
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise RecycleError(f"stream takes one prompt as a string, got {_type_name(prompt)}")
         gc = self.config(mode, max_new_tokens, **kw)
+        ids = self.encode(prompt)
+        self._warn_context_cap(ids, gc)
+        return self._stream(ids, gc)
+
+    def _stream(self, ids: list[list[int]], gc: GenerationConfig) -> Iterator[str]:
         hold = max((len(s) for s in gc.stop_strings), default=1) - 1
         dec = StreamDecoder(self.tokenizer)
         text, emitted = "", 0
         with torch.inference_mode():
-            gen = stream(self.model, self.module, self.encode(prompt), gc, tokenizer=self.tokenizer)
+            gen = stream(self.model, self.module, ids, gc, tokenizer=self.tokenizer)
             for event in gen:
                 text += dec.push(event.tokens[0])
                 safe = len(text) - hold
@@ -109,3 +145,24 @@ class RecycleGPT:
             final = texts[0] if texts is not None else text
             if len(final) > emitted:
                 yield final[emitted:]
+
+
+def _type_name(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _texts(value: Any, arg: str, item: str) -> list[str]:
+    """`value` (one string, or a list/tuple of strings) as a list of strings of valid Unicode; RecycleError
+    saying what was expected otherwise (bytes, None, numbers, a list holding a non-string, lone surrogates)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise RecycleError(f"{arg} must be a string or a list of strings, got {_type_name(value)}")
+    for i, s in enumerate(items):
+        if not isinstance(s, str):
+            raise RecycleError(f"{arg} must be a string or a list of strings; {item} {i} is {_type_name(s)}")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RecycleError(f"{item} {i} is not valid Unicode text (lone surrogate U+{ord(s[e.start]):04X} at "
+                               f"character {e.start}); decode bytes to str first") from None
+    return list(items)

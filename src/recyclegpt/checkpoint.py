@@ -22,6 +22,7 @@ from .config import Config
 from .errors import RecycleError
 from .model import FullModel
 from .module import RecyclableModule
+from .paths import read_error
 from .tokenizer import Tokenizer
 
 CKPT_FILES = ("config.json", "model.safetensors", "module.safetensors", "tokenizer.json")
@@ -65,7 +66,7 @@ def save_checkpoint(path: str | Path, cfg: Config, model: FullModel | None, modu
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    tmp = make_temp_dir(path)
     tmp.chmod(0o755)  # mkdtemp makes 0700; a checkpoint is meant to be shared
     try:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -92,16 +93,73 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def old_copy(path: Path) -> Path:
+    """Where `replace_dir` keeps the previous `path` between its two renames."""
+    return path.with_name(f".{path.name}.old")
+
+
+def make_temp_dir(path: Path) -> Path:
+    """A temporary sibling of `path` to build its next version in; the name carries this process's id,
+    so `clean_stale_temps` can tell a dead writer's leftovers from a live one's work."""
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
+
+
+def clean_stale_temps(path: Path) -> None:
+    """Remove temporary siblings of `path` left by writers that died (killed during a save or export)."""
+    prefix = f".{path.name}.tmp"
+    try:
+        siblings = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return
+    for p in siblings:
+        pid = p.name[len(prefix):].lstrip("-").split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def recover_dir(path: Path, complete: Callable[[Path], bool]) -> bool:
+    """After a crash inside `replace_dir`: when `path` is missing and its old copy is `complete`,
+    move the old copy back (True). A stale old copy next to an intact `path` is removed."""
+    old = old_copy(path)
+    if not old.exists():
+        return False
+    if not path.exists():
+        if not complete(old):
+            return False
+        os.replace(old, path)
+        return True
+    if complete(path):
+        shutil.rmtree(old, ignore_errors=True)
+    return False
+
+
 def replace_dir(tmp: Path, path: Path) -> None:
-    """Move the finished directory `tmp` to `path`, replacing what is there with renames only."""
+    """Move the finished directory `tmp` to `path`, replacing what is there with renames only.
+
+    Between the two renames only the old copy (`old_copy(path)`) holds the previous version;
+    `recover_dir` moves it back after a crash in that window."""
     if path.exists():
-        old = path.with_name(f".{path.name}.old")
+        old = old_copy(path)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+        shutil.rmtree(old_copy(path), ignore_errors=True)  # an older copy a crash left: superseded now
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -123,11 +181,19 @@ def load_config(path: str | Path) -> Config:
         missing = [f for f in missing if f != "model.safetensors"]
     if missing:
         raise RecycleError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
+    unreadable = [f for f in CKPT_FILES if (path / f).is_file() and not os.access(path / f, os.R_OK)]
+    if unreadable:  # unreadable is not corrupt: say which
+        raise RecycleError(f"cannot read {path}: {', '.join(unreadable)} not readable (permission denied)")
     try:
-        raw: dict[str, Any] = json.loads((path / "config.json").read_text())
-        return Config.from_dict(raw)
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        raw: Any = json.loads((path / "config.json").read_text())
+    except OSError as e:
+        raise read_error(path / "config.json", e) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise RecycleError(f"corrupt {path / 'config.json'}: {e}") from None
+    try:
+        return Config.from_dict(raw)
+    except ValueError as e:  # ConfigError: a field missing, unknown, of the wrong type or out of range
+        raise RecycleError(f"invalid {path / 'config.json'}: {e}") from None
 
 
 def references_base(path: str | Path) -> bool:
@@ -145,9 +211,16 @@ def _references_base(path: Path) -> bool:
 
 def _load_weights(file: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(file))
+        state = load_file(str(file))
+    except (PermissionError, IsADirectoryError, FileNotFoundError) as e:
+        raise read_error(file, e, "weights file") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise RecycleError(f"corrupt weights file {file}: {e}") from None
+    for name, t in state.items():  # a diverged or damaged save: refuse it rather than decode NaNs
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RecycleError(f"{file} holds non-finite weights (NaN or inf) in {name}: the checkpoint is damaged "
+                               "or was saved from a diverged run; use an earlier checkpoint")
+    return state
 
 
 def load_into(target: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -178,11 +251,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     through the generic backend (`recyclegpt.hf.generic.GenericCausalLM`, same interface)."""
     path = resolve_checkpoint_dir(path)
     cfg = load_config(path)
-    try:
-        model = FullModel(cfg.model) if cfg.base is None else None
-        module = RecyclableModule(cfg.model, cfg.module)
-    except ValueError as e:
-        raise RecycleError(f"invalid config in {path}: {e}") from None
+    model = FullModel(cfg.model) if cfg.base is None else None  # load_config checked every field
+    module = RecyclableModule(cfg.model, cfg.module)
     if model is None:
         from .hf.generic import load_base_ref
 

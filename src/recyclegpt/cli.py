@@ -6,27 +6,95 @@ Bad input raises RecycleError anywhere below; main() prints it as one line and e
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
-from .errors import RecycleError
+from .errors import Interrupted, RecycleError, RecycleWarning
 
 Handler = Callable[[argparse.Namespace], int | None]
 
 
-def _positive(kind: type) -> Callable[[str], int | float]:
-    """An argparse type: `kind(s)`, refused unless > 0."""
+# ---- option types: every value is checked by argparse, before any work ------------------------
+
+class _UsageError(Exception):
+    """A command-line usage error (argparse's); main() prints it as one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: argument --top-p: must be in (0, 1], got 2 (...)`; no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def _number(kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+            hi_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: `kind(s)`, finite (no nan/inf), within lo..hi (an end excluded when open)."""
+    if lo is not None and hi is not None:
+        want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        want = f"{'>' if lo_open else '>='} {lo:g}"
+    else:
+        want = "a finite number"
+
     def parse(s: str) -> int | float:
-        v = kind(s)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        v = kind(s)  # ValueError: argparse says "invalid int value: 'x'"
+        if isinstance(v, float) and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+        if ((lo is not None and (v <= lo if lo_open else v < lo))
+                or (hi is not None and (v >= hi if hi_open else v > hi))):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {s}")
         return v
     parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
     return parse
 
 
+def _positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: `kind(s)`, refused unless finite and > 0."""
+    return _number(kind, 0, lo_open=True)
+
+
 _positive_float = _positive(float)
 _positive_int = _positive(int)
+_nonneg_int = _number(int, 0)  # 0 allowed (e.g. --top-k 0 = off, --max-new-tokens 0)
+_nonneg_float = _number(float, 0)  # e.g. --temperature (0 = greedy)
+_probability = _number(float, 0, 1, lo_open=True)  # --top-p: (0, 1]
+_unit = _number(float, 0, 1)  # a weight in [0, 1]
+_fraction = _number(float, 0, 1, hi_open=True)  # --val-fraction: a share held out, [0, 1)
+_seed = _number(int, 0, 2**32 - 1)  # fits every generator it seeds (torch, numpy, offsets per rank/row)
+_port = _number(int, 1, 65535)
+_vocab_size = _number(int, 1, 1 << 22)  # the checkpoint config's own bound (config.py)
+_draft_k = _number(int, 1, 64)  # drafts per verify round: a round holds k+1 positions per row
+
+
+def _text(s: str) -> str:
+    """An argparse type for text (--prompt, --stop, ...). Command-line bytes that are not UTF-8 arrive as
+    lone surrogates (Python's surrogateescape); they are refused here, never passed on or replaced."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(s[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
+        raise argparse.ArgumentTypeError(f"is not valid UTF-8 text ({what} at character {e.start}); "
+                                         "give the text in UTF-8") from None
+    return s
+
+
+_text.__name__ = "text"
+
+
+def _stop_text(s: str) -> str:
+    """An argparse type for --stop: non-empty UTF-8 text."""
+    if not s:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return _text(s)
+
+
+_stop_text.__name__ = "text"
 
 
 # ---- train -----------------------------------------------------------------------------------
@@ -50,19 +118,21 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training a BPE on the data")
     p.add_argument("--glob", default="**/*", help="file pattern inside data directories (default: all files)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
+    p.add_argument("--text-field", type=_text, default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.05,
+                   help="share of documents held out, in [0, 1) (default 0.05)")
     p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: the preset's)")
     p.add_argument("--batch-size", type=_positive_int, help="sequences per step and process")
     p.add_argument("--seq-len", type=_positive_int, help="tokens per training sequence")
     p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step")
-    p.add_argument("--recycle-weight", type=float, help="lambda in CE(full) + lambda*CE(module) (default 0.3)")
+    p.add_argument("--recycle-weight", type=_nonneg_float,
+                   help="lambda in CE(full) + lambda*CE(module), >= 0 (default 0.3)")
     p.add_argument("--unroll-steps", type=_positive_int, help="chained module steps trained (default 2)")
-    p.add_argument("--vocab-size", type=_positive_int, help="tokenizer/model vocabulary (default: the preset's)")
+    p.add_argument("--vocab-size", type=_vocab_size, help="tokenizer/model vocabulary (default: the preset's)")
     p.add_argument("--module-layers", type=_positive_int, help="blocks in the recyclable module (default 1)")
     p.add_argument("--eval-every", type=_positive_int, help="steps between validations")
     p.add_argument("--save-every", type=_positive_int, help="steps between checkpoints")
-    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--seed", type=_seed, help="random seed")
     p.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast, fp32 weights)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -79,6 +149,7 @@ def run_train(a: argparse.Namespace) -> int:
                  if getattr(a, k) is not None}
     if a.fp32:
         overrides["bf16"] = False
+    _check_train_vocab(a)
     model_overrides = {"vocab_size": a.vocab_size} if a.vocab_size else {}
     module_overrides = {"n_layer": a.module_layers} if a.module_layers else {}
     opts = TrainOptions(data=a.data, out=a.out, preset=a.preset, max_minutes=a.max_minutes,
@@ -89,6 +160,26 @@ def run_train(a: argparse.Namespace) -> int:
     ckpt = train(opts)
     print(f"checkpoint: {ckpt}")
     return 0
+
+
+def _check_train_vocab(a: argparse.Namespace) -> None:
+    """Before any work: the tokenizer (--tokenizer, or a BPE trained to --vocab-size) must fit the model's
+    vocabulary. A resumed run keeps its own tokenizer and config, checked when they load."""
+    from .config import PRESETS
+
+    if a.resume or a.preset not in PRESETS:  # an unknown preset: train() names it
+        return
+    vocab = a.vocab_size or PRESETS[a.preset]["model"]["vocab_size"]
+    if a.tokenizer:
+        from .tokenizer import Tokenizer
+
+        n = Tokenizer.load(a.tokenizer).vocab_size
+        if n > vocab:
+            source = f"--vocab-size {vocab}" if a.vocab_size else f"preset {a.preset}: {vocab}"
+            raise RecycleError(f"--tokenizer {a.tokenizer} has {n} tokens, more than the model's vocabulary "
+                               f"({source}); pass --vocab-size {n} or more, or another tokenizer")
+    elif vocab < 300:
+        raise RecycleError(f"--vocab-size {vocab} is too small for a byte-level BPE tokenizer (need >= 300)")
 
 
 # ---- shared options --------------------------------------------------------------------------
@@ -103,18 +194,19 @@ def add_decoding_args(p: argparse.ArgumentParser, default_mode: str = "verify") 
     p.add_argument("--mode", default=default_mode, choices=["ar", "recycle", "verify"],
                    help="ar: one full pass per token; recycle: the paper's alternation of full model and "
                    "module (lossy, ~2 tokens per pass); verify: module drafts, full model verifies (lossless)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
-    p.add_argument("--k", type=_positive_int, default=3, help="drafts per verify round (default 3)")
+    p.add_argument("--max-new-tokens", type=_nonneg_int, default=64,
+                   help="new tokens per prompt (default 64; the model's context caps it)")
+    p.add_argument("--k", type=_draft_k, default=3, help="drafts per verify round, 1 to 64 (default 3)")
     p.add_argument("--adaptive-k", action="store_true", help="grow/shrink k from recent acceptance (verify)")
     p.add_argument("--drafter", default="module", choices=["module", "ngram", "hybrid"],
                    help="verify drafter: the recyclable module, prompt lookup (n-gram), or per round whichever "
                    "promises more (default module)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=_nonneg_int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=_seed, default=None,
                    help="sampling seed: the same seed gives the same text (default: fresh randomness every run)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+    p.add_argument("--stop", type=_stop_text, action="append", default=[], metavar="TEXT",
                    help="stop a row when this text appears (repeatable); nothing after it is returned")
     p.add_argument("--compile", action="store_true",
                    help="run each decoding round as a torch.compile'd graph (faster per token; the first run "
@@ -141,7 +233,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                        description="Continue prompts with a checkpoint (a checkpoint directory or a training run "
                        "directory) in any decoding mode. Several --prompt flags decode as one batch.")
     p.add_argument("ckpt", help="checkpoint directory (or a `recyclegpt train` run directory)")
-    p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
+    p.add_argument("--prompt", type=_text, action="append", required=True,
+                   help="text to continue (repeat for a batch)")
     add_decoding_args(p)
     p.add_argument("--stream", action="store_true", help="print text as tokens are accepted (one prompt)")
     p.add_argument("--stats", action="store_true", help="print tokens/s, full passes per token and tau")
@@ -192,22 +285,46 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default="code", metavar="NAME|FILE",
                    help="prompt set for the greedy agreement of `recycle` with `ar`: code (default), prose, all, "
                    "or a file (one prompt per line, or JSONL)")
-    p.add_argument("--agreement-tokens", type=int, default=64, metavar="N",
+    p.add_argument("--agreement-tokens", type=_nonneg_int, default=64, metavar="N",
                    help="new tokens per prompt for the agreement check (default 64; 0 skips it)")
     add_runtime_args(p)
     p.set_defaults(func=run_eval, dtype="float32")
+
+
+def _check_outputs(a: argparse.Namespace, *flags: str) -> None:
+    """Output files of a command that reads the checkpoint a.ckpt: checked before any work (writable, not a
+    directory, not inside the checkpoint, not one of its input files)."""
+    from pathlib import Path
+
+    from .checkpoint import resolve_checkpoint_dir
+    from .paths import check_input, check_output_file
+
+    check_input(a.ckpt, "checkpoint", "dir")
+    protect = [(str(resolve_checkpoint_dir(a.ckpt)), "the checkpoint")]
+    protect += [(d, "a --data file") for d in getattr(a, "data", None) or [] if Path(d).is_file()]
+    protect += [(a.prompts, "the --prompts file")] if Path(getattr(a, "prompts", "") or "").is_file() else []
+    for flag in flags:
+        check_output_file(getattr(a, flag.removeprefix("--").replace("-", "_")), flag, protect)
 
 
 def run_eval(a: argparse.Namespace) -> int:
     from .bench.quality import load_eval_tokens, perplexity, run_tokens_val
     from .checkpoint import atomic_write_text
 
+    _check_outputs(a, "--json")  # before the long part, not after it
+    if a.data:
+        from .data import resolve_files
+
+        resolve_files(a.data, a.glob)
     prompts = None
     if a.agreement_tokens > 0:
         from .bench.prompts import load_prompts
 
         prompts = load_prompts(a.prompts)  # fail on a bad file before the long part
     m = load_model(a.ckpt, a)
+    if prompts is not None and a.agreement_tokens >= m.model.cfg.max_seq_len:
+        raise RecycleError(f"--agreement-tokens {a.agreement_tokens} leaves no room for a prompt in the model's "
+                           f"context of {m.model.cfg.max_seq_len} tokens")
     if a.data:
         tokens = load_eval_tokens(a.data, m.tokenizer, a.max_tokens, a.glob)
     else:
@@ -234,8 +351,10 @@ def run_eval(a: argparse.Namespace) -> int:
               f"{agree.identical_prompts}/{agree.prompts} outputs identical")
     if a.json:
         import json
+        from pathlib import Path
 
         extra = {"greedy_agreement": {"prompt_set": prompts.name, **agree.to_dict()}} if agree else {}
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(a.json, json.dumps({"checkpoint": a.ckpt, "dtype": str(m.dtype), **rep.to_dict(),
                                               **extra}, indent=2))
     return 0
@@ -267,16 +386,16 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default="code", metavar="NAME|FILE",
                    help="shipped set (code: held-out stdlib functions, prose, all) or a file: one prompt per line, "
                    "or JSONL with a \"prompt\" field per line (default code)")
-    p.add_argument("--num-prompts", type=int, default=8, metavar="N",
+    p.add_argument("--num-prompts", type=_nonneg_int, default=8, metavar="N",
                    help="use the first N prompts of the set (default 8, to keep a default run short; 0 = all)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="new tokens per prompt (default 128)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default 1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 1 to sample")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default); e.g. 1 to sample")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds per mode (default 3)")
     p.add_argument("--modes", type=_mode_list, default=None, metavar="M1,M2",
                    help="modes to run (default all: ar,recycle,verify,hf_generate,hf_assisted)")
-    p.add_argument("--k", type=_positive_int, nargs="+", default=[3], metavar="K",
+    p.add_argument("--k", type=_draft_k, nargs="+", default=[3], metavar="K",
                    help="verify draft lengths, one lane each (default 3; e.g. --k 1 2 3 4)")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=False,
                    help="add a `verify adaptive` lane: k moves within 1..max(--k) from recent acceptance (default off)")
@@ -302,12 +421,17 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench(a: argparse.Namespace) -> int:
+    import os
+
     from .bench.prompts import load_prompts
     from .bench.report import print_table, write_json, write_plot
     from .bench.speed import ALL_MODES, BenchOptions
     from .bench.speed import run_bench as bench
 
     prompts = load_prompts(a.prompts, a.num_prompts or None)  # fail on a bad file before loading the model
+    _check_outputs(a, "--json", "--plot")  # before the long part, not after it
+    if a.json and a.plot and os.path.abspath(a.json) == os.path.abspath(a.plot):
+        raise RecycleError(f"--json and --plot name the same file {a.json}")
     m = load_model(a.ckpt, a)
     opts = BenchOptions(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, temperature=a.temperature,
                         seed=a.seed, repeats=a.repeats, modes=a.modes or list(ALL_MODES), ks=a.k,
@@ -335,27 +459,28 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "every request in a batch of --slots; requests join and leave between rounds. Needs the serve extra: "
         "pip install -e \".[serve]\".")
     p.add_argument("ckpt", help="checkpoint directory (or a `recyclegpt train` run directory)")
-    p.add_argument("--host", default="127.0.0.1",
+    p.add_argument("--host", type=_text, default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
-    p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint's name)")
-    p.add_argument("--slots", type=_positive_int, default=8,
-                   help="requests decoded together in one batch (default 8)")
-    p.add_argument("--max-k", type=_positive_int, default=3,
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    p.add_argument("--model-name", type=_text, default=None,
+                   help="the model id clients send (default: the checkpoint's name)")
+    p.add_argument("--slots", type=_number(int, 1, 4096), default=8,
+                   help="requests decoded together in one batch, 1 to 4096 (default 8)")
+    p.add_argument("--max-k", type=_draft_k, default=3,
                    help="most drafts per round a request may ask for (`k`); every verify round is this wide "
                    "(default 3)")
-    p.add_argument("--k", type=_positive_int, default=3, help="drafts per round when a request gives no k (default 3)")
+    p.add_argument("--k", type=_draft_k, default=3, help="drafts per round when a request gives no k (default 3)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the decoding rounds at start (default on: /health answers ready once done; "
                    "--no-compile starts at once and decodes eagerly, slower)")
-    p.add_argument("--api-key", default=None,
+    p.add_argument("--api-key", type=_text, default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $RECYCLEGPT_API_KEY if set, else none)")
     p.add_argument("--max-queue", type=_positive_int, default=256,
                    help="requests that may wait for a slot; more get 429 (default 256)")
     p.add_argument("--max-tokens-limit", type=_positive_int, default=None,
                    help="largest max_tokens a request may ask for (default: the model's context)")
     p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="request size limit (default 1 MiB)")
-    p.add_argument("--request-timeout", type=float, default=600.0,
+    p.add_argument("--request-timeout", type=_positive_float, default=600.0,
                    help="seconds a request may take, queue included (default 600)")
     add_runtime_args(p)
     p.set_defaults(func=run_serve)
@@ -463,20 +588,21 @@ def add_attach(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unroll-steps", type=_positive_int,
                    help="chained module steps trained (default 2: drafts 2+ see the module's own state)")
     p.add_argument("--module-layers", type=_positive_int, help="blocks in a fresh module (default 1)")
-    p.add_argument("--distill-kl", type=float, default=0.0, metavar="W",
+    p.add_argument("--distill-kl", type=_unit, default=0.0, metavar="W",
                    help="mix the base's full distribution into the target with weight W in [0, 1] (a KL term; "
                    "default 0: its greedy token only)")
-    p.add_argument("--val-prompts", type=int, default=4,
+    p.add_argument("--val-prompts", type=_nonneg_int, default=4,
                    help="held-out prompts decoded with verify at each validation (default 4; 0: off)")
     p.add_argument("--eval-every", type=_positive_int, help="steps between validations (default 100)")
     p.add_argument("--save-every", type=_positive_int, help="steps between checkpoints (default 100)")
-    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--seed", type=_seed, help="random seed")
     p.add_argument("--fp32", action="store_true",
                    help="no bf16 autocast (default: autocast where the CPU has native bf16, or on CUDA)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU exists")
     p.add_argument("--glob", default="**/*", help="file pattern inside data directories (default: all files)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
+    p.add_argument("--text-field", type=_text, default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.05,
+                   help="share of documents held out, in [0, 1) (default 0.05)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_attach)
 
@@ -531,6 +657,22 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_export)
 
 
+def _check_export_out(a: argparse.Namespace, ckpt, cfg, out) -> None:
+    """--out before any work: never the checkpoint (or its run, or a referenced base), never inside or
+    around one of them; with --overwrite only an earlier export is replaced."""
+    from .paths import check_output_dir
+
+    protect = [(a.ckpt, "the checkpoint"), (str(ckpt), "the checkpoint")]
+    if cfg.base is not None and cfg.base.get("path"):
+        protect.append((cfg.base["path"], "the checkpoint's base model"))
+    if a.format == "all":  # OUT is written into; OUT/hf, OUT/eagle-* are replaced
+        check_output_dir(a.out, "--out", overwrite=None if a.overwrite else False, protect=protect)
+        for sub in ("hf", "eagle-vllm", "eagle-sglang"):
+            check_output_dir(out / sub, "--out", overwrite=a.overwrite, protect=protect)
+    else:
+        check_output_dir(a.out, "--out", overwrite=a.overwrite, protect=protect)
+
+
 def run_export(a: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -541,8 +683,11 @@ def run_export(a: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint_dir(a.ckpt)
     cfg = load_config(ckpt)
     out = Path(a.out)
-    if a.format == "all" and out.exists() and not a.overwrite:
-        raise RecycleError(f"{out} already exists; choose another directory or pass --overwrite")
+    _check_export_out(a, ckpt, cfg, out)
+    if a.format != "hf" and not cfg.module.is_eagle_layout and not a.allow_approximate:  # flag, not API argument
+        raise RecycleError(f"this module variant (input norms: {cfg.module.input_norms}, final norm: "
+                           f"{cfg.module.final_norm}) has no exact EAGLE-1 form; export a default-layout module, "
+                           "or pass --allow-approximate")
     k = a.num_speculative_tokens
 
     def write_hf(dst: Path) -> Path:
@@ -584,7 +729,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_ge
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="recyclegpt",
         description="RecycleGPT: a language model with a recyclable module (Yang et al., 2023, arXiv 2308.03421) "
         "for faster decoding — the paper's alternating `recycle` mode and a lossless draft-and-`verify` mode.",
@@ -595,6 +740,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(line: str) -> None:
+    """One line on stderr whatever it holds: bytes of paths that are not UTF-8 as \\xNN, newlines escaped."""
+    try:
+        line = line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no command-line byte makes
+        line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+    print(line.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _notes() -> Iterator[None]:
+    """While a command runs, each RecycleWarning prints as one `note: ...` line on stderr; others as usual."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, RecycleWarning):
+                _say(f"note: {message}")
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.simplefilter("always", RecycleWarning)
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["bench", "serve"]:  # load-testing a running server: a parser of its own; `bench CKPT` stays
@@ -603,18 +774,39 @@ def main(argv: list[str] | None = None) -> int:
         parser, argv = build_bench_serve_parser(), argv[2:]
     else:
         parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        _say(f"error: {e}")
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return args.func(args) or 0
+        with _notes():
+            return args.func(args) or 0
     except RecycleError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return 2
+    except Interrupted as e:  # SIGINT/SIGTERM in train/attach: the checkpoint is saved; say how to go on
+        _say(_interrupted_line(e, argv))
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file-system fault no check foresaw: still one line, never a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        _say(f"error: {where}{e.strerror or e}")
+        return 2
+
+
+def _interrupted_line(e: Interrupted, argv: list[str]) -> str:
+    import shlex
+
+    if e.step is None or argv[:1] not in (["train"], ["attach"]):
+        return str(e)
+    again = argv if "--resume" in argv else [*argv, "--resume"]
+    return f"{e}; continue with: recyclegpt {shlex.join(again)}"
 
 
 if __name__ == "__main__":

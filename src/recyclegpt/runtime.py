@@ -24,15 +24,25 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
-def resolve_device(device: str | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise RecycleError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RecycleError(f"--device {device}: no CUDA device is available here; use --device cpu")
     try:
-        return torch.device(device)
-    except RuntimeError:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
         raise RecycleError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "meta":  # holds no data: nothing could run on it
+        raise RecycleError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RecycleError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices here "
+                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, generic: bool = False) -> torch.dtype:

@@ -82,7 +82,12 @@ def read_prompt_file(path: str | Path) -> PromptSet:
         raise RecycleError(f"prompt file not found: {path}{hint}")
     if not path.is_file():
         raise RecycleError(f"--prompts must be a file with one prompt per line (or JSONL), got a directory: {path}")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        from ..paths import read_error
+
+        raise read_error(path, e, "prompt file") from None
     if b"\x00" in raw[:8192]:
         raise RecycleError(f"{path} looks binary; --prompts takes a text file with one prompt per line, or JSONL")
     try:

@@ -96,8 +96,15 @@ def run_tokens_val(path: str | Path) -> np.ndarray | None:
     if val.is_file() and manifest.is_file():
         import json
 
-        dtype = np.dtype(json.loads(manifest.read_text())["dtype"])
-        return np.fromfile(val, dtype=dtype).astype(np.int64)
+        try:
+            dtype = np.dtype(json.loads(manifest.read_text())["dtype"])
+            return np.fromfile(val, dtype=dtype).astype(np.int64)
+        except OSError as e:
+            from ..paths import read_error
+
+            raise read_error(e.filename or val, e, "validation split") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise RecycleError(f"corrupt validation split in {val.parent} ({e}); pass --data") from None
     return None
 
 

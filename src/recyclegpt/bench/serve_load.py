@@ -786,6 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_cli(a: argparse.Namespace) -> int:
+    from ..paths import check_output_file
+
+    for flag in ("--json", "--plot"):  # before the load test, not after it
+        check_output_file(getattr(a, flag[2:]), flag)
     opts = ServeLoadOptions(url=a.url, model=a.model, api_key=a.api_key, prompts=a.prompts,
                             num_requests=a.num_requests, max_tokens=a.max_tokens, temperature=a.temperature,
                             ignore_eos=a.ignore_eos, extra=a.extra, endpoint=a.endpoint, concurrency=a.concurrency,

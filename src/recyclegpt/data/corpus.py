@@ -8,6 +8,7 @@ in their first 8 KiB) are skipped and counted.
 from __future__ import annotations
 
 import json
+import os
 import sysconfig
 import zlib
 from collections.abc import Iterator
@@ -54,12 +55,18 @@ def resolve_files(paths: list[str | Path], glob: str = "**/*") -> list[Path]:
         if str(p) == "stdlib":
             files.extend(stdlib_files())
         elif p.is_dir():
+            if not os.access(p, os.R_OK | os.X_OK):
+                raise RecycleError(f"cannot read data directory {p}: permission denied")
             found = sorted(f for f in p.glob(glob) if f.is_file() and not _hidden(f.relative_to(p)))
             if not found:
                 raise RecycleError(f"no files matching {glob!r} under {p}")
             files.extend(found)
         elif p.is_file():
+            if not os.access(p, os.R_OK):  # unreadable is not corrupt or empty: say so before any work
+                raise RecycleError(f"cannot read data file {p}: permission denied")
             files.append(p)
+        elif p.exists():
+            raise RecycleError(f"data path {p} is neither a file nor a directory (a device, pipe or socket)")
         else:
             raise RecycleError(f"data path not found: {p}")
     seen: set[Path] = set()

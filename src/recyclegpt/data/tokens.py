@@ -50,9 +50,12 @@ def prepare_tokens(files: list[Path], tokenizer: Tokenizer, cache_dir: str | Pat
     fp = _fingerprint(files, tokenizer, val_fraction, text_field)
     manifest_path = cache_dir / "manifest.json"
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("fingerprint") == fp:
-            return _open(cache_dir, manifest)
+        try:  # a cache that cannot be read back is rebuilt
+            manifest = json.loads(manifest_path.read_text())
+            if isinstance(manifest, dict) and manifest.get("fingerprint") == fp:
+                return _open(cache_dir, manifest)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
 
     if tokenizer.eos_id is None:
         raise RecycleError("the tokenizer has no <|endoftext|> token to separate documents")

@@ -188,7 +188,7 @@ def model_config_from_hf(hf_config: PretrainedConfig | Mapping[str, Any],
         sliding = False
     if sliding and int(window) < seq:
         raise refuse(f"sliding_window={window} is shorter than the context {seq}; "
-                     f"load with max_seq_len <= {window} to keep the window inactive")
+                     f"load with a context of at most {window} tokens (--max-seq-len) to keep the window inactive")
 
     cfg = ModelConfig(
         vocab_size=int(c.vocab_size),

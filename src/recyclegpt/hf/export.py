@@ -51,7 +51,6 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,11 +60,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..checkpoint import load_checkpoint, replace_dir
+from ..checkpoint import clean_stale_temps, load_checkpoint, make_temp_dir, replace_dir, resolve_checkpoint_dir
 from ..config import Config, ModelConfig
 from ..errors import RecycleError
 from ..model import FullModel
 from ..module import RecyclableModule
+from ..paths import check_not_overlapping, check_output_dir
 from ..tokenizer import Tokenizer
 from .convert import _rope_settings, hf_config_dict, hf_config_from_model_config, to_hf_state_dict
 
@@ -87,11 +87,14 @@ APPROXIMATION_NOTE = (
 
 @contextmanager
 def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `out_dir` in one rename."""
-    if out_dir.exists() and not overwrite:
-        raise RecycleError(f"{out_dir} already exists; choose another directory or pass overwrite=True")
+    """Yield a temporary sibling directory; on success it replaces `out_dir` in one rename.
+
+    Only a missing or empty directory, or an earlier export, is replaced (never a run or a checkpoint);
+    temporary directories that killed exports left next to `out_dir` are removed."""
+    check_output_dir(out_dir, None, overwrite=overwrite, overwrite_flag="overwrite=True")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
+    clean_stale_temps(out_dir)
+    tmp = make_temp_dir(out_dir)
     try:
         yield tmp
         replace_dir(tmp, out_dir)
@@ -122,6 +125,9 @@ def _same_dir(a: Path, b: Path) -> bool:
 def _load(ckpt_dir: str | Path, out_dir: Path) -> tuple[Config, FullModel, RecyclableModule, Tokenizer]:
     if _same_dir(Path(ckpt_dir), out_dir):
         raise RecycleError(f"export target {out_dir} is the checkpoint itself; choose another directory")
+    # Replacing a directory that holds the checkpoint (its run) would delete it; one inside it corrupts it.
+    check_not_overlapping(out_dir, "export target", [(ckpt_dir, "the checkpoint"),
+                                                     (resolve_checkpoint_dir(ckpt_dir), "the checkpoint")])
     return load_checkpoint(ckpt_dir, device="cpu", dtype=torch.float32)
 
 

@@ -80,7 +80,8 @@ def module_model_config(hf_config: Any, vocab_size: int, dim: int, max_seq_len: 
     else:
         seq = int(max_seq_len)
         if max_pos is not None and seq > max_pos:
-            raise RecycleError(f"max_seq_len {seq} exceeds the base model's context ({max_pos} positions)")
+            raise RecycleError(f"a context of {seq} tokens (--max-seq-len) exceeds the base model's context "
+                               f"({max_pos} positions)")
     n_head = getattr(c, "num_attention_heads", None)
     if not isinstance(n_head, int) or n_head <= 0 or dim % n_head or (dim // n_head) % 2:
         n_head = next((dim // hd for hd in (128, 64, 32, 16, 8, 4, 2) if dim % hd == 0), None)
@@ -458,6 +459,9 @@ def copy_base_dir(base: str | Path, out_dir: str | Path, overwrite: bool = False
         raise RecycleError(f"the checkpoint's base model directory is missing: {base}")
     if out.exists() and out.resolve() == base.resolve():
         raise RecycleError(f"export target {out} is the base model itself; choose another directory")
+    from ..paths import check_not_overlapping
+
+    check_not_overlapping(out, "export target", [(base, "the base model")])
     with _atomic_dir(out, overwrite) as tmp:
         for f in sorted(base.iterdir()):
             if f.name.startswith("."):

@@ -98,8 +98,12 @@ def load_weights_lazily(model: FullModel, path: Path) -> None:
                     native = native_target(name, tuple(f.get_slice(name).get_shape()), cfg, expected, unexpected)
                     if native is None:
                         continue
+                    t = f.get_tensor(name)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise RecycleError(f"{path / file} holds non-finite weights (NaN or inf) in {name}: the "
+                                           "model is damaged; use an intact copy")
                     with torch.no_grad():
-                        params[native].copy_(f.get_tensor(name))
+                        params[native].copy_(t)
                     loaded.add(native)
         except SafetensorError as e:
             raise RecycleError(f"corrupt weights file {path / file}: {str(e).splitlines()[0]}") from None

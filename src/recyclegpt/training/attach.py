@@ -52,7 +52,7 @@ from ..checkpoint import (
 from ..config import Config, ModelConfig, ModuleConfig, TokenizerConfig, TrainConfig
 from ..data import prepare_tokens, resolve_files
 from ..decoding import GenerationConfig, generate
-from ..errors import RecycleError
+from ..errors import Interrupted, RecycleError
 from ..hf.convert import SUPPORTED_MODEL_TYPES
 from ..hf.export import check_module_fits
 from ..hf.generic import (
@@ -65,19 +65,23 @@ from ..hf.generic import (
 )
 from ..hf.load import load_hf_model_dir
 from ..module import RecyclableModule
+from ..paths import check_input
 from ..runtime import cpu_has_native_bf16
 from ..tokenizer import Tokenizer
 from .joint import JointModel
 from .loop import (
     Batches,
     StepMeter,
-    _check_out_dir,
     _load_train_state,
     _make_optimizer,
+    _protected,
     _save_train_state,
+    _signal_stop,
     lr_at,
+    nonfinite_error,
     optimizer_step,
 )
+from .rundir import RunDir, StopSignals
 
 BACKENDS = ("auto", "native", "generic")
 BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -384,15 +388,32 @@ def _identity(opts: AttachOptions, tc: TrainConfig) -> dict[str, Any]:
 def attach(opts: AttachOptions) -> Path:
     """Run (or resume) an attach run; returns the checkpoint directory (OUT/checkpoint)."""
     tc = _train_config(opts)
-    out = Path(opts.out)
-    ckpt_dir = out / "checkpoint"
     identity = _identity(opts, tc)
-    _check_out_dir(out, identity, opts.resume)
+    check_input(opts.base, "BASE", "dir")
+    init_from = opts.init_from_checkpoint or None
+    if init_from:
+        check_input(init_from, "--init-from-checkpoint", "dir")
+    files = resolve_files(opts.data, opts.glob)
+    protect = _protected(opts.data, BASE=opts.base, **{"--init-from-checkpoint": init_from})
+    rd = RunDir(opts.out, identity, opts.resume, protect)
+    rd.check()
+    with StopSignals() as sig:
+        try:
+            return _attach(opts, tc, rd, files, sig)
+        except BaseException:
+            rd.failed()
+            raise
+
+
+def _attach(opts: AttachOptions, tc: TrainConfig, rd: RunDir, files: list[Path], sig: StopSignals) -> Path:
+    out, identity = rd.out, rd.identity
+    ckpt_dir = out / "checkpoint"
     device = torch.device("cuda" if torch.cuda.is_available() and not opts.cpu else "cpu")
     base_dtype = BASE_DTYPES[opts.base_dtype]
 
-    resuming = opts.resume and (ckpt_dir / "train_state.json").is_file()
+    resuming = not rd.fresh
     if resuming:
+        rd.begin()  # a save interrupted between its two renames: its previous copy moves back
         cfg, base, module, tokenizer = load_checkpoint(ckpt_dir, device, base_dtype)
         backend = "generic" if cfg.base is not None else "native"
         if base_dtype != torch.float32:  # the module trains in fp32: reload it without the round trip
@@ -418,8 +439,8 @@ def attach(opts: AttachOptions) -> Path:
         raise RecycleError(f"--seq-len {tc.seq_len} exceeds the base's context {cfg.model.max_seq_len} "
                            "(raise --max-seq-len where the base allows)")
 
-    files = resolve_files(opts.data, opts.glob)
-    out.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        rd.begin()  # creates --out, marked as starting until the first checkpoint
     data = prepare_tokens(files, tokenizer, out / "tokens", opts.val_fraction, opts.text_field,
                           progress=opts.progress)
     (out / "run.json").write_text(json.dumps(identity, indent=1))
@@ -430,10 +451,11 @@ def attach(opts: AttachOptions) -> Path:
     joint = JointModel(base, module, tc.recycle_weight, tc.unroll_steps, tc.unroll_decay, train_full=False)
     opt = _make_optimizer(joint, tc)
     batches = Batches(data.train, tc.seq_len, tc.batch_size, tc.seed, 0, 1)
-    step, tokens_seen = 0, 0
+    step, tokens_seen, last_saved = 0, 0, None
     if resuming:
         info = _load_train_state(ckpt_dir, opt, batches)
         step, tokens_seen = info["step"], info["tokens_seen"]
+        last_saved = step
 
     def autocast():
         if not tc.bf16:
@@ -458,6 +480,7 @@ def attach(opts: AttachOptions) -> Path:
 
         full = base if backend == "native" and not reuse else None
         save_checkpoint(ckpt_dir, cfg, full, module, tokenizer, write_extra=extra)
+        rd.saved()
 
     n_base = base.num_params()
     n_mod = module.num_params()
@@ -472,10 +495,12 @@ def attach(opts: AttachOptions) -> Path:
     meter = StepMeter(step, tok_per_step, bar, log, {"module": "ce_module_1"}, deadline, opts.stop_at_step)
     last_eval: dict[str, Any] = {}
     saved_at = step if resuming else -1
+    sig.deferred = True  # from here a signal checkpoints at the next step boundary
     while step < tc.max_steps:
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr
+        loss_sum = None
         for _ in range(tc.grad_accum):
             idx = batches.next().to(device)
             with autocast():
@@ -484,11 +509,18 @@ def attach(opts: AttachOptions) -> Path:
                 targets = distill_targets(logits, idx, opts.distill_kl)
                 loss, metrics = joint(idx, targets, h=h)
             (loss / tc.grad_accum).backward()
-        optimizer_step(opt, (lambda: torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip))
-                       if tc.grad_clip > 0 else None)
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if not optimizer_step(opt, (lambda: torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip))
+                              if tc.grad_clip > 0 else None, loss_sum):
+            raise nonfinite_error(step, last_saved, ckpt_dir)
         step += 1
         tokens_seen += tok_per_step
         stop = meter.update(step, lr, tokens_seen, metrics, last=step == tc.max_steps)
+        signum = _signal_stop(sig)
+        if signum is not None:  # SIGINT/SIGTERM: keep this step, then stop
+            bar.close()
+            checkpoint()
+            raise Interrupted(signum, step, str(ckpt_dir))
         if step % tc.eval_every == 0 or step == tc.max_steps or stop:
             last_eval = evaluate_attach(base, module, data.val, tc, autocast, eval_steps, opts.val_prompts,
                                         tokenizer.eos_id)
@@ -497,7 +529,7 @@ def attach(opts: AttachOptions) -> Path:
             bar.write(_eval_line(step, last_eval))
         if step % tc.save_every == 0 or step == tc.max_steps or stop:
             checkpoint()
-            saved_at = step
+            saved_at = last_saved = step
         if stop:
             break
     bar.close()

@@ -9,6 +9,12 @@ Run directory:
                          train_state.safetensors / train_state.json for --resume (no pickle)
     metrics.jsonl        one JSON line per log/eval event
     tokens/              tokenized corpus cache (train.bin, val.bin, manifest.json)
+    .starting            present until the first checkpoint: a start that fails removes what it wrote
+
+Faults (see rundir.py): --out is checked before any work; --resume refuses a run whose training state is
+missing or corrupt (and recovers a checkpoint whose replacement was cut between its two renames);
+SIGINT/SIGTERM save a checkpoint at the next step boundary, then raise `Interrupted`; a step whose loss
+or gradients are not finite is not applied and stops the run, keeping the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,11 +38,13 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, TrainConfig, preset
 from ..data import TokenData, iter_documents, prepare_tokens, resolve_files
 from ..data.corpus import is_validation
-from ..errors import RecycleError
+from ..errors import Interrupted, RecycleError
 from ..model import FullModel
 from ..module import RecyclableModule
+from ..paths import check_input, read_error
 from ..tokenizer import Tokenizer, iter_texts_chunked
 from .joint import JointModel, agreement
+from .rundir import RunDir, StopSignals
 
 TOKENIZER_TRAIN_CHARS = 40_000_000
 
@@ -115,12 +124,43 @@ class StepMeter:
         return (self.deadline is not None and time.time() >= self.deadline) or step == self.stop_at
 
 
-def optimizer_step(opt: torch.optim.Optimizer, clip: Callable[[], object] | None) -> None:
-    """Clip the gradients (`clip`, when given), apply the update, clear the gradients."""
-    if clip is not None:
-        clip()
-    opt.step()
+def optimizer_step(opt: torch.optim.Optimizer, clip: Callable[[], object] | None, loss: torch.Tensor | None = None,
+                   all_ranks: Callable[[bool], bool] | None = None) -> bool:
+    """Clip the gradients (`clip`, when given), apply the update, clear the gradients.
+
+    When the step's summed `loss` or the gradient norm `clip` returns is not finite (on any rank:
+    `all_ranks` combines the verdicts), nothing is applied and False is returned."""
+    norm = clip() if clip is not None else None
+    finite = loss is None or bool(torch.isfinite(loss).all())
+    if finite and isinstance(norm, (torch.Tensor, float)):
+        finite = bool(torch.isfinite(torch.as_tensor(norm)).all())
+    if all_ranks is not None:
+        finite = all_ranks(finite)
+    if finite:
+        opt.step()
     opt.zero_grad(set_to_none=True)
+    return finite
+
+
+def nonfinite_error(step: int, last_saved: int | None, ckpt_dir: Path) -> RecycleError:
+    """The error for a step whose loss or gradients are not finite (the update was not applied)."""
+    if last_saved is not None:
+        kept = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_dir}: lower --lr (or check the "
+                "data) and continue with --resume")
+    else:
+        kept = "no checkpoint had been saved yet: lower --lr (or check the data) and start again"
+    return RecycleError(f"training stopped at step {step + 1}: the loss or its gradients are not finite (NaN or "
+                        f"inf), so the update was not applied; {kept}")
+
+
+def _signal_stop(sig: StopSignals, accel=None) -> int | None:
+    """The signal that asked the run to stop (on any rank), or None."""
+    if accel is None or accel.num_processes == 1:
+        return sig.signum
+    flags = torch.tensor([float(sig.signum == signal.SIGINT), float(sig.signum == signal.SIGTERM)],
+                         device=accel.device)
+    flags = accel.reduce(flags, reduction="sum").tolist()
+    return signal.SIGINT if flags[0] > 0 else signal.SIGTERM if flags[1] > 0 else None
 
 
 def _make_optimizer(joint: JointModel, tc: TrainConfig) -> torch.optim.AdamW:
@@ -147,6 +187,8 @@ def _load_train_state(dir_: Path, opt: torch.optim.Optimizer, batches: Batches) 
     try:
         tensors = load_file(str(dir_ / "train_state.safetensors"))
         info = json.loads((dir_ / "train_state.json").read_text())
+    except PermissionError as e:
+        raise read_error(e.filename or dir_, e, "training state") from None
     except (OSError, ValueError) as e:
         raise RecycleError(f"cannot resume: training state in {dir_} is missing or corrupt ({e})") from None
     batches.gen.set_state(tensors.pop("rng.data"))
@@ -173,20 +215,10 @@ def _run_identity(opts: TrainOptions, cfg: Config, tc: TrainConfig) -> dict:
     }
 
 
-def _check_out_dir(out: Path, identity: dict, resume: bool) -> None:
-    run_json = out / "run.json"
-    if resume:
-        if not run_json.is_file():
-            raise RecycleError(f"--resume: {out} holds no run to resume (no run.json); drop --resume to start one")
-        old = json.loads(run_json.read_text())
-        if old != identity:
-            diff = [k for k in identity if old.get(k) != identity[k]]
-            raise RecycleError(f"--resume: {out} holds a different run (differs in: {', '.join(diff)})")
-        return
-    if run_json.is_file():
-        raise RecycleError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if out.exists() and any(out.iterdir()):
-        raise RecycleError(f"{out} exists and is not empty; choose a new or empty --out directory")
+def _protected(data: list[str], **named: str | None) -> list[tuple[str, str]]:
+    """Inputs the run directory may neither be, hold, nor lie inside."""
+    out = [(d, f"the --data path {d}") for d in data if d != "stdlib"]
+    return out + [(p, f"the {flag} path {p}") for flag, p in named.items() if p]
 
 
 def _build_tokenizer(opts: TrainOptions, files: list[Path], vocab_size: int) -> Tokenizer:
@@ -247,12 +279,22 @@ def train(opts: TrainOptions) -> Path:
 
     out = Path(opts.out)
     identity = _run_identity(opts, cfg, tc)
+    files = resolve_files(opts.data, opts.glob)
+    if opts.tokenizer:
+        check_input(opts.tokenizer, "--tokenizer")
+    rd = RunDir(opts.out, identity, opts.resume, _protected(opts.data, **{"--tokenizer": opts.tokenizer}))
     if int(os.environ.get("RANK", "0")) == 0:  # validate before any process group or file exists
-        _check_out_dir(out, identity, opts.resume)
+        rd.check()
     use_cpu = opts.cpu or not torch.cuda.is_available()
     accel = Accelerator(cpu=use_cpu, mixed_precision="bf16" if tc.bf16 else "no")
     try:
-        return _train(opts, cfg, tc, accel, out, identity)
+        with StopSignals() as sig:
+            try:
+                return _train(opts, cfg, tc, accel, out, identity, files, rd, sig)
+            except BaseException:
+                if accel.is_main_process:
+                    rd.failed()
+                raise
     finally:
         if accel.num_processes == 1:
             # Accelerate keeps a process-wide singleton; reset it so in-process callers (API, tests)
@@ -262,15 +304,17 @@ def train(opts: TrainOptions) -> Path:
             AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, identity: dict) -> Path:
+def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, identity: dict,
+           files: list[Path], rd: RunDir, sig: StopSignals) -> Path:
     if accel.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        rd.begin()  # fresh: create --out (marked as starting); resume: recover an interrupted save
     accel.wait_for_everyone()
 
-    files = resolve_files(opts.data, opts.glob)
     ckpt_dir = out / "checkpoint"
+    # Rank 0 checked (and recovered) the run; the others see the result on disk.
+    resuming = (not rd.fresh) if accel.is_main_process else opts.resume and (ckpt_dir / "train_state.json").is_file()
     if accel.is_main_process:
-        if opts.resume and (ckpt_dir / "tokenizer.json").is_file():
+        if resuming:
             tokenizer = Tokenizer.load(ckpt_dir / "tokenizer.json")
         else:
             tokenizer = _build_tokenizer(opts, files, cfg.model.vocab_size)
@@ -279,7 +323,7 @@ def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, i
                               progress=opts.progress)
     accel.wait_for_everyone()
     if not accel.is_main_process:
-        tok_path = ckpt_dir / "tokenizer.json" if (ckpt_dir / "tokenizer.json").is_file() else out / "tokenizer.json"
+        tok_path = ckpt_dir / "tokenizer.json" if resuming else out / "tokenizer.json"
         tokenizer = Tokenizer.load(tok_path)
         data = prepare_tokens(files, tokenizer, out / "tokens", opts.val_fraction, opts.text_field, progress=False)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -290,7 +334,7 @@ def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, i
         (out / "run.json").write_text(json.dumps(identity, indent=1))
 
     torch.manual_seed(tc.seed)
-    if opts.resume and (ckpt_dir / "model.safetensors").is_file():
+    if resuming:
         _, model, module, _ = load_checkpoint(ckpt_dir)
     else:
         model, module = FullModel(cfg.model), RecyclableModule(cfg.model, cfg.module)
@@ -299,10 +343,11 @@ def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, i
     joint = JointModel(model, module, tc.recycle_weight, tc.unroll_steps, tc.unroll_decay)
     opt = _make_optimizer(joint, tc)
     batches = Batches(data.train, tc.seq_len, tc.batch_size, tc.seed, accel.process_index, accel.num_processes)
-    step, tokens_seen = 0, 0
-    if opts.resume and (ckpt_dir / "train_state.json").is_file():
+    step, tokens_seen, last_saved = 0, 0, None
+    if resuming:
         info = _load_train_state(ckpt_dir, opt, batches)
         step, tokens_seen = info["step"], info["tokens_seen"]
+        last_saved = step
     joint, opt = accel.prepare(joint, opt)
     raw = accel.unwrap_model(joint)
 
@@ -319,13 +364,23 @@ def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, i
                 f.write(json.dumps(rec) + "\n")
 
     def checkpoint() -> None:
+        nonlocal last_saved
         accel.wait_for_everyone()
         if accel.is_main_process:
             info = {"step": step, "tokens_seen": tokens_seen, "train": dataclasses.asdict(tc)}
             save_checkpoint(ckpt_dir, cfg, raw.model, raw.module, tokenizer,
                             write_extra=lambda d: _save_train_state(d, opt, batches, info))
+            rd.saved()
+        last_saved = step
         accel.wait_for_everyone()
 
+    def all_ranks(ok: bool) -> bool:
+        if accel.num_processes == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=accel.device)
+        return bool(accel.reduce(flag, reduction="sum").item() == 0)
+
+    sig.deferred = True  # from here a signal checkpoints at the next step boundary
     log(start_info)
     t0 = time.time()
     deadline = t0 + opts.max_minutes * 60 if opts.max_minutes else None
@@ -338,6 +393,7 @@ def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, i
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr
+        loss_sum = None
         for micro in range(tc.grad_accum):
             idx = batches.next().to(accel.device)
             sync = micro == tc.grad_accum - 1
@@ -345,14 +401,21 @@ def _train(opts: TrainOptions, cfg: Config, tc: TrainConfig, accel, out: Path, i
             with ctx, accel.autocast():
                 loss, metrics = joint(idx)
                 accel.backward(loss / tc.grad_accum)
-        optimizer_step(opt, (lambda: accel.clip_grad_norm_(joint.parameters(), tc.grad_clip))
-                       if tc.grad_clip > 0 else None)
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if not optimizer_step(opt, (lambda: accel.clip_grad_norm_(joint.parameters(), tc.grad_clip))
+                              if tc.grad_clip > 0 else None, loss_sum, all_ranks):
+            raise nonfinite_error(step, last_saved, ckpt_dir)
         step += 1
         tokens_seen += tok_per_step
         stop = meter.update(step, lr, tokens_seen, metrics, last=step == tc.max_steps)
         if accel.num_processes > 1:  # every rank must stop at the same step
             flag = torch.tensor([1.0 if stop else 0.0], device=accel.device)
             stop = bool(accel.reduce(flag, reduction="sum").item() > 0)
+        signum = _signal_stop(sig, accel)
+        if signum is not None:  # SIGINT/SIGTERM: keep this step, then stop
+            bar.close()
+            checkpoint()
+            raise Interrupted(signum, step, str(ckpt_dir))
         if step % tc.eval_every == 0 or step == tc.max_steps or stop:
             if accel.is_main_process:
                 ev = evaluate(raw, data, tc, accel.autocast)
