@@ -1,11 +1,11 @@
-"""Prefill time: the grouped causal prefill (`decoding.prefill.prefill`, what admission runs) against one
+"""Prefill time: the per-prompt causal prefill (`decoding.prefill.prefill`, what admission runs) against one
 right-padded pass through the static caches, for a batch of prompts of different lengths.
 
     python benchmarks/prefill_speed.py                         # shipped checkpoint, 8 code prompts, bf16
     python benchmarks/prefill_speed.py --ckpt CKPT --batch-size 4 --dtype float32
 
 Both fill the full model's and the module's caches for every row; the median of --repeats timed calls
-after one warm-up call is printed, with the groups the grouped prefill used.
+after one warm-up call is printed.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import recyclegpt
 from recyclegpt import RecycleGPT
 from recyclegpt.bench.prompts import load_prompts
-from recyclegpt.decoding.prefill import prefill, prefill_groups
+from recyclegpt.decoding.prefill import prefill
 
 
 def padded_cached_pass(m: RecycleGPT, prompts: list[list[int]]) -> None:
@@ -48,10 +48,9 @@ def main() -> None:
     for net in (m.model, m.module):
         net.setup_caches(len(prompts), m.dtype)
     lanes = {"right-padded pass over the static cache": lambda: padded_cached_pass(m, prompts),
-             "grouped causal prefill (decoding.prefill)": lambda: prefill(
+             "causal prefill per prompt (decoding.prefill)": lambda: prefill(
                  m.model, m.module, prompts, list(range(len(prompts))), lambda slots, logits: logits.argmax(-1))}
-    print(f"{a.ckpt}, {a.dtype}, {torch.get_num_threads()} thread(s), prompt lengths {lens}; groups "
-          f"{[[lens[b] for b in g] for g in prefill_groups(lens)]}")
+    print(f"{a.ckpt}, {a.dtype}, {torch.get_num_threads()} thread(s), prompt lengths {lens}")
     with torch.inference_mode():
         for name, fn in lanes.items():
             fn()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recyclegpt.decoding import Generation, GenerationConfig, StepEvent, generate, stream
-from recyclegpt.decoding.prefill import prefill, prefill_groups
+from recyclegpt.decoding.prefill import prefill
 from recyclegpt.decoding.testing import cache_prefix, random_models, reference_greedy, uncached_logits
 from recyclegpt.errors import RecycleError
 
@@ -36,7 +36,7 @@ def test_ar_matches_uncached_recompute(models, prompts):
     assert res.tokens == [reference_greedy(model, p, 16) for p in prompts]
     assert res.finish_reasons == ["length"] * len(prompts)
     assert res.stats.full_passes == 15
-    assert res.stats.prefill_passes == len(prefill_groups([len(p) for p in prompts]))  # one pass per length group
+    assert res.stats.prefill_passes == len(prompts)  # one pass per prompt
     assert res.stats.tau == 1.0 and res.stats.module_passes == 0
 
 
@@ -188,18 +188,8 @@ def test_zero_new_tokens_and_bad_inputs(models):
         generate(model, module, PROMPTS, GenerationConfig(max_new_tokens=[1, 2]))
 
 
-@pytest.mark.parametrize("lens", [[5], [3, 40, 41, 12, 1, 39], [7, 7, 7]])
-def test_prefill_groups_cover_every_row_once_with_little_padding(lens):
-    groups = prefill_groups(lens)
-    assert sorted(b for g in groups for b in g) == list(range(len(lens)))
-    for g in groups:
-        real = sum(lens[b] for b in g)
-        assert len(g) * max(lens[b] for b in g) <= 1.25 * real
-    assert len(prefill_groups([10] * 6)) == 1  # equal lengths: one pass
-
-
 def test_prefill_fills_caches_as_a_cached_pass_does(models):
-    """The grouped prefill (causal over each prompt) leaves the full model's and the module's caches and
+    """The prefill (causal over each prompt) leaves the full model's and the module's caches and
     the last logits as a pass through the static caches over the right-padded batch does."""
     model, module = models
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [12, 13, 14, 15], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
@@ -231,7 +221,7 @@ def test_prefill_fills_caches_as_a_cached_pass_does(models):
         nxt[rows, lens - 1] = ref_logits[rows, lens - 1].argmax(-1)  # the first new token after each prompt
         _, ref_g = module(model, nxt, ref_h, pos, logits=False)
         ref = [cache_prefix(net, b, len(p)) for net in (model, module) for b, p in enumerate(prompts)]
-    assert passes == len(prefill_groups([len(p) for p in prompts]))
+    assert passes == len(prompts)
     torch.testing.assert_close(logits, ref_logits[rows, lens - 1], atol=1e-5, rtol=1e-4)
     assert torch.equal(first, ref_logits[rows, lens - 1].argmax(-1))
     torch.testing.assert_close(g, ref_g[rows, lens - 1], atol=1e-5, rtol=1e-4)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import stat
 
 import pytest
 import torch
@@ -108,6 +110,38 @@ def test_export_hf_is_atomic_and_careful(tmp_path, ckpt, monkeypatch):
     with pytest.raises(OSError):  # a failed overwrite keeps the old export intact
         export_hf(ckpt, out, overwrite=True)
     assert (out / "model.safetensors").is_file() and no_temp_leftovers(tmp_path)
+
+
+def _modes(root):
+    return {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+
+
+def test_exports_are_readable_like_save_pretrained(tmp_path, ckpt):
+    """Directories 0755, files 0644 (as save_checkpoint / save_pretrained leave them), even under a
+    private umask and for copied files that were private: an engine running as another user reads them."""
+    from recyclegpt.hf.generic import copy_base_dir
+
+    base = tmp_path / "base"
+    (base / "sub").mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    (base / "sub" / "weights.bin").write_bytes(b"0")
+    (base / "config.json").chmod(0o600)
+    (base / "sub" / "weights.bin").chmod(0o600)
+    (base / "sub").chmod(0o700)
+    old = os.umask(0o077)
+    try:
+        outs = [export_hf(ckpt, tmp_path / "hf"), export_eagle(ckpt, tmp_path / "vllm"),
+                export_eagle(ckpt, tmp_path / "sglang", flavour="sglang"),
+                export_hf(ckpt, tmp_path / "hf", overwrite=True),  # the replacing path too
+                copy_base_dir(base, tmp_path / "copied")]
+    finally:
+        os.umask(old)
+    for out in outs:
+        modes = _modes(out)
+        assert "model.safetensors" in modes or "sub/weights.bin" in modes
+        for name, mode in modes.items():
+            want = 0o755 if (out / name).is_dir() else 0o644
+            assert mode == want, f"{out.name}/{name}: {oct(mode)} != {oct(want)}"
 
 
 # ---------------------------------------------------------------------------------- export_eagle

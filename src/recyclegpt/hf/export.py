@@ -97,10 +97,22 @@ def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     tmp = make_temp_dir(out_dir)
     try:
         yield tmp
+        _make_shareable(tmp)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _make_shareable(root: Path) -> None:
+    """Directories 0755, files 0644, like a `save_pretrained` output or `save_checkpoint`: mkdtemp makes
+    the directory 0700 (and copied files keep their source's mode), so an engine running as another user
+    could not read the export otherwise. Symbolic links are left alone."""
+    root.chmod(0o755)
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        p.chmod(0o755 if p.is_dir() else 0o644)
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
