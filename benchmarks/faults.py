@@ -364,7 +364,7 @@ def _build_cases() -> None:  # noqa: C901 (a long list, read top to bottom)
         ("--data .jsonl without the field", ["--data", "{jsonl}", "--text-field", "body"], "body"),
         ("--data glob that matches nothing", ["--glob", "*.nothing"], "no files"),
         ("--tokenizer under a file", ["--tokenizer", "{afile}/t.json"], "not found"),
-        ("--tokenizer not a tokenizer", ["--tokenizer", "{afile}"], "--tokenizer"),
+        ("--tokenizer not a tokenizer", ["--tokenizer", "{afile}"], "tokenizer"),
         ("--tokenizer a directory", ["--tokenizer", "{adir}"], "tokenizer"),
         ("--tokenizer larger than the model", ["--tokenizer", "{big_tokenizer}"], "--tokenizer"),
         ("--resume with no run", ["--resume"], "no run to resume"),
@@ -400,7 +400,7 @@ def _build_cases() -> None:  # noqa: C901 (a long list, read top to bottom)
         ("--data /dev/null", ["--data", "/dev/null"], "neither a file nor a directory"),
         ("--data an empty directory", ["--data", "{empty}"], "no files"),
         ("--prompts a directory", ["--agreement-tokens", "4", "--prompts", "{adir}"], "directory"),
-        ("--prompts unknown", ["--agreement-tokens", "4", "--prompts", "{new}.txt"], "prompts"),
+        ("--prompts unknown", ["--agreement-tokens", "4", "--prompts", "{new}.txt"], "prompt"),
         ("--prompts not UTF-8", ["--agreement-tokens", "4", "--prompts", "{bad_utf8}"], "UTF-8"),
     ]:
         case("eval", what, [*ev, *args], expect)
@@ -422,9 +422,9 @@ def _build_cases() -> None:  # noqa: C901 (a long list, read top to bottom)
         ("--json and --plot the same file", ["--json", "{new}/same", "--plot", "{new}/same"], "same file"),
         ("--json inside the checkpoint", ["--json", "{ck}/model.safetensors"], "checkpoint"),
         ("--prompts a directory", ["--prompts", "{adir}"], "directory"),
-        ("--prompts an empty file", ["--prompts", "{empty_file}"], "prompts"),
+        ("--prompts an empty file", ["--prompts", "{empty_file}"], "prompt"),
         ("--prompts not UTF-8", ["--prompts", "{bad_utf8}"], "UTF-8"),
-        ("--prompts missing, not UTF-8", ["--prompts", "{root}/\udcff.txt"], "prompts"),
+        ("--prompts missing, not UTF-8", ["--prompts", "{root}/\udcff.txt"], "prompt"),
     ]:
         case("bench", what, [*be, *args], expect)
     case("bench", "checkpoint under a file", ["bench", "{afile}/x", *BENCH], "not found")
@@ -456,7 +456,7 @@ def _build_cases() -> None:  # noqa: C901 (a long list, read top to bottom)
         ("--endpoint unknown", ["--endpoint", "embeddings"], "--endpoint"),
         ("--json a directory", ["--json", "{adir}"], "directory"),
         ("--plot under a file", ["--plot", "{afile}/p.png"], "is a file"),
-        ("--prompts under a file", ["--prompts", "{afile}/x"], "prompts"),
+        ("--prompts under a file", ["--prompts", "{afile}/x"], "prompt"),
         ("--prompts not UTF-8", ["--prompts", "{bad_utf8}"], "UTF-8"),
         ("--api-key not UTF-8", ["--api-key", "\udcff"], ""),
         ("--model not UTF-8", ["--model", "\udcff"], ""),
