@@ -217,7 +217,10 @@ def _load_weights(file: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as e:
         raise RecycleError(f"corrupt weights file {file}: {e}") from None
     for name, t in state.items():  # a diverged or damaged save: refuse it rather than decode NaNs
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point():
+            raise RecycleError(f"{file} holds {name} as {str(t.dtype).removeprefix('torch.')}, not floating point: "
+                               "the checkpoint is damaged or was not written by recyclegpt")
+        if not bool(torch.isfinite(t).all()):
             raise RecycleError(f"{file} holds non-finite weights (NaN or inf) in {name}: the checkpoint is damaged "
                                "or was saved from a diverged run; use an earlier checkpoint")
     return state

@@ -771,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["bench", "serve"]:  # load-testing a running server: a parser of its own; `bench CKPT` stays
         from .bench.serve_load import build_parser as build_bench_serve_parser
 
-        parser, argv = build_bench_serve_parser(), argv[2:]
+        parser, argv = build_bench_serve_parser(_Parser), argv[2:]
     else:
         parser = build_parser()
     try:

@@ -716,7 +716,9 @@ def _positive(kind: type) -> Callable[[str], Any]:
             v = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}") from None
-        if not (v > 0 and math.isfinite(v)):
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+        if not v > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
         return v
     parse.__name__ = kind.__name__
@@ -733,8 +735,12 @@ def _json_object(s: str) -> dict[str, Any]:
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `recyclegpt bench serve` parser; the CLI passes its one-line-error parser class and checks text
+    and numbers with its own option types."""
+    from ..cli import _number, _text
+
+    p = parser_class(
         prog="recyclegpt bench serve",
         description="Load-test a running OpenAI-compatible server (recyclegpt's own, vLLM, SGLang, ...): stream "
         "--num-requests completions per load level, closed loop (--concurrency N keeps N requests in flight; one "
@@ -742,10 +748,12 @@ def build_parser() -> argparse.ArgumentParser:
         "request. Reports per level: completed/failed requests, req/s, output tokens/s, and TTFT, TPOT and "
         "inter-token latency (mean, p50, p95, p99). Only --url is contacted (no redirects, no proxies).",
     )
-    p.add_argument("--url", required=True,
+    p.add_argument("--url", required=True, type=_text,
                    help="the server's base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)")
-    p.add_argument("--model", help="model name sent in each request (default: the first id GET /v1/models lists)")
-    p.add_argument("--api-key", help="sent as `Authorization: Bearer KEY` (default: $RECYCLEGPT_API_KEY, else "
+    p.add_argument("--model", type=_text,
+                   help="model name sent in each request (default: the first id GET /v1/models lists)")
+    p.add_argument("--api-key", type=_text,
+                   help="sent as `Authorization: Bearer KEY` (default: $RECYCLEGPT_API_KEY, else "
                    "$OPENAI_API_KEY, else no header)")
     p.add_argument("--endpoint", default="completions", choices=list(ENDPOINTS),
                    help="completions: POST /v1/completions with the prompt as is (default); chat: POST "
@@ -756,7 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-requests", type=_positive(int), default=32, metavar="N",
                    help="requests per load level (default 32)")
     p.add_argument("--max-tokens", type=_positive(int), default=128, help="max_tokens of each request (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--temperature", type=_number(float, 0, 2), default=0.0,
+                   help="sampling temperature (default 0: greedy)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="send \"ignore_eos\": true (vLLM and recyclegpt's server accept it) so every request "
                    "produces exactly --max-tokens tokens (default on; --no-ignore-eos for servers that refuse it)")
@@ -774,7 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per level, issue no new request after S seconds (in-flight ones finish; default: no limit)")
     p.add_argument("--timeout", type=_positive(float), default=600.0, metavar="S",
                    help="give up on a request after S seconds, start to end; it counts as failed (default 600)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrival times (default 0)")
+    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0,
+                   help="seed of the Poisson arrival times (default 0)")
     p.add_argument("--json", metavar="OUT.json", help="write settings, per-level metrics and per-request records "
                    "(chunk arrival times, token counts, errors) as JSON")
     p.add_argument("--save-texts", action="store_true", help="include the generated texts in --json")
