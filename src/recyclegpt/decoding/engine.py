@@ -70,6 +70,16 @@ class SlotStats:
                 self.accepted_by_position[i] += 1
 
 
+def add_by_position(proposed: list[int], accepted: list[int], stats: SlotStats) -> None:
+    """Add one request's proposed/accepted counts by draft position into running totals (in place)."""
+    for i, (p, a) in enumerate(zip(stats.proposed_by_position, stats.accepted_by_position, strict=True)):
+        if i == len(proposed):
+            proposed.append(0)
+            accepted.append(0)
+        proposed[i] += p
+        accepted[i] += a
+
+
 @dataclass
 class EngineStats:
     """Counters of an engine over its life. Passes are batched calls (one call over B slots counts once)."""

@@ -15,7 +15,7 @@ import torch
 from ..errors import RecycleError
 from ..model import FullModel
 from ..module import RecyclableModule
-from .engine import Engine, row_configs
+from .engine import Engine, add_by_position, row_configs
 from .options import GenerationConfig
 from .stops import Decodes, StopFn, trim_at_stop
 
@@ -143,12 +143,7 @@ class Generation:
                          [r.stats.rounds for r in reqs], prefill_s=es.prefill_s, decode_s=es.decode_s)
         for r in reqs:
             rs = r.stats
-            for i, (p, a) in enumerate(zip(rs.proposed_by_position, rs.accepted_by_position, strict=True)):
-                if i == len(st.proposed_by_position):
-                    st.proposed_by_position.append(0)
-                    st.accepted_by_position.append(0)
-                st.proposed_by_position[i] += p
-                st.accepted_by_position[i] += a
+            add_by_position(st.proposed_by_position, st.accepted_by_position, rs)
             for label, n in rs.drafter_rounds.items():
                 st.drafter_rounds[label] = st.drafter_rounds.get(label, 0) + n
         # k_used in round order (one entry per verify row-round)

@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..decoding.engine import SlotStats
+from ..decoding.engine import SlotStats, add_by_position
 from .worker import Job, Worker
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
@@ -65,14 +65,10 @@ class Metrics:
             self._rounds += stats.rounds
             if self._rounds:
                 self.tau.set(self._produced / self._rounds)
-            for i, (p, a) in enumerate(zip(stats.proposed_by_position, stats.accepted_by_position, strict=True)):
-                if i == len(self._proposed):
-                    self._proposed.append(0)
-                    self._accepted.append(0)
-                self._proposed[i] += p
-                self._accepted[i] += a
-                if self._proposed[i]:
-                    self.acceptance.labels(position=str(i + 1)).set(self._accepted[i] / self._proposed[i])
+            add_by_position(self._proposed, self._accepted, stats)
+            for i, (p, a) in enumerate(zip(self._proposed, self._accepted, strict=True)):
+                if p:
+                    self.acceptance.labels(position=str(i + 1)).set(a / p)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
