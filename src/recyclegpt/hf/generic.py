@@ -34,7 +34,7 @@ from __future__ import annotations
 import inspect
 import math
 import shutil
-import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..errors import RecycleError
+from ..errors import RecycleError, RecycleWarning
 from ..layers import rope_tables
 from ..tokenizer import Tokenizer
 
@@ -412,8 +412,8 @@ def load_generic(path: str | Path, dtype: torch.dtype = torch.float32, device: s
         cfg = module_model_config(hf.config, vocab, dim, max_seq_len)
     model = GenericCausalLM(hf, cfg, source=str(path))
     if model.cache_mode != "dynamic":
-        print(f"note: {path}: its transformers cache cannot be rolled back exactly; every pass recomputes the "
-              "whole prefix (exact, but slow)", file=sys.stderr)
+        warnings.warn(f"{path}: its transformers cache cannot be rolled back exactly; every pass recomputes the "
+                      "whole prefix (exact, but slow)", RecycleWarning, stacklevel=2)
     return model
 
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +52,7 @@ from ..checkpoint import (
 from ..config import Config, ModelConfig, ModuleConfig, TokenizerConfig, TrainConfig
 from ..data import prepare_tokens, resolve_files
 from ..decoding import GenerationConfig, generate
-from ..errors import Interrupted, RecycleError
+from ..errors import Interrupted, RecycleError, RecycleWarning
 from ..hf.convert import SUPPORTED_MODEL_TYPES
 from ..hf.export import check_module_fits
 from ..hf.generic import (
@@ -229,7 +229,7 @@ def load_base(base: str | Path, backend: str = "auto", max_seq_len: int | None =
         except RecycleError as e:
             if backend == "native" or "cannot load this" not in str(e):
                 raise
-            print(f"note: {e}; using the generic transformers backend", file=sys.stderr)
+            warnings.warn(f"{e}; using the generic transformers backend", RecycleWarning, stacklevel=2)
         else:
             return LoadedBase(model, cfg, tok or load_base_tokenizer(p), "native", None)
     model = load_generic(p, dtype=dtype, device=device, max_seq_len=seq)

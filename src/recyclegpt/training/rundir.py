@@ -22,13 +22,13 @@ import json
 import os
 import shutil
 import signal
-import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import clean_stale_temps, load_config, old_copy, recover_dir
-from ..errors import Interrupted, RecycleError
+from ..errors import Interrupted, RecycleError, RecycleWarning
 from ..paths import check_output_dir, read_error
 
 START_MARK = ".starting"
@@ -144,14 +144,14 @@ class RunDir:
         self.began = True
         if not self.fresh:
             if recover_dir(self.ckpt, _complete):
-                print(f"note: recovered the checkpoint of {self.out} from its previous copy (a save was "
-                      "interrupted between its two renames)", file=sys.stderr)
+                warnings.warn(f"recovered the checkpoint of {self.out} from its previous copy (a save was "
+                              "interrupted between its two renames)", RecycleWarning, stacklevel=2)
             clean_stale_temps(self.ckpt)
             (self.out / START_MARK).unlink(missing_ok=True)  # killed right after its first save
             return
         if self.clear_leftovers:
-            print(f"note: clearing the leftovers of a start in {self.out} that never saved a checkpoint",
-                  file=sys.stderr)
+            warnings.warn(f"clearing the leftovers of a start in {self.out} that never saved a checkpoint",
+                          RecycleWarning, stacklevel=2)
             self._remove_start_files()
         top = self.out
         while not top.parent.exists() and top.parent != top:
@@ -228,8 +228,8 @@ class StopSignals:
         if self.deferred and self.signum is None:
             self.signum = signum
             name = signal.Signals(signum).name
-            print(f"\n{name}: saving a checkpoint at the end of this step, then stopping ({name} again: stop "
-                  "at once, keeping the last checkpoint)", file=sys.stderr, flush=True)
+            warnings.warn(f"{name}: saving a checkpoint at the end of this step, then stopping ({name} again: "
+                          "stop at once, keeping the last checkpoint)", RecycleWarning, stacklevel=2)
             return
         raise Interrupted(signum)
 
