@@ -493,22 +493,17 @@ def run_serve(a: argparse.Namespace) -> int:
     from .runtime import set_threads
     from .serve import run_server
 
-    try:
-        from .serve.app import ServeOptions
-    except ImportError as e:
-        raise RecycleError(f"recyclegpt serve needs the serve extra ({e.name} is missing): "
-                           "pip install -e \".[serve]\"") from None
     if a.k > a.max_k:
         raise RecycleError(f"--k {a.k} is larger than --max-k {a.max_k}")
     if a.request_timeout <= 0:
         raise RecycleError(f"--request-timeout must be > 0, got {a.request_timeout}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_threads()
-    opts = ServeOptions(model_name=a.model_name, slots=a.slots, compile=a.compile, width=a.max_k, default_k=a.k,
-                        api_key=a.api_key or os.environ.get("RECYCLEGPT_API_KEY") or None, max_queue=a.max_queue,
-                        max_body_bytes=a.max_body_bytes, max_tokens_limit=a.max_tokens_limit,
-                        request_timeout_s=a.request_timeout)
-    run_server(a.ckpt, a.host, a.port, opts, device=a.device, dtype=a.dtype)
+    run_server(a.ckpt, a.host, a.port, device=a.device, dtype=a.dtype, model_name=a.model_name, slots=a.slots,
+               compile=a.compile, width=a.max_k, default_k=a.k,
+               api_key=a.api_key or os.environ.get("RECYCLEGPT_API_KEY") or None, max_queue=a.max_queue,
+               max_body_bytes=a.max_body_bytes, max_tokens_limit=a.max_tokens_limit,
+               request_timeout_s=a.request_timeout)
     return 0
 
 

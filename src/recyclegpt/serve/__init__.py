@@ -18,16 +18,18 @@ from pathlib import Path
 from ..errors import RecycleError
 
 
-def run_server(ckpt: str, host: str, port: int, opts, device: str = "auto", dtype: str = "auto") -> None:
-    """Load a checkpoint and serve it until interrupted."""
+def run_server(ckpt: str, host: str, port: int, device: str = "auto", dtype: str = "auto", **options) -> None:
+    """Load a checkpoint and serve it until interrupted; `options` are `app.ServeOptions` fields."""
     try:
         import uvicorn
 
-        from .app import ChatTemplate, create_app
+        from .app import ChatTemplate, ServeOptions, create_app
     except ImportError as e:
         raise RecycleError(f"recyclegpt serve needs the serve extra ({e.name} is missing): "
                            "pip install -e \".[serve]\"") from None
     from ..api import RecycleGPT
+
+    opts = ServeOptions(**options)
 
     bundle = RecycleGPT.from_pretrained(ckpt, device=device, dtype=dtype)
     eos = bundle.tokenizer.tok.id_to_token(bundle.tokenizer.eos_id) if bundle.tokenizer.eos_id is not None else ""
