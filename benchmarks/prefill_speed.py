@@ -49,7 +49,7 @@ def main() -> None:
         net.setup_caches(len(prompts), m.dtype)
     lanes = {"right-padded pass over the static cache": lambda: padded_cached_pass(m, prompts),
              "causal prefill per prompt (decoding.prefill)": lambda: prefill(
-                 m.model, m.module, prompts, list(range(len(prompts))), lambda slots, logits: logits.argmax(-1))}
+                 m.model, m.module, prompts, list(range(len(prompts))), lambda slot, logits: logits.argmax(-1))}
     print(f"{a.ckpt}, {a.dtype}, {torch.get_num_threads()} thread(s), prompt lengths {lens}")
     with torch.inference_mode():
         for name, fn in lanes.items():

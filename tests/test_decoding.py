@@ -200,14 +200,14 @@ def test_prefill_fills_caches_as_a_cached_pass_does(models):
             net.setup_caches(B)
         seen = []
 
-        def choose(slots, logits):  # the first new token: the full model's argmax
-            seen.append((slots, logits))
+        def choose(slot, logits):  # the first new token: the full model's argmax
+            seen.append((slot, logits))
             return logits.argmax(-1)
 
-        first, g, passes = prefill(model, module, prompts, list(range(B)), choose)
+        first, g, _, passes = prefill(model, module, prompts, list(range(B)), choose)
         logits = torch.zeros(B, model.cfg.vocab_size)
-        for slots, lg in seen:
-            logits[slots] = lg
+        for slot, lg in seen:
+            logits[slot] = lg[0]
         got = [cache_prefix(net, b, len(p)) for net in (model, module) for b, p in enumerate(prompts)]
         idx = torch.zeros(B, T, dtype=torch.long)
         for b, p in enumerate(prompts):

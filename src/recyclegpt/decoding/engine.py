@@ -317,27 +317,27 @@ class Engine:
             self.top_k[slot] = s.cfg.top_k
             self.top_p[slot] = s.cfg.top_p
         module = self.module if any(s.uses_module for _, s in started) else None
-        first, g, passes = prefill(self.model, module, [s.prompt for _, s in started], slots, self._choose_first)
+        first, g, mlogits, passes = prefill(self.model, module, [s.prompt for _, s in started], slots,
+                                            self._choose_first)
         rows = torch.tensor(slots, device=self.device)
         self.state.pending[rows] = first
         self.state.n[rows] = torch.tensor([len(s.prompt) for _, s in started], device=self.device)
         if g is not None:
             self.state.g[rows] = g.to(self.dtype)
-            self.state.mlogits[rows] = self.model.lm_head(g).to(self.dtype)
+            self.state.mlogits[rows] = mlogits.to(self.dtype)
         self.stats.prefill_passes += passes
         out = {slot: self._emit(slot, s, [t]) for (slot, s), t in zip(started, first.tolist(), strict=True)}
         self.stats.prefill_s += time.perf_counter() - t0
         return out
 
-    def _choose_first(self, slots: list[int], logits: Tensor) -> Tensor:
-        reqs = [self._slots[b] for b in slots]
+    def _choose_first(self, slot: int, logits: Tensor) -> Tensor:
+        """The first new token of the request in `slot` from its prefill's logits [1, V]."""
+        s = self._slots[slot]
         noise = torch.ones_like(logits, dtype=torch.float32)
-        for j, s in enumerate(reqs):
-            if s.sampled:
-                noise[j].exponential_(generator=s.generator)
-        rows = torch.tensor(slots, device=self.device)
-        tok, _ = pick(logits, any(s.sampled for s in reqs), self.temperature[rows], self.top_k[rows],
-                      self.top_p[rows], noise)
+        if s.sampled:
+            noise[0].exponential_(generator=s.generator)
+        at = slice(slot, slot + 1)
+        tok, _ = pick(logits, s.sampled, self.temperature[at], self.top_k[at], self.top_p[at], noise)
         return tok
 
     # ------------------------------------------------------------------ rounds

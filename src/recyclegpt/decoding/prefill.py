@@ -21,26 +21,30 @@ from torch import Tensor
 from ..model import FullModel
 from ..module import RecyclableModule
 
-# (slots, logits [G, V] at their last prompt token) -> first new token [G]
-ChooseFirst = Callable[[list[int], Tensor], Tensor]
+# (slot, logits [1, V] at its prompt's last token) -> its first new token [1]
+ChooseFirst = Callable[[int, Tensor], Tensor]
 
 
 def prefill(model: FullModel, module: RecyclableModule | None, prompts: Sequence[Sequence[int]],
-            slots: Sequence[int], choose: ChooseFirst) -> tuple[Tensor, Tensor | None, int]:
+            slots: Sequence[int], choose: ChooseFirst) -> tuple[Tensor, Tensor | None, Tensor | None, int]:
     """Prefill prompts[i] into cache row slots[i] (positions 0..len-1), for the module too when given.
 
-    Returns (first new token [R], the module's output state [R, d] at each prompt's last position or
-    None, the number of full-model passes), rows in the order of `prompts`.
+    Returns (first new token [R], the module's output state [R, d] and its head logits [R, V] at each
+    prompt's last position, or None twice without a module, the number of full-model passes), rows in
+    the order of `prompts`. The head runs per prompt too, so its rounding never depends on other prompts.
     """
     device = model.tok_embeddings.weight.device
-    first, states = [], []
+    first, states, heads = [], [], []
     for prompt, slot in zip(prompts, slots, strict=True):
         idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # [1, T]
         rows = torch.tensor([slot], device=device)
         h = model.prefill(idx, rows)  # [1, T, d]
-        tok = choose([slot], model.lm_head(h[:, -1]))  # [1]
+        tok = choose(slot, model.lm_head(h[:, -1]))  # [1]
         first.append(tok)
         if module is not None:
             nxt = torch.cat([idx[:, 1:], tok[:, None]], 1)  # x_{t+1} at index t, the first new token last
             states.append(module.prefill(model, nxt, h, rows)[:, -1])  # [1, d]
-    return torch.cat(first), (torch.cat(states) if states else None), len(prompts)
+            heads.append(model.lm_head(states[-1]))  # [1, V]
+    if not states:
+        return torch.cat(first), None, None, len(prompts)
+    return torch.cat(first), torch.cat(states), torch.cat(heads), len(prompts)
