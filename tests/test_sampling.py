@@ -185,7 +185,8 @@ SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperat
 
 
 RUNS = [dict(mode="ar"), dict(mode="verify", k=2), dict(mode="verify", k=1),
-        dict(mode="verify", k=2, drafter="ngram"), dict(mode="verify", k=2, drafter="hybrid")]
+        dict(mode="verify", k=2, drafter="ngram"), dict(mode="verify", k=2, drafter="hybrid"),
+        dict(mode="verify", k=2, tree=4, tree_topk=2), dict(mode="verify", k=2, tree=6, tree_topk=3)]
 
 
 @pytest.mark.parametrize("sampling", SETTINGS)

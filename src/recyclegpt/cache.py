@@ -27,6 +27,12 @@ class KVCache(nn.Module):
         self.v_cache[self.rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
         return self.k_cache, self.v_cache
 
+    def copy_slots(self, src: Tensor, dst: Tensor) -> None:
+        """Row b's entries at slots src[b] to slots dst[b] (both [B, T]); every source is read before
+        any destination is written."""
+        for buf in (self.k_cache, self.v_cache):
+            buf[self.rows, :, dst] = buf[self.rows, :, src]
+
 
 class CacheRows:
     """Prefill store: keeps a prompt's keys/values at positions 0..T-1 of cache rows `rows` and hands the

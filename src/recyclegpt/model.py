@@ -10,6 +10,7 @@ by `setup_caches` are used; without it the call is a plain causal pass (training
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -24,22 +25,36 @@ def cache_mask(input_pos: Tensor, key_pos: Tensor) -> Tensor:
     return key_pos[None, None, None, :] <= input_pos[:, None, :, None]
 
 
+class TreePlacement(NamedTuple):
+    """Where a draft tree's tokens live in a static cache, which differs from their positions: tokens at
+    one depth share a position (their RoPE angle) but need a cache slot each, and see only their own
+    ancestors (`decoding.tree`)."""
+
+    slots: Tensor  # [B, T] long: the cache slot each token's keys/values are written to
+    mask: Tensor  # bool [B, 1, T, S]: the cache slots each token attends to
+
+
 def run_blocks(layers: nn.ModuleList, kvs: Sequence[KVStore] | None, x: Tensor, rope_cos: Tensor,
-               rope_sin: Tensor, key_pos: Tensor, input_pos: Tensor | None) -> Tensor:
+               rope_sin: Tensor, key_pos: Tensor, input_pos: Tensor | None,
+               tree: TreePlacement | None = None) -> Tensor:
     """x [B, T, d] through `layers`.
 
-    input_pos [B, T]: against the static caches `kvs` (a query at position p sees keys <= p).
+    input_pos [B, T]: against the static caches `kvs`. Without `tree`, a token at position p is stored
+    at slot p and sees slots <= p; with it, it is stored at tree.slots and sees what tree.mask says.
     input_pos None: a plain causal pass over x from position 0; `kvs`, if given, only store each
     layer's keys/values (a prefill: `CacheRows`).
     """
+    slots = input_pos
     if input_pos is None:
         T = x.shape[1]
         cos, sin, mask = rope_cos[:T], rope_sin[:T], None
         kvs = kvs if kvs is not None else [None] * len(layers)
-    else:
+    elif tree is None:
         cos, sin, mask = rope_cos[input_pos], rope_sin[input_pos], cache_mask(input_pos, key_pos)
+    else:
+        cos, sin, mask, slots = rope_cos[input_pos], rope_sin[input_pos], tree.mask, tree.slots
     for layer, kv in zip(layers, kvs, strict=True):
-        x = layer(x, cos, sin, mask, kv, input_pos)
+        x = layer(x, cos, sin, mask, kv, slots)
     return x
 
 
@@ -83,14 +98,15 @@ class FullModel(nn.Module):
     def lm_head(self, h: Tensor) -> Tensor:
         return self.output(h)
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None, logits: bool = True
-                ) -> tuple[Tensor | None, Tensor]:
-        """idx: [B, T]; input_pos: [B, T] absolute positions (uses the caches) or None.
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None, logits: bool = True,
+                tree: TreePlacement | None = None) -> tuple[Tensor | None, Tensor]:
+        """idx: [B, T]; input_pos: [B, T] absolute positions (uses the caches) or None; tree: the cache
+        slots and mask of a draft tree's tokens (`run_blocks`).
 
         Returns logits [B, T, V] (None when logits=False) and hidden h [B, T, dim].
         """
         x = run_blocks(self.layers, None if input_pos is None else self.caches, self.tok_embeddings(idx),
-                       self.rope_cos, self.rope_sin, self.key_pos, input_pos)
+                       self.rope_cos, self.rope_sin, self.key_pos, input_pos, tree)
         h = self.norm(x)
         return (self.output(h) if logits else None), h
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .cache import CacheRows, KVCache, UnrollKV, unroll_mask
 from .config import ModelConfig, ModuleConfig
 from .layers import Block, Linear, RMSNorm
-from .model import FullModel, run_blocks
+from .model import FullModel, TreePlacement, run_blocks
 
 
 class RecyclableModule(nn.Module):
@@ -49,16 +49,17 @@ class RecyclableModule(nn.Module):
         return self.fc(torch.cat([emb, h], dim=-1))
 
     def forward(self, model: FullModel, idx: Tensor, h: Tensor, input_pos: Tensor | None = None,
-                logits: bool = True) -> tuple[Tensor | None, Tensor]:
+                logits: bool = True, tree: TreePlacement | None = None) -> tuple[Tensor | None, Tensor]:
         """One module pass over T positions.
 
         idx: [B, T] tokens x_{t+1}; h: [B, T, dim] full-model (or module) states h_t;
-        input_pos: [B, T] the positions t (uses the module's caches) or None (plain causal).
+        input_pos: [B, T] the positions t (uses the module's caches) or None (plain causal); tree: the
+        cache slots and mask of draft-tree entries (`model.run_blocks`).
         Returns logits [B, T, V] for x_{t+2} and the output state [B, T, dim] the head reads.
         `model` supplies the shared embedding and LM head.
         """
         x = run_blocks(self.layers, None if input_pos is None else self.caches, self._fuse(model.embed(idx), h),
-                       model.rope_cos, model.rope_sin, model.key_pos, input_pos)
+                       model.rope_cos, model.rope_sin, model.key_pos, input_pos, tree)
         g = self.norm(x)
         return (model.lm_head(g) if logits else None), g
 

@@ -158,7 +158,9 @@ def compiled_round(model: FullModel, module: RecyclableModule | None, shape: Rou
 
 def shape_label(shape: RoundShape, batch: int, dtype: torch.dtype) -> str:
     """How COMPILE_STATS names a graph, e.g. 'verify k=3 B=1 bfloat16' or 'ar B=8 float32 sampled'."""
-    if shape.width == 0:
+    if shape.tree:
+        kind = f"verify tree {shape.width} depth={shape.depth} top-k={shape.topk}"
+    elif shape.width == 0:
         kind = "ar" if not shape.module else "ar+module"
     elif shape.chain == shape.width:
         kind = f"verify k={shape.width}"

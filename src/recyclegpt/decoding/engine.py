@@ -100,6 +100,7 @@ class _Plan:
     chain: int = 0  # module drafts it needs
     force: bool = False
     host: list[int] | None = None  # the host drafter's proposal it takes
+    tree: tuple[int, int] | None = None  # (node budget, top-k) of the draft tree it asks for (depth: width)
 
 
 class Request:
@@ -150,6 +151,8 @@ class Request:
         if mode == "recycle":
             return _Plan(min(1, cap), 1, chain=1, force=True)
         k = self.adaptive.next_k() if self.adaptive is not None else self.cfg.k
+        if self.cfg.tree:  # a chain of k when the round cannot be a tree round (`Engine._shape`)
+            return _Plan(min(k, cap), k, chain=k, tree=(self.cfg.tree, self.cfg.tree_topk))
         module_plan = _Plan(min(k, cap), k, chain=k)
         if self.drafter is None:
             return module_plan
@@ -285,6 +288,9 @@ class Engine:
             what = "mode 'recycle'" if cfg.mode == "recycle" else f"drafter {cfg.drafter!r}"
             raise RecycleError(f"{what} needs a recyclable module (or use drafter='ngram' / mode='ar')")
         prompt = self.check_prompt(prompt)
+        if cfg.tree and not isinstance(self.model, FullModel):
+            raise RecycleError("draft trees need recyclegpt's own model; this one runs through transformers "
+                               "(generic backend): set tree=0")
         if self.width is not None and cfg.mode != "ar":
             need = 1 if cfg.mode == "recycle" else max(cfg.k_max if cfg.adaptive_k else cfg.k, cfg.ngram_k or 0)
             if need > self.width:
@@ -361,8 +367,8 @@ class Engine:
                                              torch.ones(B, V, device=dev))
         return bufs
 
-    def _inputs(self, width: int, plans: dict[int, _Plan]) -> RoundInputs:
-        B, dev = self.slots, self.device
+    def _inputs(self, shape: RoundShape, plans: dict[int, _Plan]) -> RoundInputs:
+        B, dev, width = self.slots, self.device, shape.width
         lens, force, host = [0] * B, [False] * B, [False] * B
         drafts = [[0] * width for _ in range(B)]
         for b, p in plans.items():
@@ -373,22 +379,37 @@ class Engine:
         draft_noise, accept_noise, next_noise = self._buffers(width)
         for b, p in plans.items():
             s = self._slots[b]
-            if s.sampled:  # the row's draws depend on its own plan only, never on the batch
-                if p.lens and p.host is None:
+            if not s.sampled:
+                continue
+            # The row's draws depend on its own plan and the kind of round only, never on the batch.
+            if shape.tree:  # one draw per depth it can reach: 0..lens (depth D draws from next_noise)
+                draft_noise[b, :min(p.lens + 1, shape.depth)].exponential_(generator=s.generator)
+            elif p.lens:
+                if p.host is None:
                     draft_noise[b, :p.lens].exponential_(generator=s.generator)
-                if p.lens:
-                    accept_noise[b, :p.lens].uniform_(generator=s.generator)
-                next_noise[b].exponential_(generator=s.generator)
+                accept_noise[b, :p.lens].uniform_(generator=s.generator)
+            next_noise[b].exponential_(generator=s.generator)
         return RoundInputs(torch.tensor(lens, device=dev), torch.tensor(force, device=dev),
                            torch.tensor(host, device=dev), torch.tensor(drafts, dtype=torch.long, device=dev),
                            self.temperature, self.top_k, self.top_p, draft_noise, accept_noise, next_noise)
 
     def _shape(self, plans: dict[int, _Plan]) -> RoundShape:
         reqs = [self._slots[b] for b in plans]
+        module, sampled = any(s.uses_module for s in reqs), any(s.sampled for s in reqs)
+        trees = [p.tree for p in plans.values() if p.tree is not None]
+        if trees and not any(p.force for p in plans.values()):
+            # A tree round (`rounds.tree_round`): every drafting row takes part, module rows with the tree,
+            # host rows as a chain; deep enough for every row's k and wide enough for every node budget.
+            nodes = max(max(n for n, _ in trees), max(p.width for p in plans.values()))
+            topk = max(c for _, c in trees)
+            depth = max(p.width for p in plans.values())
+            while topk + (depth - 1) * topk ** 2 < nodes:
+                depth += 1
+            return RoundShape(nodes, 0, module, sampled, depth=depth, topk=topk)
         width, chain = max(p.width for p in plans.values()), max(p.chain for p in plans.values())
         if self.width is not None:
             width, chain = (self.width if width else 0), (self.width if chain else 0)
-        return RoundShape(width, chain, module=any(s.uses_module for s in reqs), sampled=any(s.sampled for s in reqs))
+        return RoundShape(width, chain, module, sampled)
 
     @torch.inference_mode()
     def step(self) -> list[SlotOutput | None]:
@@ -401,7 +422,7 @@ class Engine:
         self._install_caches()
         plans = {b: self._slots[b].plan(b) for b in active}
         shape = self._shape(plans)
-        vals, self.state = self._round_fn(shape)(self.state, self._inputs(shape.width, plans))
+        vals, self.state = self._round_fn(shape)(self.state, self._inputs(shape, plans))
         rows = vals.tolist()  # the round's one host sync
         self.stats.steps += 1
         self.stats.module_passes += shape.module_passes
@@ -444,6 +465,8 @@ class Engine:
     def shapes_for(self, cfg: GenerationConfig) -> list[RoundShape]:
         """The round shapes a request decoding alone uses (adaptive k: its start value only)."""
         sampled, uses = cfg.temperature > 0, cfg.uses_module
+        if cfg.mode == "verify" and cfg.tree:
+            return [RoundShape(cfg.tree, 0, True, sampled, depth=cfg.k, topk=cfg.tree_topk)]
         if self.width is not None:
             W = self.width
             if cfg.mode == "ar":
@@ -478,7 +501,7 @@ class Engine:
             return 0.0
         t0 = time.perf_counter()
         idle = self.state._replace(n=torch.full_like(self.state.n, self.junk))
-        fn(idle, self._inputs(shape.width, {}))  # no plans: no drafts, nothing drawn
+        fn(idle, self._inputs(shape, {}))  # no plans: no drafts, nothing drawn
         return time.perf_counter() - t0
 
 

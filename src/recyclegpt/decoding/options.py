@@ -28,6 +28,10 @@ class GenerationConfig:
     stop_strings: end a row after the token that completes any of them (needs a tokenizer).
     drafter: `module` (chained module drafts), `ngram` (prompt lookup), `hybrid` (per row and
       round, whichever promises more accepted tokens), or a `HostDrafter` object.
+    tree: draft-tree node budget (0: a chain of k drafts). With tree = N > 0, each verify round
+      drafts a tree of N nodes and depth k from the module's top `tree_topk` tokens per node and
+      keeps the longest path the full model agrees with (`decoding.tree`); needs drafter `module`.
+    tree_topk: children expanded per tree node (and nodes expanded per level).
     adaptive_k: move k within [1, k_max] from recent acceptance.
     ngram_k: most n-gram drafts per round (None: k). ngram_max_n / ngram_min_n: match lengths
       tried, longest first (None: 1 for `ngram`, 2 for `hybrid`).
@@ -49,6 +53,8 @@ class GenerationConfig:
     eos_id: int | Sequence[int] | None = None
     stop_strings: Sequence[str] = field(default_factory=tuple)
     drafter: str | HostDrafter = "module"
+    tree: int = 0
+    tree_topk: int = 3
     adaptive_k: bool = False
     k_max: int = 8
     ngram_k: int | None = None
@@ -101,6 +107,21 @@ class GenerationConfig:
         elif not isinstance(self.drafter, HostDrafter):
             raise RecycleError("drafter must be 'module', 'ngram', 'hybrid' "
                                "or an object with propose() and reset()")
+        for name in ("tree", "tree_topk"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "tree" else 1):
+                raise RecycleError(f"{name} must be an integer >= {0 if name == 'tree' else 1}, got {v!r}")
+        if self.tree:
+            if self.mode != "verify" or self.drafter != "module":
+                raise RecycleError("draft trees need mode 'verify' with drafter 'module' (set tree=0 otherwise)")
+            if self.adaptive_k:
+                raise RecycleError("draft trees have a fixed depth k; turn adaptive_k off or set tree=0")
+            if self.tree < self.k:
+                raise RecycleError(f"a tree of depth k={self.k} needs at least k nodes, got tree={self.tree}")
+            most = self.tree_topk + (self.k - 1) * self.tree_topk ** 2
+            if self.tree > most:
+                raise RecycleError(f"a tree of depth {self.k} and top-k {self.tree_topk} has at most {most} "
+                                   f"candidate nodes, got tree={self.tree}; raise k or tree_topk")
         if not isinstance(self.compile, bool):
             raise RecycleError(f"compile must be True or False, got {self.compile!r}")
         validate_sampling(self.temperature, self.top_k, self.top_p)

@@ -18,6 +18,11 @@ The round, with static shapes for a given `RoundShape` and B:
    different counts share one call: entries past a row's count are junk at positions the next
    round overwrites before reading), giving the next round's `mlogits` and `g`.
 
+A *tree round* (`shape.topk` > 0, `decoding.tree`) replaces the chain by a draft tree of
+`shape.width` nodes and depth `shape.depth` per row (host drafts ride in it as a chain-shaped tree),
+verifies it in one pass with a tree mask, accepts the longest path the full model agrees with,
+moves that path's keys and values into place and runs the same catch-up along it.
+
 Every mode is this round with other per-row inputs: `ar` is a row with no drafts (lens 0; a round
 of width 0 is the plain one-token step), `recycle` a row with one forced module draft, `verify` a
 row with k module or host drafts. So `ar` and `verify` rows share a batch, and so do greedy and
@@ -40,22 +45,29 @@ from torch import Tensor
 
 from ..model import FullModel
 from ..module import RecyclableModule
-from .sampling import accept, pick
+from .sampling import accept, logits_to_probs, pick, race
+from .tree import accept_tree, ancestors_of, chain_tree, commit_path, draft_tree, placement
 
 
 @dataclass(frozen=True)
 class RoundShape:
     """What a round's graph is specialised on, besides the batch size."""
 
-    width: int  # K: draft positions in the verify pass (0: the one-token `ar` step)
+    width: int  # K: draft positions in the verify pass (0: the one-token `ar` step); a tree's node budget
     chain: int  # module drafts chained this round (0: none; at most width)
     module: bool  # run the module's catch-up (some row drafts with the module now or later)
     sampled: bool  # some row samples (False: the greedy graph, no probabilities computed)
+    depth: int = 0  # a tree round's depth (most drafts one row can accept)
+    topk: int = 0  # a tree round's branching (> 0 makes it a tree round; chain is then 0)
+
+    @property
+    def tree(self) -> bool:
+        return self.topk > 0
 
     @property
     def module_passes(self) -> int:
-        """Module calls of one round: chain - 1 draft steps and the catch-up."""
-        return max(self.chain - 1, 0) + self.module
+        """Module calls of one round: chain - 1 (or depth - 1) draft steps and the catch-up."""
+        return max((self.depth if self.tree else self.chain) - 1, 0) + self.module
 
 
 class SlotState(NamedTuple):
@@ -77,15 +89,17 @@ class RoundInputs(NamedTuple):
     temperature: Tensor  # [B] float (0: greedy)
     top_k: Tensor  # [B] long (0: off)
     top_p: Tensor  # [B] float (1: off)
-    draft_noise: Tensor  # [B, width, V] Exp(1): row b's draws for its module drafts
+    draft_noise: Tensor  # [B, width, V] Exp(1): row b's draws for its module drafts (a tree: depths 0..D-1)
     accept_noise: Tensor  # [B, width] U(0, 1): for the speculative rule
-    next_noise: Tensor  # [B, V] Exp(1): for the next token
+    next_noise: Tensor  # [B, V] Exp(1): for the next token (a tree: depth D)
 
 
 def decode_round(model: FullModel, module: RecyclableModule | None, shape: RoundShape, state: SlotState,
                  inp: RoundInputs) -> tuple[Tensor, SlotState]:
     """One round (see the module docstring). Returns (vals [B, K+2] = accepted count, then row b's
     tokens out[:accepted+1] (junk past them), the next state)."""
+    if shape.tree:
+        return tree_round(model, module, shape, state, inp)
     K, sampled = shape.width, shape.sampled
     settings = (inp.temperature, inp.top_k, inp.top_p)
     pending, n, mlogits, g = state
@@ -110,6 +124,15 @@ def decode_round(model: FullModel, module: RecyclableModule | None, shape: Round
     else:
         accepted, nxt = accept(logits, drafts, inp.lens, inp.force, sampled, settings, q, inp.accept_noise,
                                inp.next_noise)
+    return commit(model, module, shape, state, drafts, h, pos, accepted, nxt)
+
+
+def commit(model: FullModel, module: RecyclableModule | None, shape: RoundShape, state: SlotState, drafts: Tensor,
+           h: Tensor, pos: Tensor, accepted: Tensor, nxt: Tensor) -> tuple[Tensor, SlotState]:
+    """Steps 4-5: the new tokens (drafts [B, K] along the accepted path, then the full model's next
+    token) and the module's catch-up over the path's states h [B, K+1, d] at positions pos [B, K+1]."""
+    _, n, mlogits, g = state
+    offsets = torch.arange(drafts.shape[1] + 1, device=n.device)
     out = torch.where(offsets == accepted[:, None], nxt[:, None], torch.cat([drafts, nxt[:, None]], 1))
     n_next = (n + accepted + 1).clamp(max=model.cfg.max_seq_len - 1)
     if shape.module:
@@ -117,6 +140,34 @@ def decode_round(model: FullModel, module: RecyclableModule | None, shape: Round
         g = gs.gather(1, accepted[:, None, None].expand(-1, 1, gs.shape[-1]))[:, 0]
         mlogits = model.lm_head(g)
     return torch.cat([accepted[:, None], out], 1), SlotState(nxt, n_next, mlogits, g)
+
+
+def tree_round(model: FullModel, module: RecyclableModule, shape: RoundShape, state: SlotState,
+               inp: RoundInputs) -> tuple[Tensor, SlotState]:
+    """A tree round (`decoding.tree`): vals [B, D+2] as `decode_round`'s, D = shape.depth."""
+    N, D, S = shape.width, shape.depth, model.cfg.max_seq_len
+    pending, n, mlogits, g = state
+    tree = draft_tree(model, module, D, shape.topk, N, mlogits, g, n)
+    host = chain_tree(inp.host_drafts)
+    tree = type(tree)(*(torch.where(inp.host[:, None], a, b) for a, b in zip(host, tree, strict=True)))
+    anc = ancestors_of(tree.parents, D)  # [B, N+1, N+1]
+    pos = (n[:, None] + tree.depth).clamp(max=S - 1)  # [B, N+1]
+    where = placement(n, anc, model.key_pos)
+    logits, h = model(torch.cat([pending[:, None], tree.tokens], 1), pos, tree=where)  # [B, N+1, V]
+    if shape.sampled:
+        noise = torch.cat([inp.draft_noise[:, :D], inp.next_noise[:, None]], 1)  # [B, D+1, V]: one per depth
+        noise = noise.gather(1, tree.depth[:, :, None].expand(-1, -1, noise.shape[-1]))
+        targets = race(logits_to_probs(logits, inp.temperature, inp.top_k, inp.top_p), noise)
+    else:
+        targets = logits.float().argmax(-1)  # [B, N+1]
+    valid = (tree.depth <= inp.lens[:, None]) & (where.slots < S - 1)
+    path, accepted = accept_tree(tree, targets, valid, anc, D)
+    commit_path(model, n, path)
+    seq = torch.cat([pending[:, None], tree.tokens], 1).gather(1, path)  # [B, D+1]: the path's tokens
+    nxt = targets.gather(1, path.gather(1, accepted[:, None]))[:, 0]
+    chain_pos = (n[:, None] + torch.arange(D + 1, device=n.device)).clamp(max=S - 1)
+    h_path = h.gather(1, path[:, :, None].expand(-1, -1, h.shape[-1]))
+    return commit(model, module, shape, state, seq[:, 1:], h_path, chain_pos, accepted, nxt)
 
 
 def draft_chain(model: FullModel, module: RecyclableModule, k: int, mlogits: Tensor, g: Tensor, pos: Tensor,

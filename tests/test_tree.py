@@ -1,0 +1,199 @@
+"""Draft trees: greedy output identical to ar (eager, compiled, batches, mixed rows, the context's end),
+caches after a round equal a fresh prefill, the acceptance rule on hand-built trees, selection, errors.
+(Sampled trees against the exact distribution: tests/test_sampling.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recyclegpt.decoding import Engine, GenerationConfig, generate
+from recyclegpt.decoding.testing import cache_prefix, copy_models, random_models, uncached_logits
+from recyclegpt.decoding.tree import Tree, accept_tree, ancestors_of, chain_tree, draft_tree
+from recyclegpt.errors import RecycleError
+
+torch.set_num_threads(1)
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [100]]
+N = 24
+TREES = [(3, 4, 2), (2, 6, 3), (4, 10, 3), (3, 3, 1), (1, 4, 4)]  # (k = depth, nodes, top-k)
+
+
+def ar(model, prompts, n=N, **kw):
+    return generate(model, None, prompts, GenerationConfig(mode="ar", max_new_tokens=n, **kw)).tokens
+
+
+def tree_cfg(k, nodes, topk, **kw):
+    return GenerationConfig(mode="verify", k=k, tree=nodes, tree_topk=topk, max_new_tokens=kw.pop("n", N), **kw)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A random pair (drafts mostly wrong) and a copy pair whose drafts are mostly right."""
+    return {"random": random_models(seed=1), "copy": copy_models(context=0.3)}
+
+
+@pytest.mark.parametrize("kind", ["random", "copy"])
+@pytest.mark.parametrize("k,nodes,topk", TREES)
+def test_greedy_tree_equals_ar(models, kind, k, nodes, topk):
+    model, module = models[kind]
+    want = ar(model, PROMPTS)
+    for prompts, ref in ((PROMPTS[:1], want[:1]), (PROMPTS, want)):  # batch 1, and rows at different positions
+        res = generate(model, module, prompts, tree_cfg(k, nodes, topk))
+        assert res.tokens == ref
+    if kind == "copy":  # the module is right often: trees accept several tokens per pass
+        assert res.stats.tau > 1 + 0.5 * k
+
+
+def test_tree_accepts_more_than_chain_where_the_chain_stalls():
+    """With weakened drafts the runners-up matter: a tree of the same depth accepts more per pass."""
+    model, module = copy_models(context=0.6)
+    chain = generate(model, module, PROMPTS, GenerationConfig(mode="verify", k=3, max_new_tokens=N))
+    tree = generate(model, module, PROMPTS, tree_cfg(3, 12, 3))
+    assert tree.tokens == chain.tokens == ar(model, PROMPTS)
+    assert tree.stats.tau > chain.stats.tau
+
+
+def test_compiled_tree_equals_ar(models):
+    model, module = models["copy"]
+    want = ar(model, PROMPTS[:2], n=12)
+    res = generate(model, module, PROMPTS[:2], tree_cfg(3, 6, 2, n=12, compile=True))
+    assert res.tokens == want
+
+
+def test_tree_at_the_end_of_the_context():
+    """Nodes whose cache slot would pass the context are not verified; the row still ends exactly."""
+    model, module = copy_models(context=0.3, max_seq_len=40)
+    prompts = [list(range(1, 30)), list(range(3, 35))]
+    res = generate(model, module, prompts, tree_cfg(3, 10, 3, n=20))
+    assert res.tokens == ar(model, prompts, n=20)
+    assert [len(t) for t in res.tokens] == [11, 8]
+
+
+def test_tree_rows_mix_with_ar_chain_and_ngram_rows(models):
+    model, module = models["copy"]
+    want = ar(model, PROMPTS)
+    eng = Engine(model, module, slots=4)
+    cfgs = [tree_cfg(3, 6, 2), GenerationConfig(mode="ar", max_new_tokens=N),
+            GenerationConfig(mode="verify", k=2, max_new_tokens=N),
+            GenerationConfig(mode="verify", k=3, drafter="ngram", max_new_tokens=N)]
+    admitted = eng.admit_many([(b, p, c) for b, (p, c) in enumerate(zip(PROMPTS, cfgs, strict=True))])
+    got = [list(o.tokens) for o in admitted]
+    while eng.decoding():
+        for b, o in enumerate(eng.step()):
+            if o is not None:
+                got[b] += o.tokens
+    assert got == want
+
+
+def test_recycle_row_turns_tree_rows_into_chains(models):
+    """`recycle` rows force their drafts, which a tree round has no place for: the round is a chain round
+    and tree rows draft a chain of k (still lossless)."""
+    model, module = models["copy"]
+    eng = Engine(model, module, slots=2)
+    eng.admit_many([(0, PROMPTS[0], tree_cfg(3, 6, 2)), (1, PROMPTS[1], GenerationConfig(mode="recycle"))])
+    plans = {b: eng.request(b).plan(b) for b in eng.decoding()}
+    shape = eng._shape(plans)
+    assert not shape.tree and shape.chain == 3
+    got = list(eng.request(0).generated)
+    while 0 in eng.decoding():
+        got += eng.step()[0].tokens
+    assert got == ar(model, PROMPTS[:1])[0]
+
+
+@pytest.mark.parametrize("kind", ["random", "copy"])
+def test_caches_after_tree_rounds_equal_a_fresh_prefill(models, kind):
+    """The full model's and the module's caches hold exactly the true entries after accepted paths
+    (keys/values moved into place), as an uncached pass over the whole sequence computes them."""
+    model, module = models[kind]
+    eng = Engine(model, module, slots=2)
+    cfg = tree_cfg(3, 10, 3, n=16)
+    eng.admit_many([(0, PROMPTS[0], cfg), (1, PROMPTS[2], cfg)])
+    while eng.decoding():
+        eng.step()
+    for b, prompt in ((0, PROMPTS[0]), (1, PROMPTS[2])):
+        seq = prompt + eng.request(b).generated
+        n = len(seq) - 1  # the last token is pending: never processed
+        fresh = Engine(model, module, slots=1)  # its prefill of x_0..x_{n-1}: the reference entries
+        fresh.admit(0, seq[:n], GenerationConfig(mode="verify", max_new_tokens=1))
+        eng._install_caches()
+        got_model, got_module = cache_prefix(model, b, n), cache_prefix(module, b, n - 1)
+        fresh._install_caches()
+        ref_model, ref_module = cache_prefix(model, 0, n), cache_prefix(module, 0, n - 1)
+        for (k1, v1), (k2, v2) in zip(got_model + got_module, ref_model + ref_module, strict=True):
+            torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
+        _, mlogits = uncached_logits(model, module, seq)
+        eng._install_caches()
+        torch.testing.assert_close(eng.state.mlogits[b].float(), mlogits[n - 1].float(), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the acceptance rule on hand-built trees
+#        0 (pending)
+#       / \
+#  (1) 5   6 (2)
+#     / \    \
+# (3) 7  8 (4) 9 (5)
+#     |
+# (6) 4
+HAND = Tree(torch.tensor([[5, 6, 7, 8, 9, 4]]), torch.tensor([[0, 0, 0, 1, 1, 2, 3]]),
+            torch.tensor([[0, 1, 1, 2, 2, 2, 3]]))
+
+
+def accept_hand(targets, lens=3):
+    valid = (HAND.depth <= lens) & torch.ones_like(HAND.depth, dtype=torch.bool)
+    return accept_tree(HAND, torch.tensor([targets]), valid, ancestors_of(HAND.parents, 3), 3)
+
+
+@pytest.mark.parametrize("targets,path,accepted,nxt", [
+    ([5, 7, 9, 4, 0, 0, 2], [0, 1, 3, 6], 3, 2),  # 5 -> 7 -> 4, then the choice at node 6
+    ([5, 8, 9, 4, 0, 0, 2], [0, 1, 4], 2, 0),  # 5 -> 8 (node 4), then node 4's choice
+    ([6, 7, 9, 4, 0, 0, 2], [0, 2, 5], 2, 0),  # the second child: 6 -> 9
+    ([6, 7, 1, 4, 0, 0, 2], [0, 2], 1, 1),  # 6, but node 2's choice 1 is no child
+    ([3, 7, 9, 4, 0, 0, 2], [0], 0, 3),  # no child of the root: only the full model's token
+])
+def test_accept_tree_path_by_path(targets, path, accepted, nxt):
+    got_path, got_acc = accept_hand(targets)
+    assert int(got_acc[0]) == accepted
+    assert got_path[0, :accepted + 1].tolist() == path
+    assert targets[path[-1]] == nxt
+
+
+def test_accept_tree_respects_depth_limit():
+    got_path, got_acc = accept_hand([5, 7, 9, 4, 0, 0, 2], lens=2)  # node 6 (depth 3) is past the budget
+    assert int(got_acc[0]) == 2 and got_path[0, :3].tolist() == [0, 1, 3]
+
+
+def test_chain_tree_is_a_chain():
+    t = chain_tree(torch.tensor([[4, 5, 6]]))
+    assert t.parents.tolist() == [[0, 0, 1, 2]] and t.depth.tolist() == [[0, 1, 2, 3]]
+    anc = ancestors_of(t.parents, 3)
+    assert anc[0].long().tolist() == torch.ones(4, 4).tril().long().tolist()
+
+
+def test_draft_tree_keeps_the_best_nodes_and_is_a_tree(models):
+    """Selected nodes: parents before children, every parent selected, the module's top token first."""
+    model, module = models["random"]
+    eng = Engine(model, module, slots=2)
+    eng.admit_many([(0, PROMPTS[0], tree_cfg(3, 10, 3)), (1, PROMPTS[2], tree_cfg(3, 10, 3))])
+    with torch.inference_mode():
+        t = draft_tree(model, module, 3, 3, 10, eng.state.mlogits, eng.state.g, eng.state.n)
+    assert t.tokens.shape == (2, 10)
+    assert (t.parents[:, 1:] < torch.arange(1, 11)).all()  # parents come first
+    parent_depth = t.depth.gather(1, t.parents)
+    assert (t.depth[:, 1:] == parent_depth[:, 1:] + 1).all()
+    assert (t.tokens[:, 0] == eng.state.mlogits.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(mode="ar", tree=4), "draft trees need mode 'verify'"),
+    (dict(drafter="ngram", tree=4), "drafter 'module'"),
+    (dict(adaptive_k=True, tree=4), "fixed depth"),
+    (dict(k=4, tree=3), "at least k nodes"),
+    (dict(k=2, tree=20, tree_topk=2), "at most 6 candidate nodes"),
+    (dict(tree=-1), "tree must be an integer >= 0"),
+    (dict(tree=4, tree_topk=0), "tree_topk must be an integer >= 1"),
+])
+def test_bad_tree_settings_raise(kw, msg):
+    with pytest.raises(RecycleError, match=msg):
+        GenerationConfig(**kw).validate()
