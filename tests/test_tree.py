@@ -137,7 +137,8 @@ def test_caches_after_tree_rounds_equal_a_fresh_prefill(models, kind):
 #     |
 # (6) 4
 HAND = Tree(torch.tensor([[5, 6, 7, 8, 9, 4]]), torch.tensor([[0, 0, 0, 1, 1, 2, 3]]),
-            torch.tensor([[0, 1, 1, 2, 2, 2, 3]]))
+            torch.tensor([[0, 1, 1, 2, 2, 2, 3]]), torch.tensor([[0, 0, 1, 0, 1, 0, 0]]),
+            torch.ones(1, 7, dtype=torch.bool), None)
 
 
 def accept_hand(targets, lens=3):
@@ -165,7 +166,7 @@ def test_accept_tree_respects_depth_limit():
 
 
 def test_chain_tree_is_a_chain():
-    t = chain_tree(torch.tensor([[4, 5, 6]]))
+    t = chain_tree(torch.tensor([[4, 5, 6]]), HAND)
     assert t.parents.tolist() == [[0, 0, 1, 2]] and t.depth.tolist() == [[0, 1, 2, 3]]
     anc = ancestors_of(t.parents, 3)
     assert anc[0].long().tolist() == torch.ones(4, 4).tril().long().tolist()
@@ -197,3 +198,56 @@ def test_draft_tree_keeps_the_best_nodes_and_is_a_tree(models):
 def test_bad_tree_settings_raise(kw, msg):
     with pytest.raises(RecycleError, match=msg):
         GenerationConfig(**kw).validate()
+
+
+def test_sample_tree_gives_the_target_distribution_on_stub_probs():
+    """Recursive rejection over sibling draws (without replacement) from q: the token at depth 1 follows
+    p at the root, and the token after node 1 follows p at node 1, whatever q and the tree's shape."""
+    from test_sampling import chi2_pvalue
+
+    from recyclegpt.decoding.tree import sample_tree
+
+    g = torch.Generator().manual_seed(0)
+    R, V, c, D = 20000, 8, 2, 3
+    p = torch.softmax(torch.randn(7, V, generator=g) * 1.5, -1)  # per node of HAND's shape
+    q = torch.softmax(torch.randn(7, V, generator=g) * 1.5, -1)
+
+    def draws(node: int, count: int) -> torch.Tensor:  # [R, count]: without replacement from q[node]
+        return (q[node] / torch.empty(R, V).exponential_(generator=g)).topk(count, -1).indices
+
+    root, under1, under2, under3 = draws(0, 2), draws(1, 2), draws(2, 1), draws(3, 1)
+    tokens = torch.cat([root, under1, under2, under3], 1)  # nodes 1..6 in HAND's layout
+    tree = HAND._replace(tokens=tokens, parents=HAND.parents.expand(R, -1), depth=HAND.depth.expand(R, -1),
+                         rank=HAND.rank.expand(R, -1), live=HAND.live.expand(R, -1), q=q.expand(R, -1, -1))
+    path, acc, nxt = sample_tree(tree, p.expand(R, -1, -1), torch.ones(R, 7, dtype=torch.bool),
+                                 torch.zeros(R, dtype=torch.bool), torch.rand(R, D * c, generator=g),
+                                 torch.empty(R, D + 1, V).exponential_(generator=g), D, c)
+    all_tok = torch.cat([torch.zeros(R, 1, dtype=torch.long), tokens], 1)
+    first = torch.where(acc >= 1, all_tok.gather(1, path[:, 1:2])[:, 0], nxt)
+    assert chi2_pvalue(torch.bincount(first, minlength=V), p[0]) > 1e-3
+    via1 = path[:, 1] == 1
+    second = torch.where(acc >= 2, all_tok.gather(1, path[:, 2:3])[:, 0], nxt)[via1]
+    assert via1.sum() > 2000 and chi2_pvalue(torch.bincount(second, minlength=V), p[1]) > 1e-3
+    assert 0.1 < (acc >= 1).float().mean() < 0.9  # siblings are accepted, not always
+
+
+def test_sample_tree_has_power():
+    """The same check fails for children taken as the top-c of q instead of drawn from it."""
+    from test_sampling import chi2_pvalue
+
+    from recyclegpt.decoding.tree import sample_tree
+
+    g = torch.Generator().manual_seed(1)
+    R, V, c, D = 20000, 8, 2, 3
+    p = torch.softmax(torch.randn(7, V, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(7, V, generator=g) * 1.5, -1)
+    tokens = torch.cat([q[0].topk(2).indices, q[1].topk(2).indices, q[2].topk(1).indices,
+                        q[3].topk(1).indices]).expand(R, -1)
+    tree = HAND._replace(tokens=tokens, parents=HAND.parents.expand(R, -1), depth=HAND.depth.expand(R, -1),
+                         rank=HAND.rank.expand(R, -1), live=HAND.live.expand(R, -1), q=q.expand(R, -1, -1))
+    path, acc, nxt = sample_tree(tree, p.expand(R, -1, -1), torch.ones(R, 7, dtype=torch.bool),
+                                 torch.zeros(R, dtype=torch.bool), torch.rand(R, D * c, generator=g),
+                                 torch.empty(R, D + 1, V).exponential_(generator=g), D, c)
+    all_tok = torch.cat([torch.zeros(R, 1, dtype=torch.long), tokens], 1)
+    first = torch.where(acc >= 1, all_tok.gather(1, path[:, 1:2])[:, 0], nxt)
+    assert chi2_pvalue(torch.bincount(first, minlength=V), p[0]) < 1e-6

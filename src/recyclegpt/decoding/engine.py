@@ -36,7 +36,7 @@ from . import compiled
 from .drafters import AcceptanceTracker, AdaptiveK, HostDrafter, NgramDrafter, prefer_ngram
 from .options import GenerationConfig
 from .prefill import prefill
-from .rounds import RoundInputs, RoundShape, SlotState, decode_round
+from .rounds import RoundInputs, RoundShape, SlotState, decode_round, tree_noise_sizes
 from .sampling import pick
 from .stops import Decodes, StopChecker, StopFn
 
@@ -207,7 +207,7 @@ class Engine:
             self.temperature = torch.zeros(B, device=dev)
             self.top_k = torch.zeros(B, dtype=torch.long, device=dev)
             self.top_p = torch.ones(B, device=dev)
-        self._noise: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self._noise: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
         self._slots: list[Request | None] = [None] * B
         self.stats = EngineStats()
 
@@ -357,14 +357,15 @@ class Engine:
             return compiled.compiled_round(self.model, self.module, shape, self.slots)
         return functools.partial(decode_round, self.model, self.module, shape)
 
-    def _buffers(self, width: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Noise buffers of a round width, refilled per row from each request's own generator."""
-        bufs = self._noise.get(width)
+    def _buffers(self, shape: RoundShape) -> tuple[Tensor, Tensor, Tensor]:
+        """Noise buffers of a round shape, refilled per row from each request's own generator."""
+        sizes = tree_noise_sizes(shape) if shape.tree else (shape.width, shape.width)
+        bufs = self._noise.get(sizes)
         if bufs is None:
             B, V, dev = self.slots, self.vocab_size, self.device
             with torch.inference_mode():
-                bufs = self._noise[width] = (torch.ones(B, width, V, device=dev), torch.zeros(B, width, device=dev),
-                                             torch.ones(B, V, device=dev))
+                bufs = self._noise[sizes] = (torch.ones(B, sizes[0], V, device=dev),
+                                             torch.zeros(B, sizes[1], device=dev), torch.ones(B, V, device=dev))
         return bufs
 
     def _inputs(self, shape: RoundShape, plans: dict[int, _Plan]) -> RoundInputs:
@@ -376,15 +377,17 @@ class Engine:
             if p.host is not None:
                 host[b] = True
                 drafts[b][:len(p.host)] = p.host
-        draft_noise, accept_noise, next_noise = self._buffers(width)
+        draft_noise, accept_noise, next_noise = self._buffers(shape)
         for b, p in plans.items():
             s = self._slots[b]
             if not s.sampled:
                 continue
             # The row's draws depend on its own plan and the kind of round only, never on the batch.
-            if shape.tree:  # one draw per depth it can reach: 0..lens (depth D draws from next_noise)
-                draft_noise[b, :min(p.lens + 1, shape.depth)].exponential_(generator=s.generator)
-            elif p.lens:
+            if shape.tree:  # the module's draws, one per depth, one uniform per (depth, sibling)
+                draft_noise[b].exponential_(generator=s.generator)
+                accept_noise[b].uniform_(generator=s.generator)
+                continue
+            if p.lens:
                 if p.host is None:
                     draft_noise[b, :p.lens].exponential_(generator=s.generator)
                 accept_noise[b, :p.lens].uniform_(generator=s.generator)

@@ -45,8 +45,8 @@ from torch import Tensor
 
 from ..model import FullModel
 from ..module import RecyclableModule
-from .sampling import accept, logits_to_probs, pick, race
-from .tree import accept_tree, ancestors_of, chain_tree, commit_path, draft_tree, placement
+from .sampling import accept, logits_to_probs, pick
+from .tree import accept_tree, ancestors_of, chain_tree, commit_path, draft_tree, placement, sample_tree
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,9 @@ class RoundInputs(NamedTuple):
     temperature: Tensor  # [B] float (0: greedy)
     top_k: Tensor  # [B] long (0: off)
     top_p: Tensor  # [B] float (1: off)
-    draft_noise: Tensor  # [B, width, V] Exp(1): row b's draws for its module drafts (a tree: depths 0..D-1)
-    accept_noise: Tensor  # [B, width] U(0, 1): for the speculative rule
-    next_noise: Tensor  # [B, V] Exp(1): for the next token (a tree: depth D)
+    draft_noise: Tensor  # [B, width, V] Exp(1): row b's draws for its module drafts (tree: `tree_noise_sizes`)
+    accept_noise: Tensor  # [B, width] U(0, 1): for the speculative rule (tree: `tree_noise_sizes`)
+    next_noise: Tensor  # [B, V] Exp(1): for the next token (unused by tree rounds)
 
 
 def decode_round(model: FullModel, module: RecyclableModule | None, shape: RoundShape, state: SlotState,
@@ -144,30 +144,41 @@ def commit(model: FullModel, module: RecyclableModule | None, shape: RoundShape,
 
 def tree_round(model: FullModel, module: RecyclableModule, shape: RoundShape, state: SlotState,
                inp: RoundInputs) -> tuple[Tensor, SlotState]:
-    """A tree round (`decoding.tree`): vals [B, D+2] as `decode_round`'s, D = shape.depth."""
-    N, D, S = shape.width, shape.depth, model.cfg.max_seq_len
+    """A tree round (`decoding.tree`): vals [B, D+2] as `decode_round`'s, D = shape.depth. Sampled
+    rounds read their noise as `tree_noise_sizes` lays it out."""
+    N, D, c, S = shape.width, shape.depth, shape.topk, model.cfg.max_seq_len
     pending, n, mlogits, g = state
-    tree = draft_tree(model, module, D, shape.topk, N, mlogits, g, n)
-    host = chain_tree(inp.host_drafts)
-    tree = type(tree)(*(torch.where(inp.host[:, None], a, b) for a, b in zip(host, tree, strict=True)))
+    settings = (inp.temperature, inp.top_k, inp.top_p)
+    drafting = 1 + (D - 1) * c
+    tree = draft_tree(model, module, D, c, N, mlogits, g, n, settings if shape.sampled else None,
+                      inp.draft_noise[:, :drafting] if shape.sampled else None)
+    host = chain_tree(inp.host_drafts, tree)
+    tree = type(tree)(*(torch.where(inp.host.view(-1, *[1] * (a.dim() - 1)), a, b) if a is not None else None
+                        for a, b in zip(host, tree, strict=True)))
     anc = ancestors_of(tree.parents, D)  # [B, N+1, N+1]
     pos = (n[:, None] + tree.depth).clamp(max=S - 1)  # [B, N+1]
     where = placement(n, anc, model.key_pos)
-    logits, h = model(torch.cat([pending[:, None], tree.tokens], 1), pos, tree=where)  # [B, N+1, V]
+    tokens = torch.cat([pending[:, None], tree.tokens], 1)  # [B, N+1]
+    logits, h = model(tokens, pos, tree=where)  # [B, N+1, V], [B, N+1, d]
+    valid = (tree.depth <= inp.lens[:, None]) & (where.slots < S - 1)
     if shape.sampled:
-        noise = torch.cat([inp.draft_noise[:, :D], inp.next_noise[:, None]], 1)  # [B, D+1, V]: one per depth
-        noise = noise.gather(1, tree.depth[:, :, None].expand(-1, -1, noise.shape[-1]))
-        targets = race(logits_to_probs(logits, inp.temperature, inp.top_k, inp.top_p), noise)
+        det = (inp.temperature == 0) | inp.host
+        path, accepted, nxt = sample_tree(tree, logits_to_probs(logits, *settings), valid, det, inp.accept_noise,
+                                          inp.draft_noise[:, drafting:], D, c)
     else:
         targets = logits.float().argmax(-1)  # [B, N+1]
-    valid = (tree.depth <= inp.lens[:, None]) & (where.slots < S - 1)
-    path, accepted = accept_tree(tree, targets, valid, anc, D)
+        path, accepted = accept_tree(tree, targets, valid, anc, D)
+        nxt = targets.gather(1, path.gather(1, accepted[:, None]))[:, 0]
     commit_path(model, n, path)
-    seq = torch.cat([pending[:, None], tree.tokens], 1).gather(1, path)  # [B, D+1]: the path's tokens
-    nxt = targets.gather(1, path.gather(1, accepted[:, None]))[:, 0]
     chain_pos = (n[:, None] + torch.arange(D + 1, device=n.device)).clamp(max=S - 1)
     h_path = h.gather(1, path[:, :, None].expand(-1, -1, h.shape[-1]))
-    return commit(model, module, shape, state, seq[:, 1:], h_path, chain_pos, accepted, nxt)
+    return commit(model, module, shape, state, tokens.gather(1, path)[:, 1:], h_path, chain_pos, accepted, nxt)
+
+
+def tree_noise_sizes(shape: RoundShape) -> tuple[int, int]:
+    """(draft_noise rows, accept_noise columns) of a sampled tree round: the module's draws (the root,
+    then each expansion's c nodes), then one Exp(1) row per depth 0..D; one uniform per (depth, sibling)."""
+    return 1 + (shape.depth - 1) * shape.topk + shape.depth + 1, shape.depth * shape.topk
 
 
 def draft_chain(model: FullModel, module: RecyclableModule, k: int, mlogits: Tensor, g: Tensor, pos: Tensor,
