@@ -69,6 +69,8 @@ _seed = _number(int, 0, 2**32 - 1)  # fits every generator it seeds (torch, nump
 _port = _number(int, 1, 65535)
 _vocab_size = _number(int, 1, 1 << 22)  # the checkpoint config's own bound (config.py)
 _draft_k = _number(int, 1, 64)  # drafts per verify round: a round holds k+1 positions per row
+_tree_nodes = _number(int, 0, 256)  # a draft tree's node budget (0: a chain)
+_tree_topk = _number(int, 1, 16)
 
 
 def _text(s: str) -> str:
@@ -198,6 +200,12 @@ def add_decoding_args(p: argparse.ArgumentParser, default_mode: str = "verify") 
                    help="new tokens per prompt (default 64; the model's context caps it)")
     p.add_argument("--k", type=_draft_k, default=3, help="drafts per verify round, 1 to 64 (default 3)")
     p.add_argument("--adaptive-k", action="store_true", help="grow/shrink k from recent acceptance (verify)")
+    p.add_argument("--tree", type=_tree_nodes, default=0, metavar="N",
+                   help="verify with a draft tree of N nodes and depth --k instead of a chain of k drafts: the "
+                   "module's top --tree-topk tokens per node (drawn from its distribution when sampling), the N most "
+                   "probable kept, all verified in one pass (lossless; default 0 = chain)")
+    p.add_argument("--tree-topk", type=_tree_topk, default=2, metavar="C",
+                   help="children per expanded tree node, and nodes expanded per level (default 2)")
     p.add_argument("--drafter", default="module", choices=["module", "ngram", "hybrid"],
                    help="verify drafter: the recyclable module, prompt lookup (n-gram), or per round whichever "
                    "promises more (default module)")
@@ -214,7 +222,8 @@ def add_decoding_args(p: argparse.ArgumentParser, default_mode: str = "verify") 
 
 
 def decoding_kwargs(a: argparse.Namespace) -> dict:
-    return dict(k=a.k, adaptive_k=a.adaptive_k, drafter=a.drafter, temperature=a.temperature, top_k=a.top_k,
+    return dict(k=a.k, adaptive_k=a.adaptive_k, tree=a.tree, tree_topk=a.tree_topk, drafter=a.drafter,
+                temperature=a.temperature, top_k=a.top_k,
                 top_p=a.top_p, seed=a.seed, stop=a.stop or None, compile=a.compile)
 
 
@@ -397,6 +406,13 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="modes to run (default all: ar,recycle,verify,hf_generate,hf_assisted)")
     p.add_argument("--k", type=_draft_k, nargs="+", default=[3], metavar="K",
                    help="verify draft lengths, one lane each (default 3; e.g. --k 1 2 3 4)")
+    p.add_argument("--tree", type=_tree_nodes, nargs="+", default=[], metavar="N",
+                   help="add `verify tree N` lanes: a draft tree of N nodes per round, depth --tree-depth, "
+                   "--tree-topk children per node (compiled too under --compile headline/all; e.g. --tree 8 16)")
+    p.add_argument("--tree-depth", type=_draft_k, default=None, metavar="D",
+                   help="depth of the tree lanes (default: the largest --k)")
+    p.add_argument("--tree-topk", type=_tree_topk, default=2, metavar="C",
+                   help="children per expanded node in the tree lanes (default 2)")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=False,
                    help="add a `verify adaptive` lane: k moves within 1..max(--k) from recent acceptance (default off)")
     p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=False,
@@ -436,6 +452,7 @@ def run_bench(a: argparse.Namespace) -> int:
     opts = BenchOptions(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, temperature=a.temperature,
                         seed=a.seed, repeats=a.repeats, modes=a.modes or list(ALL_MODES), ks=a.k,
                         adaptive=a.adaptive, hybrid=a.hybrid, prompt_lookup=a.prompt_lookup,
+                        trees=[t for t in a.tree if t], tree_depth=a.tree_depth or max(a.k), tree_topk=a.tree_topk,
                         hf_cache=a.hf_cache, compile=a.compile,
                         ignore_eos=not a.stop_at_eos, progress=not a.no_progress and sys.stderr.isatty())
     report = bench(m.model, m.module, m.tokenizer, prompts, opts, checkpoint=a.ckpt)

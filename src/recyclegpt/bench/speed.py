@@ -70,6 +70,9 @@ class BenchOptions:
     adaptive: bool = True
     hybrid: bool = True  # a `verify hybrid` lane (module + prompt-lookup drafter)
     prompt_lookup: int = 10  # hf_assisted: prompt_lookup_num_tokens
+    trees: Sequence[int] = ()  # `verify tree N` lanes: node budgets
+    tree_depth: int = 4
+    tree_topk: int = 2
     hf_cache: str = "auto"  # auto | static | dynamic
     compile: str = "headline"  # none | ar (a compiled `ar` lane, the baseline if faster) | headline (ar and
     # the verify k lanes compiled: the headline comparison) | all (every native lane compiled too)
@@ -403,6 +406,15 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
         if compile_verify:
             for k in opts.ks:
                 lanes.append(compiled_lane(f"verify k={k}", "verify", k))
+        for nodes in opts.trees:  # draft trees of depth tree_depth (`decoding.tree`)
+            tree_kw = dict(tree=nodes, tree_topk=opts.tree_topk)
+            label = f"verify tree {nodes}"
+            note = f"draft tree: {nodes} nodes, depth {opts.tree_depth}, top-{opts.tree_topk} per node"
+            for lane in ([native_lane(model, module, label, "verify", opts.tree_depth, opts, eos_id, **tree_kw)]
+                         + ([compiled_lane(label, "verify", opts.tree_depth, **tree_kw)] if compile_verify else [])):
+                lane.extra.update(tree=nodes, tree_depth=opts.tree_depth, tree_topk=opts.tree_topk)
+                lane.note = note + ("; " + lane.note if lane.note else "")
+                lanes.append(lane)
         if opts.hybrid:
             # The module chain or a longer prompt-lookup match, per row and round (decoding.drafters):
             # the lane to hold against hf_assisted, which drafts up to --prompt-lookup tokens too.
