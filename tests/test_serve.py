@@ -276,6 +276,10 @@ def test_serve_cli_help_and_bad_options(bundle, capsys):
     assert "OpenAI" in capsys.readouterr().out
     assert cli.main(["serve", str(path), "--k", "5", "--max-k", "4"]) == 2
     assert "--k 5" in capsys.readouterr().err
+    assert cli.main(["serve", str(path), "--tree", "2", "--max-k", "3"]) == 2
+    assert "smaller than --max-k" in capsys.readouterr().err
+    assert cli.main(["serve", str(path), "--tree", "30", "--max-k", "3", "--tree-topk", "2"]) == 2
+    assert "at most 10 nodes" in capsys.readouterr().err
     assert cli.main(["serve", str(Path(path) / "missing")]) == 2
 
 
@@ -309,3 +313,19 @@ def test_health_waits_for_warm_up(bundle):
         server.should_exit = True
         t.join(timeout=30)
         sock.close()
+
+
+def test_tree_server_answers_like_offline_ar(bundle):
+    """`recyclegpt serve --tree N`: verify requests draft trees (any k up to --max-k), ar and recycle requests
+    still work beside them, greedy text equals offline ar."""
+    _, m = bundle
+    with LiveServer(create_app(m, _opts(width=3, tree=6, tree_topk=2))) as s:
+        c = client(s)
+        prompt = "def add(a, b):"
+        want = offline_ar(m, prompt, 24)
+        for extra in ({}, {"k": 1}, {"mode": "ar"}):
+            r = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, extra_body=extra)
+            assert r.choices[0].text == want
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                 extra_body={"mode": "recycle"})
+        assert r.usage.completion_tokens >= 1

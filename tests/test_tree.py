@@ -191,13 +191,20 @@ def test_draft_tree_keeps_the_best_nodes_and_is_a_tree(models):
     (dict(drafter="ngram", tree=4), "drafter 'module'"),
     (dict(adaptive_k=True, tree=4), "fixed depth"),
     (dict(k=4, tree=3), "at least k nodes"),
-    (dict(k=2, tree=20, tree_topk=2), "at most 6 candidate nodes"),
     (dict(tree=-1), "tree must be an integer >= 0"),
     (dict(tree=4, tree_topk=0), "tree_topk must be an integer >= 1"),
 ])
 def test_bad_tree_settings_raise(kw, msg):
     with pytest.raises(RecycleError, match=msg):
         GenerationConfig(**kw).validate()
+
+
+def test_tree_larger_than_its_candidates_raises(models):
+    model, module = models["random"]
+    with pytest.raises(RecycleError, match="at most 6 candidate nodes"):
+        generate(model, module, PROMPTS[:1], tree_cfg(2, 20, 2))
+    with pytest.raises(RecycleError, match="depth 3 .* at most 10 candidate"):  # a fixed-width engine: width deep
+        Engine(model, module, slots=1, width=3).admit(0, PROMPTS[0], tree_cfg(1, 20, 2))
 
 
 def test_sample_tree_gives_the_target_distribution_on_stub_probs():

@@ -487,6 +487,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="most drafts per round a request may ask for (`k`); every verify round is this wide "
                    "(default 3)")
     p.add_argument("--k", type=_draft_k, default=3, help="drafts per round when a request gives no k (default 3)")
+    p.add_argument("--tree", type=_tree_nodes, default=0, metavar="N",
+                   help="verify requests draft a tree of N nodes, --max-k deep, instead of a chain (default 0: "
+                   "chains); N >= --max-k")
+    p.add_argument("--tree-topk", type=_tree_topk, default=2, metavar="C", help="children per tree node (default 2)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the decoding rounds at start (default on: /health answers ready once done; "
                    "--no-compile starts at once and decodes eagerly, slower)")
@@ -512,12 +516,18 @@ def run_serve(a: argparse.Namespace) -> int:
 
     if a.k > a.max_k:
         raise RecycleError(f"--k {a.k} is larger than --max-k {a.max_k}")
+    if a.tree and a.tree < a.max_k:
+        raise RecycleError(f"--tree {a.tree} is smaller than --max-k {a.max_k}; a tree holds at least its depth")
+    most = a.tree_topk + (a.max_k - 1) * a.tree_topk ** 2
+    if a.tree > most:
+        raise RecycleError(f"--tree {a.tree}: a tree {a.max_k} deep with --tree-topk {a.tree_topk} has at most {most} "
+                           "nodes; raise --max-k or --tree-topk")
     if a.request_timeout <= 0:
         raise RecycleError(f"--request-timeout must be > 0, got {a.request_timeout}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_threads()
     run_server(a.ckpt, a.host, a.port, device=a.device, dtype=a.dtype, model_name=a.model_name, slots=a.slots,
-               compile=a.compile, width=a.max_k, default_k=a.k,
+               compile=a.compile, width=a.max_k, default_k=a.k, tree=a.tree, tree_topk=a.tree_topk,
                api_key=a.api_key or os.environ.get("RECYCLEGPT_API_KEY") or None, max_queue=a.max_queue,
                max_body_bytes=a.max_body_bytes, max_tokens_limit=a.max_tokens_limit,
                request_timeout_s=a.request_timeout)

@@ -291,6 +291,12 @@ class Engine:
         if cfg.tree and not isinstance(self.model, FullModel):
             raise RecycleError("draft trees need recyclegpt's own model; this one runs through transformers "
                                "(generic backend): set tree=0")
+        if cfg.tree and cfg.mode == "verify":
+            depth = self.width or cfg.k  # a fixed-width engine's trees are `width` deep
+            most = cfg.tree_topk + (depth - 1) * cfg.tree_topk ** 2
+            if cfg.tree > most:
+                raise RecycleError(f"a tree of depth {depth} and top-k {cfg.tree_topk} has at most {most} candidate "
+                                   f"nodes, got tree={cfg.tree}; raise k or tree_topk, or lower tree")
         if self.width is not None and cfg.mode != "ar":
             need = 1 if cfg.mode == "recycle" else max(cfg.k_max if cfg.adaptive_k else cfg.k, cfg.ngram_k or 0)
             if need > self.width:
@@ -403,16 +409,21 @@ class Engine:
         if trees and not any(p.force for p in plans.values()):
             # A tree round (`rounds.tree_round`): every drafting row takes part, module rows with the tree,
             # host rows as a chain; deep enough for every row's k and wide enough for every node budget.
-            nodes = max(max(n for n, _ in trees), max(p.width for p in plans.values()))
-            topk = max(c for _, c in trees)
             depth = max(p.width for p in plans.values())
-            while topk + (depth - 1) * topk ** 2 < nodes:
-                depth += 1
-            return RoundShape(nodes, 0, module, sampled, depth=depth, topk=topk)
+            return self._tree_shape(max(n for n, _ in trees), depth, max(c for _, c in trees), module, sampled)
         width, chain = max(p.width for p in plans.values()), max(p.chain for p in plans.values())
         if self.width is not None:
             width, chain = (self.width if width else 0), (self.width if chain else 0)
         return RoundShape(width, chain, module, sampled)
+
+    def _tree_shape(self, nodes: int, depth: int, topk: int, module: bool, sampled: bool) -> RoundShape:
+        """The tree round for these needs; a fixed-width engine's trees are always `width` deep."""
+        if self.width is not None:
+            depth = self.width
+        nodes = max(nodes, depth)
+        while topk + (depth - 1) * topk ** 2 < nodes:
+            depth += 1
+        return RoundShape(nodes, 0, module, sampled, depth=depth, topk=topk)
 
     @torch.inference_mode()
     def step(self) -> list[SlotOutput | None]:
@@ -469,7 +480,7 @@ class Engine:
         """The round shapes a request decoding alone uses (adaptive k: its start value only)."""
         sampled, uses = cfg.temperature > 0, cfg.uses_module
         if cfg.mode == "verify" and cfg.tree:
-            return [RoundShape(cfg.tree, 0, True, sampled, depth=cfg.k, topk=cfg.tree_topk)]
+            return [self._tree_shape(cfg.tree, cfg.k, cfg.tree_topk, True, sampled)]
         if self.width is not None:
             W = self.width
             if cfg.mode == "ar":

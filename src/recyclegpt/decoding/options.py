@@ -118,10 +118,6 @@ class GenerationConfig:
                 raise RecycleError("draft trees have a fixed depth k; turn adaptive_k off or set tree=0")
             if self.tree < self.k:
                 raise RecycleError(f"a tree of depth k={self.k} needs at least k nodes, got tree={self.tree}")
-            most = self.tree_topk + (self.k - 1) * self.tree_topk ** 2
-            if self.tree > most:
-                raise RecycleError(f"a tree of depth {self.k} and top-k {self.tree_topk} has at most {most} "
-                                   f"candidate nodes, got tree={self.tree}; raise k or tree_topk")
         if not isinstance(self.compile, bool):
             raise RecycleError(f"compile must be True or False, got {self.compile!r}")
         validate_sampling(self.temperature, self.top_k, self.top_p)

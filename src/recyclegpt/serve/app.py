@@ -49,6 +49,8 @@ class ServeOptions:
     compile: bool = True
     width: int = 3  # most drafts a request may ask for (k); every verify round is this wide
     default_k: int = 3
+    tree: int = 0  # verify requests draft trees of this many nodes (0: chains), `width` deep
+    tree_topk: int = 2
     api_key: str | None = None
     max_queue: int = 256
     max_body_bytes: int = 1 << 20
@@ -110,7 +112,7 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
     max_tokens_limit = min(opts.max_tokens_limit or context, context - 1)
     metrics = Metrics()
     worker = Worker(bundle.model, bundle.module, tokenizer, opts.slots, opts.compile, opts.width, opts.max_queue,
-                    metrics)
+                    metrics, tree=(opts.tree, opts.tree_topk))
     metrics.watch(worker)
     eos_text = tokenizer.tok.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
     if chat_template is not None and not chat_template.eos:
@@ -191,7 +193,8 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
         k = req.k if req.k is not None else min(opts.default_k, opts.width)
         if k > opts.width:
             raise ApiError(400, f"k must be at most {opts.width} on this server", "k")
-        cfg = GenerationConfig(mode=req.mode, max_new_tokens=max_tokens, k=k, temperature=req.temperature,
+        tree = dict(tree=opts.tree, tree_topk=opts.tree_topk) if opts.tree and req.mode == "verify" else {}
+        cfg = GenerationConfig(mode=req.mode, max_new_tokens=max_tokens, k=k, **tree, temperature=req.temperature,
                                top_k=req.top_k, top_p=req.top_p, seed=req.seed,
                                eos_id=None if req.ignore_eos else tokenizer.eos_id, stop_strings=tuple(req.stop))
         try:

@@ -119,8 +119,9 @@ class Worker(threading.Thread):
     """The thread that owns the engine (see the module docstring)."""
 
     def __init__(self, model, module, tokenizer: Tokenizer, slots: int, compile: bool, width: int,
-                 max_queue: int, metrics: WorkerMetrics | None = None):
+                 max_queue: int, metrics: WorkerMetrics | None = None, tree: tuple[int, int] = (0, 2)):
         super().__init__(name="recyclegpt-engine", daemon=True)
+        self.tree = tree  # (nodes, top-k) of verify requests' draft trees; nodes 0: chains
         self.engine = Engine(model, module, slots, compile=compile, tokenizer=tokenizer, width=width)
         self.compile, self.max_queue = compile, max_queue
         self.metrics = metrics
@@ -183,8 +184,12 @@ class Worker(threading.Thread):
             return
         t0 = time.perf_counter()
         e = self.engine
-        shapes = {s for sampled in (0.0, 1.0) for mode in ("ar", "verify")
-                  for s in e.shapes_for(GenerationConfig(mode=mode, k=e.width, temperature=sampled))}
+        nodes, topk = self.tree
+        modes = ("ar", "verify", "recycle") if nodes else ("ar", "verify")  # recycle rows make chain rounds
+        tree = dict(tree=nodes, tree_topk=topk) if nodes else {}
+        shapes = {s for sampled in (0.0, 1.0) for mode in modes
+                  for s in e.shapes_for(GenerationConfig(mode=mode, k=e.width, temperature=sampled,
+                                                         **(tree if mode == "verify" else {})))}
         for shape in sorted(shapes, key=lambda s: (s.width, s.sampled)):
             log.info("compiling the decoding round %s", shape)
             e.warm_up(shape)

@@ -1,0 +1,79 @@
+"""Render the draft-tree results (benchmarks/trees.sh's JSON reports) as the README's markdown tables.
+
+    python benchmarks/tree_table.py [benchmarks/results]
+
+Table 1: every lane of every setting: tokens/s, speedup over the run's fastest `ar`, τ, identical to `ar`.
+Table 2: per setting, the best chain lane against the best tree lane (by tokens/s; τ of the deepest-τ lanes).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+SETTINGS = ("prose_b1_greedy", "prose_b1_t1", "code_b1_greedy", "code_b8_greedy")
+
+
+def load(folder: Path) -> dict[str, dict]:
+    out = {}
+    for name in SETTINGS:
+        f = folder / f"trees_{name}.json"
+        if f.is_file():
+            out[name] = json.loads(f.read_text())
+    if not out:
+        raise SystemExit(f"no trees_*.json in {folder}; run benchmarks/trees.sh first")
+    return out
+
+
+def same(r: dict) -> str:
+    v = r.get("identical_to_ar")
+    return "n/a" if v is None else "yes" if v else "NO"
+
+
+def lanes_table(reports: dict[str, dict]) -> str:
+    names = list(reports)
+    lines = ["| lane | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    labels = [r["label"] for r in next(iter(reports.values()))["results"]]
+    for lab in labels:
+        cells = []
+        for n in names:
+            r = next((x for x in reports[n]["results"] if x["label"] == lab), None)
+            cells.append("–" if r is None else f"{r['tokens_per_s']:.0f} ({r['speedup_vs_ar']:.2f}x), "
+                         f"τ {r['mean_accepted']:.2f}, = ar {same(r)}")
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def best(rep: dict, tree: bool, key: str) -> dict:
+    cands = [r for r in rep["results"] if r["mode"] == "verify" and bool(r.get("tree")) == tree]
+    return max(cands, key=lambda r: r[key])
+
+
+def summary_table(reports: dict[str, dict]) -> str:
+    lines = ["| setting | best chain (tokens/s) | best tree (tokens/s) | tree ÷ chain speed | chain τ (best) | "
+             "tree τ (best) | τ gain |", "|---|---|---|---:|---:|---:|---:|"]
+    for name, rep in reports.items():
+        c, t = best(rep, False, "tokens_per_s"), best(rep, True, "tokens_per_s")
+        ct, tt = best(rep, False, "mean_accepted"), best(rep, True, "mean_accepted")
+        lines.append(f"| {name} | {c['label']}: {c['tokens_per_s']:.0f} | {t['label']}: {t['tokens_per_s']:.0f} | "
+                     f"{t['tokens_per_s'] / c['tokens_per_s']:.2f}x | {ct['mean_accepted']:.2f} ({ct['label']}) | "
+                     f"{tt['mean_accepted']:.2f} ({tt['label']}) | {tt['mean_accepted'] - ct['mean_accepted']:+.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results"
+    reports = load(folder)
+    head = next(iter(reports.values()))
+    m = head["machine"]
+    print(f"{m['cpu']}, {m['threads']} torch threads, torch {head['torch']}, {head['dtype']}, "
+          f"{head['max_new_tokens']} new tokens, median of {head['repeats']} rounds; "
+          + ", ".join(f"{n}: {r['date'][:10]}" for n, r in reports.items()) + "\n")
+    print(lanes_table(reports) + "\n")
+    print(summary_table(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
