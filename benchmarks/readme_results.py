@@ -106,17 +106,21 @@ def headline_table(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def summary_table(reports: dict[str, dict]) -> str:
+def _speed_cell(r: dict) -> str:
+    return f"{r['tokens_per_s']:.0f} ({r['speedup_vs_ar']:.2f}x; decode {_x(r.get('decode_speedup_vs_ar'))})"
+
+
+def summary_table(reports: dict[str, dict], cell=_speed_cell, first: str = "mode") -> str:
+    """One row per lane, one column per report; `cell` renders a lane's result."""
     names = list(reports)
-    head = "| mode | " + " | ".join(names) + " |"
+    head = f"| {first} | " + " | ".join(names) + " |"
     lines = [head, "|---|" + "---:|" * len(names)]
     labels = [r["label"] for r in next(iter(reports.values()))["results"]]
     for lab in labels:
         cells = []
         for n in names:
             r = next((x for x in reports[n]["results"] if x["label"] == lab), None)
-            cells.append("–" if r is None else f"{r['tokens_per_s']:.0f} ({r['speedup_vs_ar']:.2f}x; "
-                         f"decode {_x(r.get('decode_speedup_vs_ar'))})")
+            cells.append("–" if r is None else cell(r))
         lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -12,6 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from readme_results import summary_table  # noqa: E402  (one row per lane, one column per report)
+
 SETTINGS = ("prose_b1_greedy", "prose_b1_t1", "code_b1_greedy", "code_b8_greedy")
 
 
@@ -32,17 +35,8 @@ def same(r: dict) -> str:
 
 
 def lanes_table(reports: dict[str, dict]) -> str:
-    names = list(reports)
-    lines = ["| lane | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    labels = [r["label"] for r in next(iter(reports.values()))["results"]]
-    for lab in labels:
-        cells = []
-        for n in names:
-            r = next((x for x in reports[n]["results"] if x["label"] == lab), None)
-            cells.append("–" if r is None else f"{r['tokens_per_s']:.0f} ({r['speedup_vs_ar']:.2f}x), "
+    return summary_table(reports, first="lane", cell=lambda r: f"{r['tokens_per_s']:.0f} ({r['speedup_vs_ar']:.2f}x), "
                          f"τ {r['mean_accepted']:.2f}, = ar {same(r)}")
-        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def best(rep: dict, tree: bool, key: str) -> dict:
@@ -50,7 +44,7 @@ def best(rep: dict, tree: bool, key: str) -> dict:
     return max(cands, key=lambda r: r[key])
 
 
-def summary_table(reports: dict[str, dict]) -> str:
+def best_table(reports: dict[str, dict]) -> str:
     lines = ["| setting | best chain (tokens/s) | best tree (tokens/s) | tree ÷ chain speed | chain τ (best) | "
              "tree τ (best) | τ gain |", "|---|---|---|---:|---:|---:|---:|"]
     for name, rep in reports.items():
@@ -71,7 +65,7 @@ def main() -> int:
           f"{head['max_new_tokens']} new tokens, median of {head['repeats']} rounds; "
           + ", ".join(f"{n}: {r['date'][:10]}" for n, r in reports.items()) + "\n")
     print(lanes_table(reports) + "\n")
-    print(summary_table(reports))
+    print(best_table(reports))
     return 0
 
 

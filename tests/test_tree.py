@@ -207,23 +207,16 @@ def test_tree_larger_than_its_candidates_raises(models):
         Engine(model, module, slots=1, width=3).admit(0, PROMPTS[0], tree_cfg(1, 20, 2))
 
 
-def test_sample_tree_gives_the_target_distribution_on_stub_probs():
-    """Recursive rejection over sibling draws (without replacement) from q: the token at depth 1 follows
-    p at the root, and the token after node 1 follows p at node 1, whatever q and the tree's shape."""
-    from test_sampling import chi2_pvalue
-
+def _sample_hand_tree(tokens_of, seed: int, R: int = 20000, V: int = 8):
+    """sample_tree on R copies of HAND with random p, q per node; tokens_of(q, g) gives nodes 1..6.
+    Returns (p, the first new token, the token after node 1 where the path went through node 1)."""
     from recyclegpt.decoding.tree import sample_tree
 
-    g = torch.Generator().manual_seed(0)
-    R, V, c, D = 20000, 8, 2, 3
+    g = torch.Generator().manual_seed(seed)
+    c, D = 2, 3
     p = torch.softmax(torch.randn(7, V, generator=g) * 1.5, -1)  # per node of HAND's shape
     q = torch.softmax(torch.randn(7, V, generator=g) * 1.5, -1)
-
-    def draws(node: int, count: int) -> torch.Tensor:  # [R, count]: without replacement from q[node]
-        return (q[node] / torch.empty(R, V).exponential_(generator=g)).topk(count, -1).indices
-
-    root, under1, under2, under3 = draws(0, 2), draws(1, 2), draws(2, 1), draws(3, 1)
-    tokens = torch.cat([root, under1, under2, under3], 1)  # nodes 1..6 in HAND's layout
+    tokens = tokens_of(q, g)
     tree = HAND._replace(tokens=tokens, parents=HAND.parents.expand(R, -1), depth=HAND.depth.expand(R, -1),
                          rank=HAND.rank.expand(R, -1), live=HAND.live.expand(R, -1), q=q.expand(R, -1, -1))
     path, acc, nxt = sample_tree(tree, p.expand(R, -1, -1), torch.ones(R, 7, dtype=torch.bool),
@@ -231,10 +224,25 @@ def test_sample_tree_gives_the_target_distribution_on_stub_probs():
                                  torch.empty(R, D + 1, V).exponential_(generator=g), D, c)
     all_tok = torch.cat([torch.zeros(R, 1, dtype=torch.long), tokens], 1)
     first = torch.where(acc >= 1, all_tok.gather(1, path[:, 1:2])[:, 0], nxt)
+    second = torch.where(acc >= 2, all_tok.gather(1, path[:, 2:3])[:, 0], nxt)[path[:, 1] == 1]
+    return p, first, second, acc
+
+
+def test_sample_tree_gives_the_target_distribution_on_stub_probs():
+    """Recursive rejection over sibling draws (without replacement) from q: the token at depth 1 follows
+    p at the root, and the token after node 1 follows p at node 1, whatever q and the tree's shape."""
+    from test_sampling import chi2_pvalue
+
+    R, V = 20000, 8
+
+    def drawn(q, g):  # each node's children: draws without replacement from its q (HAND's layout)
+        def draws(node: int, count: int) -> torch.Tensor:
+            return (q[node] / torch.empty(R, V).exponential_(generator=g)).topk(count, -1).indices
+        return torch.cat([draws(0, 2), draws(1, 2), draws(2, 1), draws(3, 1)], 1)
+
+    p, first, second, acc = _sample_hand_tree(drawn, seed=0, R=R, V=V)
     assert chi2_pvalue(torch.bincount(first, minlength=V), p[0]) > 1e-3
-    via1 = path[:, 1] == 1
-    second = torch.where(acc >= 2, all_tok.gather(1, path[:, 2:3])[:, 0], nxt)[via1]
-    assert via1.sum() > 2000 and chi2_pvalue(torch.bincount(second, minlength=V), p[1]) > 1e-3
+    assert len(second) > 2000 and chi2_pvalue(torch.bincount(second, minlength=V), p[1]) > 1e-3
     assert 0.1 < (acc >= 1).float().mean() < 0.9  # siblings are accepted, not always
 
 
@@ -242,19 +250,9 @@ def test_sample_tree_has_power():
     """The same check fails for children taken as the top-c of q instead of drawn from it."""
     from test_sampling import chi2_pvalue
 
-    from recyclegpt.decoding.tree import sample_tree
+    def top(q, g):
+        return torch.cat([q[0].topk(2).indices, q[1].topk(2).indices, q[2].topk(1).indices,
+                          q[3].topk(1).indices]).expand(20000, -1)
 
-    g = torch.Generator().manual_seed(1)
-    R, V, c, D = 20000, 8, 2, 3
-    p = torch.softmax(torch.randn(7, V, generator=g) * 1.5, -1)
-    q = torch.softmax(torch.randn(7, V, generator=g) * 1.5, -1)
-    tokens = torch.cat([q[0].topk(2).indices, q[1].topk(2).indices, q[2].topk(1).indices,
-                        q[3].topk(1).indices]).expand(R, -1)
-    tree = HAND._replace(tokens=tokens, parents=HAND.parents.expand(R, -1), depth=HAND.depth.expand(R, -1),
-                         rank=HAND.rank.expand(R, -1), live=HAND.live.expand(R, -1), q=q.expand(R, -1, -1))
-    path, acc, nxt = sample_tree(tree, p.expand(R, -1, -1), torch.ones(R, 7, dtype=torch.bool),
-                                 torch.zeros(R, dtype=torch.bool), torch.rand(R, D * c, generator=g),
-                                 torch.empty(R, D + 1, V).exponential_(generator=g), D, c)
-    all_tok = torch.cat([torch.zeros(R, 1, dtype=torch.long), tokens], 1)
-    first = torch.where(acc >= 1, all_tok.gather(1, path[:, 1:2])[:, 0], nxt)
-    assert chi2_pvalue(torch.bincount(first, minlength=V), p[0]) < 1e-6
+    p, first, _, _ = _sample_hand_tree(top, seed=1)
+    assert chi2_pvalue(torch.bincount(first, minlength=8), p[0]) < 1e-6
