@@ -155,8 +155,13 @@ def draft_tree(model: FullModel, module: RecyclableModule, depth: int, topk: int
             front_state = states.gather(1, owner[:, :, None].expand(B, c, d))
             parent_entry = e0 + owner
     tokens, parent, score = torch.cat(pool_tok, 1), torch.cat(pool_parent, 1), torch.cat(pool_score, 1)
-    ranked = score + CHAIN * torch.cat(pool_chain, 1)  # the chain ranks first
-    chosen = ranked.sort(dim=-1, descending=True, stable=True).indices[:, :nodes].sort(-1).values  # [B, N]
+    on_chain = torch.cat(pool_chain, 1)
+    ranked = score + CHAIN * on_chain  # the chain ranks first
+    chosen = ranked.sort(dim=-1, descending=True, stable=True).indices[:, :nodes]  # [B, N]
+    # Node order: the chain first (node i at depth i sits in slot n+i, where `ar` keeps that position: along
+    # the chain the pass computes exactly what `ar` does), then the rest in candidate order (parents first).
+    P = tokens.shape[1]
+    chosen = chosen.gather(1, (chosen + P * ~on_chain.gather(1, chosen)).sort(-1).indices)
     node_of = torch.zeros_like(parent)  # candidate -> node number (0: not chosen)
     node_of.scatter_(1, chosen, torch.arange(1, nodes + 1, device=dev).expand(B, nodes))
     par = parent.gather(1, chosen)
