@@ -171,14 +171,14 @@ def draft_tree(model: FullModel, module: RecyclableModule, depth: int, topk: int
     def per_node(values: list[int]) -> Tensor:
         return torch.cat([zero, torch.tensor(values, device=dev).expand(B, -1).gather(1, chosen)], 1)
 
-    live = torch.cat([zero.bool() | True, score.gather(1, chosen).isfinite()], 1)
+    live = torch.cat([torch.ones_like(zero, dtype=torch.bool), score.gather(1, chosen).isfinite()], 1)
     q = None
     if qs:  # node -> the entry that expanded it (+1; 0: the root's, also for nodes never expanded)
         entry_of = torch.zeros_like(parent)
         if entry_pool:
             cands = torch.cat(entry_pool, 1)  # [B, E]
             entry_of.scatter_(1, cands, torch.arange(1, cands.shape[1] + 1, device=dev).expand(B, -1))
-        q_all = torch.cat([qs[0]] + qs[1:], 1)  # [B, 1+E, V]
+        q_all = torch.cat(qs, 1)  # [B, 1+E, V]
         which = torch.cat([zero, entry_of.gather(1, chosen)], 1)  # [B, N+1]
         q = q_all.gather(1, which[:, :, None].expand(-1, -1, q_all.shape[-1]))
     return Tree(tokens.gather(1, chosen), torch.cat([zero, par], 1), per_node(pool_level), per_node(pool_rank),
