@@ -483,8 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(td)
         out_dir = Path(a.export_dir) if a.export_dir else tmp / "export"
         hf_dir, draft_dir = export(ckpt, out_dir, a.k)
-        print(f"[vllm_cpu] recyclegpt reference (float32, ar and verify k={a.k}) ...", flush=True)
-        ref = None if a.speed_only else recyclegpt_reference(ckpt, prompts, a.max_tokens, a.k)
+        ref = None
+        if not a.speed_only:
+            print(f"[vllm_cpu] recyclegpt reference (float32, ar and verify k={a.k}) ...", flush=True)
+            ref = recyclegpt_reference(ckpt, prompts, a.max_tokens, a.k)
         spec = {"hf_dir": str(hf_dir), "draft_dir": None, "prompts": prompts, "max_tokens": a.max_tokens, "k": a.k,
                 "max_model_len": a.max_model_len, "kv_cache_gib": os.environ["VLLM_CPU_KVCACHE_SPACE"]}
         lanes: dict[str, dict[str, Any]] = {}
