@@ -11,7 +11,14 @@ Run (with that environment's python; nothing needs activating):
 
     .venv-vllm/bin/python benchmarks/vllm_cpu.py                        # the shipped checkpoint, 4 prompts, 128 tokens
     .venv-vllm/bin/python benchmarks/vllm_cpu.py CKPT --prompts 2 --max-tokens 32 --json out.json
-    .venv-vllm/bin/python benchmarks/vllm_cpu.py --speed                # + vLLM tokens/s at batch 1 and 8
+    .venv-vllm/bin/python benchmarks/vllm_cpu.py --speed                # + the speed lanes below
+    .venv-vllm/bin/python benchmarks/vllm_cpu.py --speed-only --json benchmarks/results/vllm_cpu_speed.json
+
+Speed lanes (bf16 by default, each in a fresh process, batch 1 = the check prompts one at a time, batch 8 =
+8 prompts in one call, one warm-up then the median of --repeats): vLLM without and with the draft, recyclegpt
+compiled `ar` and compiled `verify` k, all with --threads compute threads, without and with vLLM's recommended
+LD_PRELOAD (tcmalloc + Intel OpenMP, where found; --preload off|on|both). `benchmarks/vllm_table.py` renders
+the table.
 
 What it does:
 1. `recyclegpt export CKPT --format all --out TMP` (the CLI itself, in this process): TMP/hf is the target,
