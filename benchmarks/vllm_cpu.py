@@ -467,6 +467,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="compute threads, both sides: recyclegpt torch.set_num_threads, vLLM "
                         "VLLM_CPU_OMP_THREADS_BIND=0-(N-1) unless set (default: all CPUs)")
+    p.add_argument("--lanes", default=",".join(SPEED_LANES),
+                   help=f"speed lanes to run, comma-separated (default all: {','.join(SPEED_LANES)})")
     p.add_argument("--preload", choices=("off", "on", "both"), default="both",
                    help="speed lanes without / with vLLM's recommended LD_PRELOAD (tcmalloc + Intel OpenMP), "
                         "or both (default)")
@@ -561,6 +563,9 @@ def run_speed(a: argparse.Namespace, tmp: Path, ckpt: Path, spec: dict[str, Any]
     base = {**spec, "speed_only": True, "dtype": a.speed_dtype, "repeats": a.repeats, "threads": a.threads,
             "speed_b1_prompts": a.prompts, "speed_prompts": load_prompts(a.prompt_set, a.speed_batch).prompts,
             "ckpt": str(ckpt)}
+    wanted = [x.strip() for x in a.lanes.split(",") if x.strip()]
+    if not wanted or any(x not in SPEED_LANES for x in wanted):
+        raise SystemExit(f"--lanes takes a comma-separated subset of {','.join(SPEED_LANES)}, got {a.lanes!r}")
     lane_specs = {"vllm_ar": base, "vllm_eagle": {**base, "draft_dir": draft_dir},
                   "recyclegpt_ar": {**base, "engine": "recyclegpt", "mode": "ar"},
                   "recyclegpt_verify": {**base, "engine": "recyclegpt", "mode": "verify"}}
@@ -569,6 +574,8 @@ def run_speed(a: argparse.Namespace, tmp: Path, ckpt: Path, spec: dict[str, Any]
     for preload in (("off", "on") if a.preload == "both" else (a.preload,)):
         lane_env = {**env, "LD_PRELOAD": ":".join(libs)} if preload == "on" else env
         for lane, lspec in lane_specs.items():
+            if lane not in wanted:
+                continue
             name = f"speed_{lane}_preload_{preload}"
             res = run_engine(tmp, name, lspec, a.timeout, lane_env)
             out["runs"][f"{lane}|preload {preload}"] = {**res["speed"], "env": res["env"],

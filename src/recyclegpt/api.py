@@ -102,8 +102,9 @@ class RecycleGPT:
         """Continue each prompt; returns the new text per prompt.
 
         mode: 'ar' | 'recycle' (the paper, lossy) | 'verify' (lossless, the default).
-        Keywords: k, adaptive_k, drafter ('module' | 'ngram' | 'hybrid'), temperature, top_k, top_p,
-        seed, stop (a string or list of strings), eos_id.
+        Keywords: k, adaptive_k, drafter ('module' | 'ngram' | 'hybrid'), tree (a draft tree's node
+        budget; 0 = a chain of k), tree_topk, temperature, top_k, top_p, seed, stop (a string or list of
+        strings), eos_id, compile.
         """
         res = self.generate_with_stats(prompts, mode, max_new_tokens, **kw)
         return res.texts if res.texts is not None else [self.tokenizer.decode(t) for t in res.tokens]
