@@ -516,12 +516,15 @@ def run_serve(a: argparse.Namespace) -> int:
 
     if a.k > a.max_k:
         raise RecycleError(f"--k {a.k} is larger than --max-k {a.max_k}")
-    if a.tree and a.tree < a.max_k:
-        raise RecycleError(f"--tree {a.tree} is smaller than --max-k {a.max_k}; a tree holds at least its depth")
-    most = a.tree_topk + (a.max_k - 1) * a.tree_topk ** 2
-    if a.tree > most:
-        raise RecycleError(f"--tree {a.tree}: a tree {a.max_k} deep with --tree-topk {a.tree_topk} has at most {most} "
-                           "nodes; raise --max-k or --tree-topk")
+    if a.tree:
+        from .decoding.tree import tree_candidates
+
+        most = tree_candidates(a.max_k, a.tree_topk)
+        if a.tree < a.max_k:
+            raise RecycleError(f"--tree {a.tree} is smaller than --max-k {a.max_k}; a tree holds at least its depth")
+        if a.tree > most:
+            raise RecycleError(f"--tree {a.tree}: a tree {a.max_k} deep with --tree-topk {a.tree_topk} has at most "
+                               f"{most} nodes; raise --max-k or --tree-topk")
     if a.request_timeout <= 0:
         raise RecycleError(f"--request-timeout must be > 0, got {a.request_timeout}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -39,6 +39,7 @@ from .prefill import prefill
 from .rounds import RoundInputs, RoundShape, SlotState, decode_round, tree_noise_sizes
 from .sampling import pick
 from .stops import Decodes, StopChecker, StopFn
+from .tree import tree_candidates
 
 
 @dataclass
@@ -293,7 +294,7 @@ class Engine:
                                "(generic backend): set tree=0")
         if cfg.tree and cfg.mode == "verify":
             depth = self.width or cfg.k  # a fixed-width engine's trees are `width` deep
-            most = cfg.tree_topk + (depth - 1) * cfg.tree_topk ** 2
+            most = tree_candidates(depth, cfg.tree_topk)
             if cfg.tree > most:
                 raise RecycleError(f"a tree of depth {depth} and top-k {cfg.tree_topk} has at most {most} candidate "
                                    f"nodes, got tree={cfg.tree}; raise k or tree_topk, or lower tree")
@@ -417,13 +418,11 @@ class Engine:
         return RoundShape(width, chain, module, sampled)
 
     def _tree_shape(self, nodes: int, depth: int, topk: int, module: bool, sampled: bool) -> RoundShape:
-        """The tree round for these needs; a fixed-width engine's trees are always `width` deep."""
+        """The tree round for these needs; a fixed-width engine's trees are always `width` deep. Admission
+        checked every request's tree against `tree_candidates` of its depth, so the largest fits the deepest."""
         if self.width is not None:
             depth = self.width
-        nodes = max(nodes, depth)
-        while topk + (depth - 1) * topk ** 2 < nodes:
-            depth += 1
-        return RoundShape(nodes, 0, module, sampled, depth=depth, topk=topk)
+        return RoundShape(max(nodes, depth), 0, module, sampled, depth=depth, topk=topk)
 
     @torch.inference_mode()
     def step(self) -> list[SlotOutput | None]:

@@ -31,7 +31,7 @@ class GenerationConfig:
     tree: draft-tree node budget (0: a chain of k drafts). With tree = N > 0, each verify round
       drafts a tree of N nodes and depth k from the module's top `tree_topk` tokens per node and
       keeps the longest path the full model agrees with (`decoding.tree`); needs drafter `module`.
-    tree_topk: children expanded per tree node (and nodes expanded per level).
+    tree_topk: children expanded per tree node (and nodes expanded per level); 2, as on the command line.
     adaptive_k: move k within [1, k_max] from recent acceptance.
     ngram_k: most n-gram drafts per round (None: k). ngram_max_n / ngram_min_n: match lengths
       tried, longest first (None: 1 for `ngram`, 2 for `hybrid`).
@@ -54,7 +54,7 @@ class GenerationConfig:
     stop_strings: Sequence[str] = field(default_factory=tuple)
     drafter: str | HostDrafter = "module"
     tree: int = 0
-    tree_topk: int = 3
+    tree_topk: int = 2
     adaptive_k: bool = False
     k_max: int = 8
     ngram_k: int | None = None

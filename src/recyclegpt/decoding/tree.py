@@ -3,26 +3,25 @@
 A chain drafts one token per position and loses the round at the first wrong one; a tree keeps the
 module's runners-up too. Per row and round (static shapes: depth D, top-k c, node budget N):
 
-1. expand (`draft_tree`): level 1 is the module's top c tokens from its carried logits; each
-   further level runs the module once over the c most probable nodes of the level before (their
-   entries see the module's cache and their own ancestors only) and takes each one's top c
-   children. Every candidate's score is the product of the draft probabilities on its path.
-2. select: the N best candidates by score, the module's own chain (its top token at every level)
+1. expand (`draft_tree`): level 1 is c children of the pending token from the module's carried
+   logits; each further level runs the module once over the c best nodes of the level before
+   (their entries see the module's cache and their own ancestors only) and takes c children of
+   each. Greedy rounds take each node's top c tokens; sampled rounds draw c without replacement
+   from the module's distribution. A candidate's score is the product of the draft probabilities
+   on its path.
+2. select: the N best candidates by score, the module's own chain (its first child at every level)
    first: a tree then never holds less than the chain of the same depth, however flat the module's
-   probabilities (a flat module would otherwise fill the budget with shallow runners-up). A child
-   never ranks above its parent and comes after it in the candidate order, so the N best (ties kept
-   in order) always contain a node's parents: the selection is a tree. Nodes are numbered 1..N in
-   candidate order (parents first); node 0 is the pending token.
+   probabilities. A child never ranks above its parent and comes after it in the candidate order,
+   so the N best (ties kept in order) always contain a node's parents: the selection is a tree.
+   Nodes are numbered 1..N, the chain first (node i at depth i), then the rest in candidate order
+   (parents before children); node 0 is the pending token. At most `tree_candidates(D, c)` exist.
 3. verify (`decoding.rounds`): one full pass over the N+1 nodes, each at position n + depth but in
    cache slot n + index (`TreePlacement`), attending to the committed cache and its ancestors.
-4. accept (`accept_tree`): the full model's choice at every node (`targets`: argmax, or one draw
-   per depth for sampled rows) and the longest path whose every token is the choice at its parent.
-   The token after the path is the choice at its last node. Sampling stays exact: along the path
-   each token is a draw from the full model's distribution given the tokens before it, with noise
-   of its own depth, whatever the tree holds (drafting only decides how many of those draws one
-   pass can keep). This is recursive rejection over siblings with deterministic (top-c) drafts:
-   a one-hot proposal is accepted with probability p(token), so "draw x ~ p, descend into the child
-   holding x, else emit x" is the same rule.
+4. accept: greedy rounds (`accept_tree`) keep the longest path whose every token is the full
+   model's argmax at its parent, and the argmax at its last node. Sampled rounds (`sample_tree`)
+   walk down by recursive rejection over each node's children (each proposed from the module's
+   distribution; one-hot for greedy rows and host drafts), so every emitted token is distributed
+   as the full model says given the tokens before it.
 5. commit (`commit_path`): the accepted path's keys and values move from their tree slots to
    slots n+1..n+a, where plain decoding would have put them.
 
@@ -42,6 +41,11 @@ from ..module import RecyclableModule
 from .sampling import logits_to_probs, race
 
 CHAIN = 1e4  # rank bonus of the module's top-1 chain (`draft_tree`); log-probabilities are far above -CHAIN
+
+
+def tree_candidates(depth: int, topk: int) -> int:
+    """How many nodes `draft_tree` can choose from: c at level 1, c*c at each level after."""
+    return topk + (depth - 1) * topk ** 2
 
 
 class Tree(NamedTuple):
