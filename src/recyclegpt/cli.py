@@ -468,6 +468,29 @@ def run_bench(a: argparse.Namespace) -> int:
 
 # ---- serve -----------------------------------------------------------------------------------
 
+def run_bench_serve(a: argparse.Namespace) -> int:
+    """`recyclegpt bench serve` (its parser: `bench.serve_load.build_parser`)."""
+    from .bench.serve_load import ServeLoadOptions, print_table, run_serve_load, write_json, write_plot
+    from .paths import check_output_file
+
+    for flag in ("--json", "--plot"):  # before the load test, not after it
+        check_output_file(getattr(a, flag[2:]), flag)
+    opts = ServeLoadOptions(url=a.url, model=a.model, api_key=a.api_key, prompts=a.prompts,
+                            num_requests=a.num_requests, max_tokens=a.max_tokens, temperature=a.temperature,
+                            ignore_eos=a.ignore_eos, extra=a.extra, endpoint=a.endpoint, concurrency=a.concurrency,
+                            request_rate=a.request_rate, duration=a.duration, timeout=a.timeout, seed=a.seed,
+                            progress=not a.no_progress and sys.stderr.isatty())
+    report = run_serve_load(opts)
+    print_table(report)
+    if a.json:
+        write_json(report, a.json, save_texts=a.save_texts)
+        print(f"json: {a.json}")
+    if a.plot:
+        write_plot(report, a.plot)
+        print(f"plot: {a.plot}")
+    return 0
+
+
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible HTTP server with continuous batching",
@@ -797,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.serve_load import build_parser as build_bench_serve_parser
 
         parser, argv = build_bench_serve_parser(_Parser), argv[2:]
+        parser.set_defaults(func=run_bench_serve)
     else:
         parser = build_parser()
     try:

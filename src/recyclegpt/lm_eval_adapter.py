@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,7 +51,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
     raise RecycleError("lm-eval is not installed: pip install 'recyclegpt[eval]' (or pip install lm-eval)") from e
 
-from .errors import RecycleError
+from .errors import RecycleError, RecycleWarning
 
 MODES = ("std", "recycle")
 GEN_MODES = ("ar", "recycle", "verify")
@@ -87,10 +88,12 @@ class RecycleGPTLM(LM):
         if gen_mode not in GEN_MODES:
             raise RecycleError(f"gen_mode must be one of {', '.join(GEN_MODES)}, got {gen_mode!r}")
         if unused:
-            print(f"recyclegpt lm-eval adapter: ignoring model_args {sorted(unused)}", file=sys.stderr)
+            warnings.warn(f"recyclegpt lm-eval adapter: ignoring model_args {sorted(unused)}", RecycleWarning,
+                          stacklevel=2)
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line defaults --device to cuda:0; like its HF model, fall back.
-            print(f"recyclegpt lm-eval adapter: device {device} unavailable, using cpu", file=sys.stderr)
+            warnings.warn(f"recyclegpt lm-eval adapter: device {device} unavailable, using cpu", RecycleWarning,
+                          stacklevel=2)
             device = "cpu"
         self.rg = RecycleGPT.from_pretrained(pretrained, device=device or "auto", dtype=dtype)
         self.model, self.module, self.tok = self.rg.model, self.rg.module, self.rg.tokenizer

@@ -791,26 +791,4 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     p.add_argument("--plot", metavar="OUT.png", help="plot output tokens/s and p50/p95 TPOT against the load")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not "
                    "a terminal either)")
-    p.set_defaults(func=run_cli)
     return p
-
-
-def run_cli(a: argparse.Namespace) -> int:
-    from ..paths import check_output_file
-
-    for flag in ("--json", "--plot"):  # before the load test, not after it
-        check_output_file(getattr(a, flag[2:]), flag)
-    opts = ServeLoadOptions(url=a.url, model=a.model, api_key=a.api_key, prompts=a.prompts,
-                            num_requests=a.num_requests, max_tokens=a.max_tokens, temperature=a.temperature,
-                            ignore_eos=a.ignore_eos, extra=a.extra, endpoint=a.endpoint, concurrency=a.concurrency,
-                            request_rate=a.request_rate, duration=a.duration, timeout=a.timeout, seed=a.seed,
-                            progress=not a.no_progress and sys.stderr.isatty())
-    report = run_serve_load(opts)
-    print_table(report)
-    if a.json:
-        write_json(report, a.json, save_texts=a.save_texts)
-        print(f"json: {a.json}")
-    if a.plot:
-        write_plot(report, a.plot)
-        print(f"plot: {a.plot}")
-    return 0
