@@ -504,17 +504,14 @@ def main(argv: list[str] | None = None) -> int:
                      "vllm_eagle": run_engine(tmp, "vllm_eagle", {**spec, "draft_dir": str(draft_dir)}, a.timeout)}
         speed = run_speed(a, tmp, ckpt, spec, str(draft_dir)) if a.speed or a.speed_only else None
     if a.speed_only:
-        report = speed_report(a, argv, ckpt, speed, time.perf_counter() - started)
+        report = {**report_header(argv, ckpt), "speed": speed_section(a, speed),
+                  "timing_s": {"total": time.perf_counter() - started}}
         write_json(a.json, report)  # first: a long run's numbers must survive a failing printout
         print_speed(report)
         return 0
     comparison = compare(ref, lanes, a.k, a.max_tokens, a.max_gap)
     report = {
-        "script": "benchmarks/vllm_cpu.py",
-        "command": " ".join([python_name(), "benchmarks/vllm_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "checkpoint": str(ckpt.resolve().relative_to(ROOT)) if ckpt.resolve().is_relative_to(ROOT) else str(ckpt),
-        "cpu": cpu_description(),
+        **report_header(argv, ckpt),
         "vllm_version": lanes["vllm_ar"]["vllm"],
         "torch_version": ref["torch"],
         "settings": {"prompt_set": a.prompt_set, "prompts": len(prompts), "max_tokens": a.max_tokens, "k": a.k,
@@ -530,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                      "total": time.perf_counter() - started},
     }
     if speed is not None:
-        report["speed"] = speed_report(a, argv, ckpt, speed, 0.0)["speed"]
+        report["speed"] = speed_section(a, speed)
     write_json(a.json, report)
     print_report(report)
     if speed is not None:
@@ -583,23 +580,26 @@ def run_speed(a: argparse.Namespace, tmp: Path, ckpt: Path, spec: dict[str, Any]
     return out
 
 
-def speed_report(a: argparse.Namespace, argv: list[str] | None, ckpt: Path, speed: dict[str, Any] | None,
-                 total_s: float) -> dict[str, Any]:
+def report_header(argv: list[str] | None, ckpt: Path) -> dict[str, Any]:
+    """What every report of this script starts with: how it was made, when, of what, where."""
     return {
         "script": "benchmarks/vllm_cpu.py",
         "command": " ".join([python_name(), "benchmarks/vllm_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "checkpoint": str(ckpt.resolve().relative_to(ROOT)) if ckpt.resolve().is_relative_to(ROOT) else str(ckpt),
         "cpu": cpu_description(),
-        "speed": {"settings": {"dtype": a.speed_dtype, "prompt_set": a.prompt_set, "tokens": a.max_tokens,
-                               "k": a.k, "threads": a.threads,
-                               "batch_1": f"the first {a.prompts} prompts one at a time",
-                               f"batch_{a.speed_batch}": f"{a.speed_batch} prompts in one call", "warm_up": 1,
-                               "repeats": a.repeats, "statistic": "median", "ignore_eos": True,
-                               "recyclegpt": "compiled (compile=True), graphs compiled in the warm-up"},
-                  **(speed or {})},
-        "timing_s": {"total": total_s},
     }
+
+
+def speed_section(a: argparse.Namespace, speed: dict[str, Any]) -> dict[str, Any]:
+    """The report's "speed": the settings of the speed lanes and `run_speed`'s results."""
+    return {"settings": {"dtype": a.speed_dtype, "prompt_set": a.prompt_set, "tokens": a.max_tokens,
+                         "k": a.k, "threads": a.threads,
+                         "batch_1": f"the first {a.prompts} prompts one at a time",
+                         f"batch_{a.speed_batch}": f"{a.speed_batch} prompts in one call", "warm_up": 1,
+                         "repeats": a.repeats, "statistic": "median", "ignore_eos": True,
+                         "recyclegpt": "compiled (compile=True), graphs compiled in the warm-up"},
+            **speed}
 
 
 def print_speed(report: dict[str, Any]) -> None:

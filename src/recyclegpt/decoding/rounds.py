@@ -149,7 +149,7 @@ def tree_round(model: FullModel, module: RecyclableModule, shape: RoundShape, st
     N, D, c, S = shape.width, shape.depth, shape.topk, model.cfg.max_seq_len
     pending, n, mlogits, g = state
     settings = (inp.temperature, inp.top_k, inp.top_p)
-    drafting = 1 + (D - 1) * c
+    drafting = tree_drafting_draws(shape)
     tree = draft_tree(model, module, D, c, N, mlogits, g, n, settings if shape.sampled else None,
                       inp.draft_noise[:, :drafting] if shape.sampled else None)
     host = chain_tree(inp.host_drafts, tree)
@@ -175,10 +175,15 @@ def tree_round(model: FullModel, module: RecyclableModule, shape: RoundShape, st
     return commit(model, module, shape, state, tokens.gather(1, path)[:, 1:], h_path, chain_pos, accepted, nxt)
 
 
+def tree_drafting_draws(shape: RoundShape) -> int:
+    """Rows of Exp(1) noise a sampled tree round's module draws take: the root, then each expansion's c nodes."""
+    return 1 + (shape.depth - 1) * shape.topk
+
+
 def tree_noise_sizes(shape: RoundShape) -> tuple[int, int]:
-    """(draft_noise rows, accept_noise columns) of a sampled tree round: the module's draws (the root,
-    then each expansion's c nodes), then one Exp(1) row per depth 0..D; one uniform per (depth, sibling)."""
-    return 1 + (shape.depth - 1) * shape.topk + shape.depth + 1, shape.depth * shape.topk
+    """(draft_noise rows, accept_noise columns) of a sampled tree round: the module's draws
+    (`tree_drafting_draws`), then one Exp(1) row per depth 0..D; one uniform per (depth, sibling)."""
+    return tree_drafting_draws(shape) + shape.depth + 1, shape.depth * shape.topk
 
 
 def draft_chain(model: FullModel, module: RecyclableModule, k: int, mlogits: Tensor, g: Tensor, pos: Tensor,
