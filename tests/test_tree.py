@@ -104,7 +104,8 @@ def test_recycle_row_turns_tree_rows_into_chains(models):
 @pytest.mark.parametrize("kind", ["random", "copy"])
 def test_caches_after_tree_rounds_equal_a_fresh_prefill(models, kind):
     """The full model's and the module's caches hold exactly the true entries after accepted paths
-    (keys/values moved into place), as an uncached pass over the whole sequence computes them."""
+    (keys/values moved into place), as a fresh prefill of the same tokens holds them; the carried module
+    logits equal an uncached pass's."""
     model, module = models[kind]
     eng = Engine(model, module, slots=2)
     cfg = tree_cfg(3, 10, 3, n=16)
@@ -142,7 +143,7 @@ HAND = Tree(torch.tensor([[5, 6, 7, 8, 9, 4]]), torch.tensor([[0, 0, 0, 1, 1, 2,
 
 
 def accept_hand(targets, lens=3):
-    valid = (HAND.depth <= lens) & torch.ones_like(HAND.depth, dtype=torch.bool)
+    valid = HAND.depth <= lens
     return accept_tree(HAND, torch.tensor([targets]), valid, ancestors_of(HAND.parents, 3), 3)
 
 
