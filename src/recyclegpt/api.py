@@ -17,6 +17,7 @@ import torch
 from .checkpoint import load_checkpoint, references_base
 from .config import Config
 from .decoding import GenerationConfig, GenerationResult, generate, stream
+from .decoding.auto import AutoChoice, choose_draft
 from .errors import RecycleError, RecycleWarning
 from .model import FullModel
 from .module import RecyclableModule
@@ -103,11 +104,24 @@ class RecycleGPT:
 
         mode: 'ar' | 'recycle' (the paper, lossy) | 'verify' (lossless, the default).
         Keywords: k, adaptive_k, drafter ('module' | 'ngram' | 'hybrid'), tree (a draft tree's node
-        budget; 0 = a chain of k), tree_topk, temperature, top_k, top_p, seed, stop (a string or list of
-        strings), eos_id, compile.
+        budget; 0 = a chain of k; 'auto' = measure and pick, see `choose_draft`), tree_topk, temperature,
+        top_k, top_p, seed, stop (a string or list of strings), eos_id, compile.
         """
         res = self.generate_with_stats(prompts, mode, max_new_tokens, **kw)
         return res.texts if res.texts is not None else [self.tokenizer.decode(t) for t in res.tokens]
+
+    @torch.inference_mode()
+    def choose_draft(self, prompts: str | Sequence[str], batch_size: int | None = None, refresh: bool = False,
+                     progress=None, max_new_tokens: int = 48, **kw) -> AutoChoice:
+        """The fastest `verify` draft (a chain of k, or a tree of N nodes) for decoding prompts like these,
+        `batch_size` at a time (default: all together), in the setting of the keywords (temperature,
+        top_k, top_p, compile): measured on this machine (every candidate decodes the prompts), then
+        cached per weights, machine and setting (`decoding.auto`). `tree="auto"` in generate/stream
+        does the same implicitly, with the prompts it is given."""
+        kw = {key: v for key, v in kw.items() if key not in ("k", "tree", "tree_topk")}
+        gc = self.config("verify", max_new_tokens, **kw)
+        return choose_draft(self.model, self.module, self.encode(prompts), gc, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, refresh=refresh, progress=progress)
 
     def stream(self, prompt: str, mode: str = "verify", max_new_tokens: int = 64, **kw) -> Iterator[str]:
         """Yield text pieces of one prompt's continuation as tokens are accepted.

@@ -73,6 +73,14 @@ _tree_nodes = _number(int, 0, 256)  # a draft tree's node budget (0: a chain)
 _tree_topk = _number(int, 1, 16)
 
 
+def _tree_or_auto(s: str) -> int | str:
+    """--tree: a node budget, or `auto` (measure chains and trees here, keep the fastest)."""
+    return "auto" if s.strip().lower() == "auto" else _tree_nodes(s)
+
+
+_tree_or_auto.__name__ = "int"
+
+
 def _text(s: str) -> str:
     """An argparse type for text (--prompt, --stop, ...). Command-line bytes that are not UTF-8 arrive as
     lone surrogates (Python's surrogateescape); they are refused here, never passed on or replaced."""
@@ -200,10 +208,12 @@ def add_decoding_args(p: argparse.ArgumentParser, default_mode: str = "verify") 
                    help="new tokens per prompt (default 64; the model's context caps it)")
     p.add_argument("--k", type=_draft_k, default=3, help="drafts per verify round, 1 to 64 (default 3)")
     p.add_argument("--adaptive-k", action="store_true", help="grow/shrink k from recent acceptance (verify)")
-    p.add_argument("--tree", type=_tree_nodes, default=0, metavar="N",
+    p.add_argument("--tree", type=_tree_or_auto, default=0, metavar="N|auto",
                    help="verify with a draft tree of N nodes and depth --k instead of a chain of k drafts: the "
                    "module's top --tree-topk tokens per node (drawn from its distribution when sampling), the N most "
-                   "probable kept, all verified in one pass (lossless; default 0 = chain)")
+                   "probable kept, all verified in one pass (lossless; default 0 = chain). auto: decode the prompts "
+                   "with a few chains and trees first and keep the fastest on this machine (cached; see `recyclegpt "
+                   "tune`)")
     p.add_argument("--tree-topk", type=_tree_topk, default=2, metavar="C",
                    help="children per expanded tree node, and nodes expanded per level (default 2)")
     p.add_argument("--drafter", default="module", choices=["module", "ngram", "hybrid"],
@@ -254,6 +264,13 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 def run_generate(a: argparse.Namespace) -> int:
     m = load_model(a.ckpt, a)
     kw = decoding_kwargs(a)
+    if kw["tree"] == "auto":
+        if a.mode != "verify":
+            raise RecycleError(f"--tree auto chooses a verify draft; it does nothing with --mode {a.mode}")
+        with _bar("auto: measuring draft shapes") as progress:
+            choice = m.choose_draft(a.prompt, progress=progress, **kw)
+        _say(f"note: {choice.describe()}")
+        kw.update(k=choice.best.k, tree=choice.best.tree, tree_topk=choice.best.tree_topk)
     if a.stream:
         if len(a.prompt) != 1:
             raise RecycleError("--stream takes exactly one --prompt")
@@ -274,6 +291,79 @@ def run_generate(a: argparse.Namespace) -> int:
         print(f"[{a.mode}] {st.total_new_tokens} tokens, {st.tokens_per_s:.1f} tok/s, "
               f"{st.full_passes / max(1, st.total_new_tokens):.2f} full passes/token, tau {st.tau:.2f}, "
               f"dtype {str(m.dtype).removeprefix('torch.')}", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def _bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr (when it is a terminal), driven by a `progress(done, total)` callback."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+# ---- tune ------------------------------------------------------------------------------------
+
+def add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="measure chains and draft trees here and pick the fastest (--tree auto)",
+                       description="Decode calibration prompts with a few verify drafts (chains of k = 2..4, trees of "
+                       "6..16 nodes), each in the setting given (batch size, sampling, --compile), and print their τ, "
+                       "milliseconds per round and tokens/s; the fastest becomes what `--tree auto` uses for this "
+                       "checkpoint on this machine in this setting (cached in $RECYCLEGPT_CACHE, default "
+                       "~/.cache/recyclegpt/auto.json). Use prompts like the ones you will decode: acceptance, and "
+                       "with it the best draft, depends on the text.")
+    p.add_argument("ckpt", help="checkpoint directory (or a `recyclegpt train` run directory)")
+    p.add_argument("--prompts", default="code", metavar="NAME|FILE",
+                   help="calibration prompts: code (default), prose, all, or a file (one prompt per line, or JSONL)")
+    p.add_argument("--num-prompts", type=_positive_int, default=4,
+                   help="calibration prompts, the set's first N (default 4; repeated when the set has fewer)")
+    p.add_argument("--batch-size", type=_number(int, 1, 256), default=1,
+                   help="prompts decoded together, as you will decode them (default 1)")
+    p.add_argument("--max-new-tokens", type=_number(int, 8, 4096), default=48,
+                   help="tokens decoded per prompt and candidate (default 48)")
+    p.add_argument("--repeats", type=_positive_int, default=2, help="timed runs per candidate; the best counts "
+                   "(default 2)")
+    p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=_nonneg_int, default=0, help="sampling top-k (0 = off)")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="sampling top-p (1 = off)")
+    p.add_argument("--compile", action="store_true",
+                   help="measure compiled rounds (compiles every candidate once: minutes on a small CPU)")
+    p.add_argument("--refresh", action="store_true", help="measure again even if a cached choice exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_args(p)
+    p.set_defaults(func=run_tune)
+
+
+def run_tune(a: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench.prompts import load_prompts
+
+    ps = load_prompts(a.prompts)  # a bad file fails before the model loads
+    m = load_model(a.ckpt, a)
+    n = max(a.num_prompts, a.batch_size)
+    prompts = [ps.prompts[i % len(ps.prompts)] for i in range(n)]
+    with _bar("tune: measuring draft shapes", not a.no_progress) as progress:
+        choice = m.choose_draft(prompts, batch_size=a.batch_size, refresh=a.refresh, progress=progress,
+                                max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                top_p=a.top_p, compile=a.compile)
+    table = Table(title=f"verify drafts, {a.prompts} prompts, batch {a.batch_size}, "
+                  f"{'compiled' if a.compile else 'eager'}, T={a.temperature:g}")
+    for col in ("draft", "τ", "ms / round", "tokens/s", ""):
+        table.add_column(col, justify="left" if col in ("draft", "") else "right")
+    for t in choice.trials:
+        table.add_row(t.shape.label, f"{t.tau:.2f}", f"{t.round_ms:.2f}", f"{t.tokens_per_s:.0f}",
+                      "<- --tree auto" if t.shape == choice.best else "")
+    Console().print(table)
+    print(choice.describe())
     return 0
 
 
@@ -772,7 +862,7 @@ def run_export(a: argparse.Namespace) -> int:
 # ---- entry -----------------------------------------------------------------------------------
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_generate, add_train, add_eval,
-                                                               add_bench, add_serve, add_lm_eval,
+                                                               add_bench, add_tune, add_serve, add_lm_eval,
                                                                add_attach, add_export]
 
 

@@ -6,7 +6,6 @@ the command which trained it; `recyclegpt demo --train` runs that same command.
 
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import RecycleError
+from .runtime import cache_dir
 
 # The recorded commands that produced the shipped checkpoint (MODEL_CARD.md repeats them): joint
 # training, then module-only self-distillation on the frozen full model (3 unrolled draft steps).
@@ -43,11 +43,6 @@ def shipped_checkpoint() -> Path:
     if not (path / "config.json").is_file():
         raise RecycleError(f"the shipped checkpoint is missing from {path}; reinstall recyclegpt or pass --ckpt")
     return path
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "recyclegpt"
 
 
 def train_shipped(out: str | None) -> int:

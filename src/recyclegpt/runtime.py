@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,7 +66,34 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, generic
     return DTYPES[dtype]
 
 
+def cache_dir() -> Path:
+    """Where recyclegpt keeps what it can recompute: $RECYCLEGPT_CACHE, else $XDG_CACHE_HOME/recyclegpt,
+    else ~/.cache/recyclegpt."""
+    if os.environ.get("RECYCLEGPT_CACHE"):
+        return Path(os.environ["RECYCLEGPT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "recyclegpt"
+
+
 def set_threads() -> None:
     """Use every core for intra-op work unless the user set OMP_NUM_THREADS."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What a measurement ran on: CPU model, cores, torch threads, platform (and the GPU on CUDA)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+           "platform": platform.platform(), "python": platform.python_version()}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["cuda"] = torch.version.cuda
+    return out

@@ -37,8 +37,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +48,7 @@ import torch
 
 from ..decoding import GenerationConfig, generate
 from ..errors import RecycleError
+from ..runtime import machine_info
 from .prompts import PromptSet
 
 NATIVE_MODES = ("ar", "recycle", "verify")
@@ -292,23 +291,6 @@ def hf_lanes(runner: HFRunner, opts: BenchOptions, cache: str) -> list[Lane]:
 
 
 # -------------------------------------------------------------------------------------- the bench
-
-def _machine(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-           "platform": platform.platform(), "python": platform.python_version()}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-        out["cuda"] = torch.version.cuda
-    return out
-
 
 def _batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[list[int]]]:
     return [prompt_ids[i:i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
@@ -609,7 +591,7 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
                    "module": sum(p.numel() for p in module.parameters()) if module is not None else 0},
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "machine": _machine(device),
+        "machine": machine_info(device),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "timing": "median over rounds of new tokens / wall seconds of the generate calls (prefill included); "
                   "decode_tokens_per_s: tokens of decoding passes / seconds after the prefill; lanes interleaved "

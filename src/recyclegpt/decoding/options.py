@@ -31,6 +31,8 @@ class GenerationConfig:
     tree: draft-tree node budget (0: a chain of k drafts). With tree = N > 0, each verify round
       drafts a tree of N nodes and depth k from the module's top `tree_topk` tokens per node and
       keeps the longest path the full model agrees with (`decoding.tree`); needs drafter `module`.
+      "auto": `generate`/`stream` first pick the fastest chain or tree (its k and N) for this machine,
+      model and setting by decoding the prompts with each candidate (`decoding.auto`; cached).
     tree_topk: children expanded per tree node (and nodes expanded per level); 2, as on the command line.
     adaptive_k: move k within [1, k_max] from recent acceptance.
     ngram_k: most n-gram drafts per round (None: k). ngram_max_n / ngram_min_n: match lengths
@@ -53,7 +55,7 @@ class GenerationConfig:
     eos_id: int | Sequence[int] | None = None
     stop_strings: Sequence[str] = field(default_factory=tuple)
     drafter: str | HostDrafter = "module"
-    tree: int = 0
+    tree: int | str = 0  # or "auto"
     tree_topk: int = 2
     adaptive_k: bool = False
     k_max: int = 8
@@ -109,14 +111,17 @@ class GenerationConfig:
                                "or an object with propose() and reset()")
         for name in ("tree", "tree_topk"):
             v = getattr(self, name)
+            if name == "tree" and v == "auto":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "tree" else 1):
-                raise RecycleError(f"{name} must be an integer >= {0 if name == 'tree' else 1}, got {v!r}")
+                extra = " or 'auto'" if name == "tree" else ""
+                raise RecycleError(f"{name} must be an integer >= {0 if name == 'tree' else 1}{extra}, got {v!r}")
         if self.tree:
             if self.mode != "verify" or self.drafter != "module":
                 raise RecycleError("draft trees need mode 'verify' with drafter 'module' (set tree=0 otherwise)")
             if self.adaptive_k:
                 raise RecycleError("draft trees have a fixed depth k; turn adaptive_k off or set tree=0")
-            if self.tree < self.k:
+            if self.tree != "auto" and self.tree < self.k:
                 raise RecycleError(f"a tree of depth k={self.k} needs at least k nodes, got tree={self.tree}")
         if not isinstance(self.compile, bool):
             raise RecycleError(f"compile must be True or False, got {self.compile!r}")
