@@ -243,3 +243,20 @@ def test_eval_cli_reports_agreement(ckpt, prompt_file, text_dir, tmp_path, capsy
     rep = json.loads(out.read_text())
     assert rep["ppl_standard"] > 0 and rep["greedy_agreement"]["prompts"] == len(PROMPTS)
     assert 0 <= rep["greedy_agreement"]["token_agreement"] <= 1
+
+
+def test_bench_auto_lane_is_identical_to_ar(ckpt, prompt_file, monkeypatch, tmp_path):
+    from recyclegpt.decoding import auto
+    from recyclegpt.decoding.auto import DraftShape
+
+    monkeypatch.setenv("RECYCLEGPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(auto, "CANDIDATES", (DraftShape(2), DraftShape(3, 5)))
+    _, model, module, tok = load_checkpoint(ckpt)
+    opts = BenchOptions(max_new_tokens=8, repeats=1, modes=["ar", "verify"], ks=[2], adaptive=False, hybrid=False,
+                        auto=True, compile="none", progress=False)
+    rep = run_bench(model, module, tok, load_prompts(prompt_file), opts)
+    (lane,) = [r for r in rep["results"] if r["label"].startswith("verify auto")]
+    assert lane["identical_to_ar"] is True
+    assert {t["draft"] for t in lane["auto_trials"]} == {"chain k=2", "tree 5 (depth 3)"}
+    assert lane["label"] == f"verify auto ({lane['auto']})"
+    assert not (tmp_path / "auto.json").exists()  # the bench measures afresh and leaves the cache alone

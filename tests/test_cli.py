@@ -112,3 +112,27 @@ def test_demo_train_runs_the_three_shipped_phases(tmp_path, monkeypatch):
     calls.clear()
     demo.train_shipped(str(tmp_path))
     assert "--resume" in calls[0] and "--resume" not in calls[1]
+
+
+def test_tune_then_generate_tree_auto_uses_the_cached_choice(run_dir, capsys, tmp_path, monkeypatch):
+    from recyclegpt.decoding import auto
+    from recyclegpt.decoding.auto import DraftShape
+
+    monkeypatch.setenv("RECYCLEGPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(auto, "CANDIDATES", (DraftShape(2), DraftShape(3, 4)))
+    out, _ = run_dir
+    pfile = tmp_path / "p.txt"
+    pfile.write_text("def add(a, b):\nfor i in range(3):\n")
+    assert main(["tune", str(out), "--prompts", str(pfile), "--num-prompts", "2", "--max-new-tokens", "8",
+                 "--repeats", "1", "--dtype", "float32", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "chain k=2" in printed and "tree 4 (depth 3)" in printed and "<- --tree auto" in printed
+    assert (tmp_path / "auto.json").is_file()
+    assert main(["generate", str(out), "--prompt", "def add(a, b):", "--tree", "auto", "--max-new-tokens", "6",
+                 "--dtype", "float32"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def add(a, b):") and "note: auto: " in captured.err and "cached" in captured.err
+    assert main(["generate", str(out), "--prompt", "x", "--tree", "auto", "--mode", "ar"]) == 2
+    assert "--tree auto chooses a verify draft" in one_line_error(capsys)
+    assert main(["generate", str(out), "--prompt", "x", "--tree", "bushy"]) == 2
+    assert "--tree" in one_line_error(capsys)

@@ -496,9 +496,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="modes to run (default all: ar,recycle,verify,hf_generate,hf_assisted)")
     p.add_argument("--k", type=_draft_k, nargs="+", default=[3], metavar="K",
                    help="verify draft lengths, one lane each (default 3; e.g. --k 1 2 3 4)")
-    p.add_argument("--tree", type=_tree_nodes, nargs="+", default=[], metavar="N",
+    p.add_argument("--tree", type=_tree_or_auto, nargs="+", default=[], metavar="N|auto",
                    help="add `verify tree N` lanes: a draft tree of N nodes per round, depth --tree-depth, "
-                   "--tree-topk children per node (compiled too under --compile headline/all; e.g. --tree 8 16)")
+                   "--tree-topk children per node (compiled too under --compile headline/all; e.g. --tree 8 16); "
+                   "auto adds a `verify auto` lane: the chain or tree `--tree auto` picks, measured on these prompts "
+                   "first (as `recyclegpt tune` does)")
     p.add_argument("--tree-depth", type=_draft_k, default=None, metavar="D",
                    help="depth of the tree lanes (default: the largest --k)")
     p.add_argument("--tree-topk", type=_tree_topk, default=2, metavar="C",
@@ -542,7 +544,8 @@ def run_bench(a: argparse.Namespace) -> int:
     opts = BenchOptions(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, temperature=a.temperature,
                         seed=a.seed, repeats=a.repeats, modes=a.modes or list(ALL_MODES), ks=a.k,
                         adaptive=a.adaptive, hybrid=a.hybrid, prompt_lookup=a.prompt_lookup,
-                        trees=[t for t in a.tree if t], tree_depth=a.tree_depth or max(a.k), tree_topk=a.tree_topk,
+                        trees=[t for t in a.tree if t and t != "auto"],
+                        auto="auto" in a.tree, tree_depth=a.tree_depth or max(a.k), tree_topk=a.tree_topk,
                         hf_cache=a.hf_cache, compile=a.compile,
                         ignore_eos=not a.stop_at_eos, progress=not a.no_progress and sys.stderr.isatty())
     report = bench(m.model, m.module, m.tokenizer, prompts, opts, checkpoint=a.ckpt)

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from ..decoding import GenerationConfig, generate
+from ..decoding.auto import choose_draft
 from ..errors import RecycleError
 from ..runtime import machine_info
 from .prompts import PromptSet
@@ -72,6 +73,7 @@ class BenchOptions:
     trees: Sequence[int] = ()  # `verify tree N` lanes: node budgets
     tree_depth: int = 4
     tree_topk: int = 2
+    auto: bool = False  # a `verify auto` lane: the draft tree="auto" picks, measured on these prompts
     hf_cache: str = "auto"  # auto | static | dynamic
     compile: str = "headline"  # none | ar (a compiled `ar` lane, the baseline if faster) | headline (ar and
     # the verify k lanes compiled: the headline comparison) | all (every native lane compiled too)
@@ -396,6 +398,20 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
                          + ([compiled_lane(label, "verify", opts.tree_depth, **tree_kw)] if compile_verify else [])):
                 lane.extra.update(tree=nodes, tree_depth=opts.tree_depth, tree_topk=opts.tree_topk)
                 lane.note = note + ("; " + lane.note if lane.note else "")
+                lanes.append(lane)
+        if opts.auto:  # what tree="auto" picks (decoding.auto), measured afresh on these prompts, per lane kind
+            for compile_lane in [False] + ([True] if compile_verify else []):
+                choice = choose_draft(model, module, prompt_ids, GenerationConfig(temperature=opts.temperature,
+                                                                                  compile=compile_lane),
+                                      batch_size=opts.batch_size, use_cache=False)
+                best = choice.best
+                label, kw = f"verify auto ({best.label})", dict(tree=best.tree, tree_topk=best.tree_topk)
+                lane = (compiled_lane(label, "verify", best.k, **kw) if compile_lane
+                        else native_lane(model, module, label, "verify", best.k, opts, eos_id, **kw))
+                lane.extra.update(auto=best.label, auto_trials=[dict(draft=t.shape.label, tau=t.tau,
+                                                                     round_ms=t.round_ms, tokens_per_s=t.tokens_per_s)
+                                                                for t in choice.trials])
+                lane.note = f"tree=auto chose {best.label} on these prompts" + ("; " + lane.note if lane.note else "")
                 lanes.append(lane)
         if opts.hybrid:
             # The module chain or a longer prompt-lookup match, per row and round (decoding.drafters):
