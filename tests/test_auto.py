@@ -129,3 +129,22 @@ def test_engine_and_choice_refuse_what_they_cannot_measure(models):
         choose_draft(model, module, [])
     with pytest.raises(RecycleError, match="fewer than 8 tokens"):
         choose_draft(model, module, [[1] * (model.cfg.max_seq_len - 4)])
+
+
+def test_serve_tree_auto_sets_width_and_tree_from_the_choice():
+    from recyclegpt.decoding.auto import AutoChoice
+    from recyclegpt.serve import choose_server_draft
+    from recyclegpt.serve.app import ServeOptions
+
+    asked = {}
+
+    class Bundle:
+        def choose_draft(self, prompts, batch_size, compile):
+            asked.update(n=len(prompts), batch_size=batch_size, compile=compile)
+            best = DraftShape(5, 12)
+            return AutoChoice(best, [Trial(best, 3.0, 2.0, 100.0)], False, "2026-12-03")
+
+    opts = ServeOptions(slots=3, compile=False, width=3, default_k=3, tree="auto")
+    choose_server_draft(Bundle(), opts)
+    assert asked == {"n": 3, "batch_size": 3, "compile": False}  # every slot busy, as the server runs
+    assert (opts.width, opts.tree, opts.tree_topk, opts.default_k) == (5, 12, 2, 3)

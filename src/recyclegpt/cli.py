@@ -603,9 +603,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="most drafts per round a request may ask for (`k`); every verify round is this wide "
                    "(default 3)")
     p.add_argument("--k", type=_draft_k, default=3, help="drafts per round when a request gives no k (default 3)")
-    p.add_argument("--tree", type=_tree_nodes, default=0, metavar="N",
+    p.add_argument("--tree", type=_tree_or_auto, default=0, metavar="N|auto",
                    help="verify requests draft a tree of N nodes, --max-k deep, instead of a chain (default 0: "
-                   "chains); N >= --max-k")
+                   "chains); N >= --max-k. auto: at start, measure chains and trees with every slot busy (the "
+                   "shipped code and prose prompts; cached like `recyclegpt tune`) and serve the fastest; its "
+                   "depth replaces --max-k")
     p.add_argument("--tree-topk", type=_tree_topk, default=2, metavar="C", help="children per tree node (default 2)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the decoding rounds at start (default on: /health answers ready once done; "
@@ -632,7 +634,7 @@ def run_serve(a: argparse.Namespace) -> int:
 
     if a.k > a.max_k:
         raise RecycleError(f"--k {a.k} is larger than --max-k {a.max_k}")
-    if a.tree:
+    if a.tree and a.tree != "auto":
         from .decoding.tree import tree_candidates
 
         most = tree_candidates(a.max_k, a.tree_topk)

@@ -32,6 +32,8 @@ def run_server(ckpt: str, host: str, port: int, device: str = "auto", dtype: str
     opts = ServeOptions(**options)
 
     bundle = RecycleGPT.from_pretrained(ckpt, device=device, dtype=dtype)
+    if opts.tree == "auto":
+        choose_server_draft(bundle, opts)
     eos = bundle.tokenizer.tok.id_to_token(bundle.tokenizer.eos_id) if bundle.tokenizer.eos_id is not None else ""
     template = ChatTemplate.find(ckpt, eos=eos or "")
     if opts.model_name is None:
@@ -40,3 +42,20 @@ def run_server(ckpt: str, host: str, port: int, device: str = "auto", dtype: str
     logging.getLogger(__name__).info("serving %s as '%s' on http://%s:%d (chat template: %s)", ckpt,
                                      opts.model_name, host, port, "yes" if template else "none")
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def choose_server_draft(bundle, opts) -> None:
+    """--tree auto: the chain or tree that decodes fastest with every slot busy (the shipped code and prose
+    prompts, `slots` at a time, compiled as the server runs), measured here or read from the cache; it
+    sets the rounds' width (the draft depth) and the tree size. Requests asking for a larger k are refused."""
+    from ..bench.prompts import load_prompts
+
+    ps = load_prompts("all").prompts
+    prompts = [ps[i % len(ps)] for i in range(opts.slots)]
+    log = logging.getLogger(__name__)
+    log.info("--tree auto: measuring chains and trees with %d busy slots (compile=%s)", opts.slots, opts.compile)
+    choice = bundle.choose_draft(prompts, batch_size=opts.slots, compile=opts.compile)
+    log.info("%s", choice.describe())
+    best = choice.best
+    opts.width, opts.tree, opts.tree_topk = best.k, best.tree, best.tree_topk
+    opts.default_k = min(opts.default_k, best.k)

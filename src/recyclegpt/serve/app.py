@@ -49,7 +49,8 @@ class ServeOptions:
     compile: bool = True
     width: int = 3  # most drafts a request may ask for (k); every verify round is this wide
     default_k: int = 3
-    tree: int = 0  # verify requests draft trees of this many nodes (0: chains), `width` deep
+    tree: int | str = 0  # verify requests draft trees of this many nodes (0: chains), `width` deep;
+    # "auto": `run_server` measures chains and trees at start (`decoding.auto`) and sets width and tree
     tree_topk: int = 2
     api_key: str | None = None
     max_queue: int = 256
