@@ -243,6 +243,25 @@ def test_eval_cli_reports_agreement(ckpt, prompt_file, text_dir, tmp_path, capsy
     rep = json.loads(out.read_text())
     assert rep["ppl_standard"] > 0 and rep["greedy_agreement"]["prompts"] == len(PROMPTS)
     assert 0 <= rep["greedy_agreement"]["token_agreement"] <= 1
+    top = [rep["module_agrees_with_full"], rep["module_top2_has_full"], rep["module_top3_has_full"]]
+    assert 0 <= top[0] <= top[1] <= top[2] <= 1  # a wider top-k holds at least as much
+
+
+def test_top_k_agreement_matches_a_direct_count(ckpt, text_dir):
+    from recyclegpt.bench.quality import load_eval_tokens, perplexity
+
+    _, model, module, tok = load_checkpoint(ckpt)
+    tokens = load_eval_tokens([str(text_dir)], tok, 200)
+    rep = perplexity(model, module, tokens, seq_len=64, progress=False)
+    x = torch.from_numpy(tokens[:3 * 64]).view(3, 64)
+    with torch.inference_mode():
+        logits, h = model(x)
+        mlogits, _ = module(model, x[:, 1:], h[:, :-1])
+    full_next = logits.argmax(-1)[:, 1:-1]  # the full model's choice at t+1, which the module at t predicts
+    ranked = mlogits[:, :-1].argsort(-1, descending=True)
+    for k, got in ((1, rep.module_agrees_with_full), (2, rep.module_top2_has_full), (3, rep.module_top3_has_full)):
+        want = (ranked[..., :k] == full_next[..., None]).any(-1).float().mean().item()
+        assert got == pytest.approx(want)
 
 
 def test_bench_auto_lane_is_identical_to_ar(ckpt, prompt_file, monkeypatch, tmp_path):

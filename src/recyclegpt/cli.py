@@ -437,6 +437,7 @@ def run_eval(a: argparse.Namespace) -> int:
     print(f"perplexity, recycle:        {rep.ppl_recycle:.3f}  ({100 * rep.recycle_ppl_increase:+.1f}%)")
     print(f"perplexity, module only:    {rep.ppl_module:.3f}")
     print(f"module top-1 = full top-1:  {rep.module_agrees_with_full:.3f}")
+    print(f"full top-1 in module top-2 / top-3: {rep.module_top2_has_full:.3f} / {rep.module_top3_has_full:.3f}")
     print(f"top-1 accuracy full/module: {rep.full_top1_accuracy:.3f} / {rep.module_top1_accuracy:.3f}")
     agree = None
     if prompts is not None:

@@ -31,6 +31,9 @@ class QualityReport:
     ppl_module: float  # every token from position 2 by the module (what it drafts)
     recycle_ppl_increase: float  # ppl_recycle / ppl_standard - 1
     module_agrees_with_full: float  # top-1 of module at t == full model's top-1 at t+1
+    # the full model's top-1 among the module's top 2 / top 3 (what a draft tree with 2 or 3 children can catch)
+    module_top2_has_full: float
+    module_top3_has_full: float
     module_top1_accuracy: float
     full_top1_accuracy: float
 
@@ -58,7 +61,7 @@ def perplexity(model: FullModel, module: RecyclableModule, tokens: np.ndarray, s
     n_win = len(tokens) // seq_len
     windows = torch.from_numpy(np.asarray(tokens[: n_win * seq_len])).view(n_win, seq_len)
     device = model.tok_embeddings.weight.device
-    sums = dict(full=0.0, recycle=0.0, module=0.0, agree=0.0, acc_m=0.0, acc_f=0.0)
+    sums = dict(full=0.0, recycle=0.0, module=0.0, agree=0.0, top2=0.0, top3=0.0, acc_m=0.0, acc_f=0.0)
     counts = dict(full=0, recycle=0, module=0)
     for i in tqdm(range(0, n_win, batch_size), desc="eval", disable=not progress, leave=False):
         x = windows[i:i + batch_size].to(device)  # [B, T]
@@ -78,6 +81,9 @@ def perplexity(model: FullModel, module: RecyclableModule, tokens: np.ndarray, s
         full_top = logits.argmax(-1)
         mod_top = mlogits[:, :-1].argmax(-1)
         sums["agree"] += (mod_top == full_top[:, 1:-1]).sum().item()
+        hits = (mlogits[:, :-1].topk(3, -1).indices == full_top[:, 1:-1, None]).cumsum(-1)  # [B, T-2, 3]
+        sums["top2"] += hits[..., 1].sum().item()
+        sums["top3"] += hits[..., 2].sum().item()
         sums["acc_m"] += (mod_top == x[:, 2:]).sum().item()
         sums["acc_f"] += (full_top[:, :-1] == x[:, 1:]).sum().item()
     nf, nr, nm = counts["full"], counts["recycle"], counts["module"]
@@ -85,6 +91,7 @@ def perplexity(model: FullModel, module: RecyclableModule, tokens: np.ndarray, s
     return QualityReport(
         tokens=nf, ppl_standard=ppl_std, ppl_recycle=ppl_rec, ppl_module=math.exp(sums["module"] / nm),
         recycle_ppl_increase=ppl_rec / ppl_std - 1, module_agrees_with_full=sums["agree"] / nm,
+        module_top2_has_full=sums["top2"] / nm, module_top3_has_full=sums["top3"] / nm,
         module_top1_accuracy=sums["acc_m"] / nm, full_top1_accuracy=sums["acc_f"] / nf,
     )
 
