@@ -1,6 +1,6 @@
 """Render the draft-tree results (benchmarks/trees.sh's JSON reports) as the README's markdown tables.
 
-    python benchmarks/tree_table.py [benchmarks/results]
+    python benchmarks/tree_table.py [--name trees] [FOLDER]     (FOLDER default: benchmarks/results)
 
 Table 1: every lane of every setting: tokens/s, speedup over the run's fastest `ar`, τ, identical to `ar`.
 Table 2: per setting, the best chain lane against the best tree lane (by tokens/s; τ of the deepest-τ lanes).
@@ -18,14 +18,14 @@ from readme_results import summary_table  # noqa: E402  (one row per lane, one c
 SETTINGS = ("prose_b1_greedy", "prose_b1_t1", "code_b1_greedy", "code_b8_greedy")
 
 
-def load(folder: Path) -> dict[str, dict]:
+def load(folder: Path, prefix: str = "trees") -> dict[str, dict]:
     out = {}
     for name in SETTINGS:
-        f = folder / f"trees_{name}.json"
+        f = folder / f"{prefix}_{name}.json"
         if f.is_file():
             out[name] = json.loads(f.read_text())
     if not out:
-        raise SystemExit(f"no trees_*.json in {folder}; run benchmarks/trees.sh first")
+        raise SystemExit(f"no {prefix}_*.json in {folder}; run benchmarks/trees.sh first")
     return out
 
 
@@ -40,7 +40,8 @@ def lanes_table(reports: dict[str, dict]) -> str:
 
 
 def best(rep: dict, tree: bool, key: str) -> dict:
-    cands = [r for r in rep["results"] if r["mode"] == "verify" and bool(r.get("tree")) == tree]
+    cands = [r for r in rep["results"] if r["mode"] == "verify" and bool(r.get("tree")) == tree
+             and "auto" not in r]  # the auto lane repeats one of the others
     return max(cands, key=lambda r: r[key])
 
 
@@ -57,8 +58,13 @@ def best_table(reports: dict[str, dict]) -> str:
 
 
 def main() -> int:
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results"
-    reports = load(folder)
+    import argparse
+
+    p = argparse.ArgumentParser(description="the README's draft-tree tables from benchmarks/trees.sh reports")
+    p.add_argument("folder", nargs="?", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--name", default="trees", help="report name prefix, trees.sh's NAME (default trees)")
+    a = p.parse_args()
+    reports = load(Path(a.folder), a.name)
     head = next(iter(reports.values()))
     m = head["machine"]
     print(f"{m['cpu']}, {m['threads']} torch threads, torch {head['torch']}, {head['dtype']}, "
