@@ -136,6 +136,8 @@ def quality_table(evals: list[dict]) -> str:
         ("top-1 accuracy, full model / module (its token, one further)",
          lambda q: f"{q['full_top1_accuracy']:.3f} / {q['module_top1_accuracy']:.3f}"),
         ("module top-1 = full model's top-1 one position later", lambda q: f"{q['module_agrees_with_full']:.3f}"),
+        ("full model's top-1 among the module's top 2 / top 3", lambda q: "–" if "module_top2_has_full" not in q else
+         f"{q['module_top2_has_full']:.3f} / {q['module_top3_has_full']:.3f}"),
         ("greedy `recycle` = greedy `ar`, share of tokens", lambda q: "–" if not q.get("greedy_agreement") else
          f"{q['greedy_agreement']['token_agreement']:.3f} ({q['greedy_agreement']['prompts']} code prompts x "
          f"{q['greedy_agreement']['max_new_tokens']})"),
