@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the 44.8M `base` model of the README's size table and tree table (about 37 min on 2 cores):
+# Train the 44.8M `base` model of the README's size table and tree table (about 42 min on 2 idle cores):
 # the full model with its joint module (800 steps, however long they take), then two rounds of
 # distilling the module on the full model's whole distribution (time-boxed, 10 and 9 minutes, as for
 # the README's 44.8M model: keep the machine quiet meanwhile). Each step resumes if its run directory

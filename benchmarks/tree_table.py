@@ -2,7 +2,8 @@
 
     python benchmarks/tree_table.py [--name trees] [FOLDER]     (FOLDER default: benchmarks/results)
 
-Table 1: every lane of every setting: tokens/s, speedup over the run's fastest `ar`, τ, identical to `ar`.
+Table 1: every lane of every setting: tokens/s, speedup over the run's fastest `ar`, τ, identical to `ar`
+(`verify auto` rows: what `--tree auto` chose in that setting, then its lane's numbers).
 Table 2: per setting, the best chain lane against the best tree lane (by tokens/s; τ of the deepest-τ lanes).
 """
 
@@ -23,7 +24,10 @@ def load(folder: Path, prefix: str = "trees") -> dict[str, dict]:
     for name in SETTINGS:
         f = folder / f"{prefix}_{name}.json"
         if f.is_file():
-            out[name] = json.loads(f.read_text())
+            rep = out[name] = json.loads(f.read_text())
+            for r in rep["results"]:  # one row for the auto lanes, whatever each setting chose
+                if "auto" in r:
+                    r["label"] = "verify auto" + (" (compiled)" if r.get("compiled") else "")
     if not out:
         raise SystemExit(f"no {prefix}_*.json in {folder}; run benchmarks/trees.sh first")
     return out
@@ -35,8 +39,9 @@ def same(r: dict) -> str:
 
 
 def lanes_table(reports: dict[str, dict]) -> str:
-    return summary_table(reports, first="lane", cell=lambda r: f"{r['tokens_per_s']:.0f} ({r['speedup_vs_ar']:.2f}x), "
-                         f"τ {r['mean_accepted']:.2f}, = ar {same(r)}")
+    return summary_table(reports, first="lane", cell=lambda r: (f"{r['auto']}: " if "auto" in r else "")
+                         + f"{r['tokens_per_s']:.0f} ({r['speedup_vs_ar']:.2f}x), τ {r['mean_accepted']:.2f}, "
+                         f"= ar {same(r)}")
 
 
 def best(rep: dict, tree: bool, key: str) -> dict:
