@@ -43,11 +43,16 @@ from .rounds import RoundShape, decode_round
 #   from inductor's on-disk cache in a new process (the C++ wrapper's source embeds tensor addresses,
 #   so it is rebuilt every time).
 # - max_autotune only up to AUTOTUNE_MAX_BATCH rows: at batch 8 the templates lost to ATen's GEMMs.
-# RECYCLEGPT_COMPILE_MODE: auto (the above), max-autotune (every batch size), default (no autotuning:
-# compiles faster, runs slower at batch 1).
+# - and only for a full model of at most AUTOTUNE_MAX_WEIGHT_BYTES: on the 17.3M model (35 MB in bf16) the
+#   templates won; on the 44.8M one (90 MB, more than the 32 MB L3 of the AMD EPYC measured) they lost at
+#   every round width, compiled `verify` k=3 at 218 against 296 tokens/s with ATen's GEMMs and a tree of
+#   8 nodes at 133 against 244 (README, "Draft trees"). Sizes in between were not measured.
+# RECYCLEGPT_COMPILE_MODE: auto (the above), max-autotune (every batch size and model), default (no
+# autotuning: compiles faster, runs slower at batch 1 on the small model).
 _MODE = os.environ.get("RECYCLEGPT_COMPILE_MODE", "auto")
 _AUTOTUNE = _MODE != "default"
 AUTOTUNE_MAX_BATCH = 1 << 30 if _MODE == "max-autotune" else 2
+AUTOTUNE_MAX_WEIGHT_BYTES = 1 << 62 if _MODE == "max-autotune" else 48 << 20
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": _AUTOTUNE, "max_autotune_gemm_backends": "CPP",
                     "autotune_fallback_to_aten": True, "cpp_wrapper": False, "triton.cudagraphs": False,
                     "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
@@ -72,10 +77,11 @@ _LOCK = threading.Lock()
 _ATTR = "_recyclegpt_compiled"  # the per-model cache lives on the model (a cycle gc can collect)
 
 
-def inductor_options(batch: int) -> dict:
-    """INDUCTOR_OPTIONS for a graph over `batch` rows (max-autotune only where it measured faster)."""
+def inductor_options(batch: int, weight_bytes: int = 0) -> dict:
+    """INDUCTOR_OPTIONS for a graph over `batch` rows of a full model of `weight_bytes` (max-autotune only
+    where it measured faster)."""
     opts = dict(INDUCTOR_OPTIONS)
-    if batch > AUTOTUNE_MAX_BATCH:
+    if batch > AUTOTUNE_MAX_BATCH or weight_bytes > AUTOTUNE_MAX_WEIGHT_BYTES:
         opts["max_autotune"] = False
     return opts
 
@@ -132,7 +138,8 @@ def compiled_round(model: FullModel, module: RecyclableModule | None, shape: Rou
     Called as fn(state, inputs), like decode_round without its first three arguments."""
     dtype = model.tok_embeddings.weight.dtype
     inductor = BACKEND == "inductor"
-    options = inductor_options(batch) if inductor else {}
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    options = inductor_options(batch, weight_bytes) if inductor else {}
     # The cache tensors' identity is in the key: a graph must never run on caches it was not traced with.
     nets = (model, module) if shape.module else (model,)
     caches = tuple(c.k_cache.data_ptr() for net in nets for c in net.caches)
