@@ -53,7 +53,7 @@ def test_the_fastest_candidate_wins_and_is_cached(models, monkeypatch, cache_hom
     calls.clear()
     again = choose_draft(model, module, PROMPTS, candidates=SMALL)
     assert again.cached and again.best == DraftShape(3, 4) and calls == []
-    assert "cached" in again.describe() and "best chain chain k=2" in again.describe()
+    assert "cached" in again.describe() and "the best chain, chain k=2:" in again.describe()
 
     speeds[DraftShape(2)] = 200.0  # the machine changed its mind: refresh measures again
     assert choose_draft(model, module, PROMPTS, candidates=SMALL, refresh=True).best == DraftShape(2)

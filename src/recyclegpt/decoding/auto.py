@@ -86,7 +86,7 @@ class AutoChoice:
         line = f"auto: {best.shape.label}, {best.tokens_per_s:.0f} tokens/s (τ {best.tau:.2f})"
         if chains and self.best.tree:
             c = max(chains, key=lambda t: t.tokens_per_s)
-            line += f"; best chain {c.shape.label}: {c.tokens_per_s:.0f} tokens/s (τ {c.tau:.2f})"
+            line += f"; the best chain, {c.shape.label}: {c.tokens_per_s:.0f} tokens/s (τ {c.tau:.2f})"
         return line + f"; {'cached, ' if self.cached else ''}measured {self.measured_at}"
 
 
