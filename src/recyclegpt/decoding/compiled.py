@@ -138,13 +138,14 @@ def compiled_round(model: FullModel, module: RecyclableModule | None, shape: Rou
     Called as fn(state, inputs), like decode_round without its first three arguments."""
     dtype = model.tok_embeddings.weight.dtype
     inductor = BACKEND == "inductor"
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    options = inductor_options(batch, weight_bytes) if inductor else {}
     # The cache tensors' identity is in the key: a graph must never run on caches it was not traced with.
+    # The options a graph gets follow from INDUCTOR_OPTIONS, the batch and the model's size (fixed for this
+    # model and dtype): the key holds the first two, and the derived options are worked out on a miss only,
+    # off the per-round path.
     nets = (model, module) if shape.module else (model,)
     caches = tuple(c.k_cache.data_ptr() for net in nets for c in net.caches)
     key = (shape, id(nets[-1]), batch, dtype, torch.get_num_threads(), BACKEND, caches,
-           tuple(sorted(options.items())), _weights_version(*nets))
+           tuple(sorted(INDUCTOR_OPTIONS.items())) if inductor else (), _weights_version(*nets))
     with _LOCK:
         per_model = model.__dict__.setdefault(_ATTR, {})
         fn = per_model.get(key)
@@ -156,6 +157,9 @@ def compiled_round(model: FullModel, module: RecyclableModule | None, shape: Rou
 
         def body(state, inputs):
             return decode_round(model, module, shape, state, inputs)
+
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        options = inductor_options(batch, weight_bytes) if inductor else {}
 
         compiled = torch.compile(_fresh_function(body), fullgraph=True, dynamic=False, backend=BACKEND,
                                  options=dict(options) if inductor else None)
