@@ -148,3 +148,17 @@ def test_serve_tree_auto_sets_width_and_tree_from_the_choice():
     choose_server_draft(Bundle(), opts)
     assert asked == {"n": 3, "batch_size": 3, "compile": False}  # every slot busy, as the server runs
     assert (opts.width, opts.tree, opts.tree_topk, opts.default_k) == (5, 12, 2, 3)
+
+
+def test_weights_hash_follows_in_place_changes():
+    model, module = random_models(seed=5)
+    before = weights_hash(model, module)
+    assert weights_hash(model, module) == before  # read back
+    saved = module.fc.weight.detach().clone()
+    with torch.no_grad():
+        module.fc.weight[0, 0] += 1.0  # an in-place change bumps the version counter
+    after = weights_hash(model, module)
+    assert after != before
+    with torch.no_grad():
+        module.fc.weight.copy_(saved)
+    assert weights_hash(model, module) == before  # the same bytes hash the same

@@ -30,6 +30,7 @@ from ..errors import RecycleError
 from ..model import FullModel
 from ..module import RecyclableModule
 from ..runtime import cache_dir, machine_info
+from .compiled import _weights_version
 from .generation import generate
 from .options import GenerationConfig
 from .tree import tree_candidates
@@ -37,6 +38,7 @@ from .tree import tree_candidates
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "auto.json"
+_HASH_ATTR = "_recyclegpt_weights_hash"  # (weights' version, hash) on the full model: see weights_hash
 FORMAT = 1  # bump when the measurement changes meaning: older records are measured again
 
 
@@ -91,7 +93,13 @@ class AutoChoice:
 
 
 def weights_hash(model: FullModel, module: RecyclableModule) -> str:
-    """sha256 over the full model's and the module's parameters and buffers (names, dtypes, bytes)."""
+    """sha256 over the full model's and the module's parameters and buffers (names, dtypes, bytes).
+    Kept on the model with the weights' version counters (as compiled graphs are): a later call reads it
+    back instead of hashing every byte again, until a weight changes in place or moves."""
+    version = (id(module), _weights_version(model, module))
+    memo = model.__dict__.get(_HASH_ATTR)
+    if memo is not None and memo[0] == version:
+        return memo[1]
     h = hashlib.sha256()
     for net in (model, module):
         for name, t in sorted(net.state_dict().items()):
@@ -99,7 +107,8 @@ def weights_hash(model: FullModel, module: RecyclableModule) -> str:
                 continue
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    model.__dict__[_HASH_ATTR] = (version, h.hexdigest()[:16])
+    return model.__dict__[_HASH_ATTR][1]
 
 
 def cache_key(model: FullModel, module: RecyclableModule, config: GenerationConfig, batch: int) -> dict[str, Any]:
