@@ -297,14 +297,12 @@ def run_generate(a: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
     """A progress bar on stderr (when it is a terminal), driven by a `progress(done, total)` callback."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from .bench.report import progress_bar
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
+    with progress_bar(enabled and sys.stderr.isatty()) as bar:
+        if bar is None:
+            yield None
+            return
         task = bar.add_task(description, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 

@@ -1,10 +1,23 @@
-"""Presenting a bench report: a rich table, the JSON file (keys in docs/definitions.md) and a PNG plot."""
+"""Presenting a bench report: a rich table, the JSON file (keys in docs/definitions.md) and a PNG plot;
+and the progress bar of long measurements."""
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
+
+
+def progress_bar(enabled: bool):
+    """A transient rich progress bar on stderr (a context manager yielding it), or one yielding None."""
+    if not enabled:
+        return nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True)
 
 # docs/definitions.md "`recyclegpt bench --json`": other tools read these keys; keep them.
 TOP_KEYS = ("model", "device", "dtype", "batch_size", "prompts", "max_new_tokens", "results")

@@ -50,6 +50,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import RecycleError
+from .report import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -485,18 +486,6 @@ def level_metrics(records: Sequence[RequestRecord], wall_s: float) -> dict[str, 
 
 # ---- the run ---------------------------------------------------------------------------------
 
-def _progress(enabled: bool):
-    from contextlib import nullcontext
-
-    if not enabled:
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True)
-
-
 def level_label(level: dict[str, Any]) -> str:
     if level.get("request_rate") is not None:
         return f"{level['request_rate']:g} req/s"
@@ -569,7 +558,7 @@ async def arun_serve_load(opts: ServeLoadOptions) -> dict[str, Any]:
                         f"; pass --api-key (or set {' or '.join(API_KEY_ENVS)})" if warm.status in (401, 403) else "")
                 raise RecycleError(f"the warm-up request to {base_url}/v1{ENDPOINTS[opts.endpoint]} failed: "
                                    f"{warm.error}{hint}")
-        with _progress(opts.progress) as bar:
+        with progress_bar(opts.progress) as bar:
             for conc, rate in levels:
                 label = level_label({"concurrency": conc, "request_rate": rate})
                 task = bar.add_task(label, total=opts.num_requests) if bar is not None else None

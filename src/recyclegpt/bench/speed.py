@@ -40,7 +40,6 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +50,7 @@ from ..decoding.auto import choose_draft
 from ..errors import RecycleError
 from ..runtime import machine_info
 from .prompts import PromptSet
+from .report import progress_bar
 
 NATIVE_MODES = ("ar", "recycle", "verify")
 HF_MODES = ("hf_generate", "hf_assisted")
@@ -328,16 +328,6 @@ def _run_lane(lane: Lane, batches: list[list[list[int]]], device: torch.device
     return tokens, total, seconds
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True)
-
-
 @torch.inference_mode()
 def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions | None = None,
               checkpoint: str = "") -> dict[str, Any]:
@@ -444,7 +434,7 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
     n_warm = len(lanes) + (len(HF_MODES) if hf_wanted else 0) + (4 if probe else 0)
     total_ticks = n_warm + opts.repeats * (len(lanes) + sum(m in opts.modes for m in HF_MODES)) * len(batches)
 
-    with _progress(opts.progress) as prog:
+    with progress_bar(opts.progress) as prog:
         task = prog.add_task("warm-up", total=total_ticks) if prog else None
 
         def tick(desc: str | None = None) -> None:
