@@ -2,6 +2,7 @@
 
     python benchmarks/train_data.py runs/stdlib-train
     recyclegpt attach ... --data runs/stdlib-train --glob '*.py'
+    python benchmarks/train_data.py runs/heldout --held-out     # the other side: only the held-out files
 
 The held-out files are those `build_prompts.val_sources` finds (the shipped full model's validation
 files: the `code` prompt set and the quality table of the README come from them), so a module trained
@@ -31,12 +32,13 @@ def main() -> int:
     ap.add_argument("out", type=Path, help="directory to create (must not exist)")
     ap.add_argument("--run", type=Path, default=ROOT / "runs/shipped",
                     help="the joint-training run whose split to use (default runs/shipped; recomputed without it)")
+    ap.add_argument("--held-out", action="store_true", help="link the held-out files instead (for `recyclegpt eval`)")
     a = ap.parse_args()
     if a.out.exists():
         raise SystemExit(f"{a.out} exists; give a new directory")
     root = Path(sysconfig.get_paths()["stdlib"])
     held_out = {p.resolve() for p in val_sources(a.run, 0.05)}
-    kept = [f for f in stdlib_files() if f.resolve() not in held_out]
+    kept = [f for f in stdlib_files() if (f.resolve() in held_out) == a.held_out]
     tmp = a.out.with_name(a.out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
     for f in kept:
@@ -44,7 +46,7 @@ def main() -> int:
         link.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(f, link)
     tmp.rename(a.out)
-    print(f"{a.out}: {len(kept)} stdlib files, {len(held_out)} held out")
+    print(f"{a.out}: {len(kept)} stdlib files" + ("" if a.held_out else f", {len(held_out)} held out"))
     return 0
 
 
