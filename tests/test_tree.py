@@ -54,11 +54,14 @@ def test_tree_accepts_more_than_chain_where_the_chain_stalls():
     assert tree.stats.tau > chain.stats.tau
 
 
-def test_compiled_tree_equals_ar(models):
+def test_compiled_tree_equals_ar_and_keeps_exact_caches(models):
+    """Inductor: the same tokens as eager `ar`, and the compiled round's moves of the accepted path's
+    keys/values leave the caches a fresh prefill would."""
     model, module = models["copy"]
-    want = ar(model, PROMPTS[:2], n=12)
-    res = generate(model, module, PROMPTS[:2], tree_cfg(3, 6, 2, n=12, compile=True))
-    assert res.tokens == want
+    prompts = PROMPTS[:2]
+    eng = run_engine(model, module, prompts, tree_cfg(3, 6, 2, n=12), compile=True)
+    assert [eng.request(b).generated for b in range(2)] == ar(model, prompts, n=12)
+    assert_caches_match_a_prefill(eng, model, module, prompts)
 
 
 def test_tree_at_the_end_of_the_context():
@@ -101,18 +104,19 @@ def test_recycle_row_turns_tree_rows_into_chains(models):
     assert got == ar(model, PROMPTS[:1])[0]
 
 
-@pytest.mark.parametrize("kind", ["random", "copy"])
-def test_caches_after_tree_rounds_equal_a_fresh_prefill(models, kind):
-    """The full model's and the module's caches hold exactly the true entries after accepted paths
-    (keys/values moved into place), as a fresh prefill of the same tokens holds them; the carried module
-    logits equal an uncached pass's."""
-    model, module = models[kind]
-    eng = Engine(model, module, slots=2)
-    cfg = tree_cfg(3, 10, 3, n=16)
-    eng.admit_many([(0, PROMPTS[0], cfg), (1, PROMPTS[2], cfg)])
+def run_engine(model, module, prompts, cfg, compile=False):
+    eng = Engine(model, module, slots=len(prompts), compile=compile)
+    eng.admit_many([(b, p, cfg) for b, p in enumerate(prompts)])
     while eng.decoding():
         eng.step()
-    for b, prompt in ((0, PROMPTS[0]), (1, PROMPTS[2])):
+    return eng
+
+
+def assert_caches_match_a_prefill(eng, model, module, prompts):
+    """The full model's and the module's caches hold exactly the true entries (keys/values moved into
+    place), as a fresh prefill of the same tokens holds them; the carried module logits equal an
+    uncached pass's."""
+    for b, prompt in enumerate(prompts):
         seq = prompt + eng.request(b).generated
         n = len(seq) - 1  # the last token is pending: never processed
         fresh = Engine(model, module, slots=1)  # its prefill of x_0..x_{n-1}: the reference entries
@@ -127,6 +131,14 @@ def test_caches_after_tree_rounds_equal_a_fresh_prefill(models, kind):
         _, mlogits = uncached_logits(model, module, seq)
         eng._install_caches()
         torch.testing.assert_close(eng.state.mlogits[b].float(), mlogits[n - 1].float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["random", "copy"])
+def test_caches_after_tree_rounds_equal_a_fresh_prefill(models, kind):
+    model, module = models[kind]
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    assert_caches_match_a_prefill(run_engine(model, module, prompts, tree_cfg(3, 10, 3, n=16)), model, module,
+                                  prompts)
 
 
 # ------------------------------------------------------------------ the acceptance rule on hand-built trees

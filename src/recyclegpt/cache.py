@@ -31,9 +31,9 @@ class KVCache(nn.Module):
         """Row b's entries at slots src[b] to slots dst[b] (both [B, T]); every source is read before
         any destination is written."""
         for buf in (self.k_cache, self.v_cache):
-            B, H, _, D = buf.shape
-            shape = (B, H, src.shape[1], D)
-            buf.scatter_(2, dst[:, None, :, None].expand(shape), buf.gather(2, src[:, None, :, None].expand(shape)))
+            # Indexing, as `update` does: a compiled graph writes the T slots in place, where
+            # scatter_ made it copy the whole cache.
+            buf[self.rows, :, dst] = buf[self.rows, :, src].clone()  # [B, T, Hkv, D]
 
 
 class CacheRows:

@@ -90,17 +90,26 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def cache_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def attention_bias(visible: Tensor) -> Tensor:
+    """bool -> the float32 additive bias attention takes: 0 where a query sees a key, -inf elsewhere.
+
+    Masks travel as this bias, not as bools: added to the scores it gives exactly what masked_fill
+    would (s + 0 = s), and a compiled graph reads float rows vectorised where it read a stored bool
+    mask several times slower on CPU, in every layer's softmax."""
+    return torch.where(visible, 0.0, float("-inf"))
+
+
+def cache_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """Attention against the KV cache whose every query row is computed independently of the others.
 
     Lossless drafting needs the logits of position p to be bit-identical whether p is scored in a
     one-token `ar` pass or inside a (k+1)-token verify pass. SDPA's fused CPU kernel picks its block
     sizes from the query length, so in bf16 the same row rounds differently (greedy `verify` then
     drifts from `ar`); plain matmuls + an fp32 softmax do not, at a small extra cost per pass.
-    q: [B, H, Tq, D]; k, v: [B, H, S, D]; mask: bool [B, 1, Tq, S].
+    q: [B, H, Tq, D]; k, v: [B, H, S, D]; bias: float32 [B, 1, Tq, S] (`attention_bias`).
     """
     scores = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)  # [B, H, Tq, S]
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+    probs = (scores + bias).softmax(-1).to(v.dtype)
     return probs @ v
 
 
@@ -125,7 +134,7 @@ class Attention(nn.Module):
         x: Tensor,  # [B, T, dim]
         cos: Tensor,
         sin: Tensor,
-        mask: Tensor | None,  # bool [B or 1, 1, T, S]; None means plain causal over T
+        bias: Tensor | None,  # float32 [B or 1, 1, T, S] (`attention_bias`); None means plain causal over T
         kv: KVStore | None,
         input_pos: Tensor | None,  # [B, T]
     ) -> Tensor:
@@ -135,20 +144,18 @@ class Attention(nn.Module):
         rep = self.n_head // self.n_kv_head
         if kv is not None:
             k, v = kv.update(input_pos, k, v)  # [B, Hkv, S, D]
-        if rep > 1 and mask is not None:
-            # Grouped-query attention without copying keys/values per query head: fold the `rep` query
-            # heads that share a kv head into the query length (static shapes, no repeat of the
-            # [S]-long cache, which would otherwise be copied `rep` times on every decode step).
-            q = q.reshape(B, self.n_kv_head, rep * T, self.head_dim)
-            mask = mask.repeat(1, 1, rep, 1)
-        elif rep > 1:  # plain causal (training): is_causal needs equal query and key lengths
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None:
+        if bias is None:  # plain causal (training, prefill): is_causal needs equal query and key lengths
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif kv is not None:
-            y = cache_attention(q, k, v, mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if rep > 1:
+                # Grouped-query attention without copying keys/values per query head: fold the `rep` query
+                # heads that share a kv head into the query length (static shapes, no repeat of the
+                # [S]-long cache, which would otherwise be copied `rep` times on every decode step).
+                q = q.reshape(B, self.n_kv_head, rep * T, self.head_dim)
+                bias = bias.repeat(1, 1, rep, 1)
+            y = cache_attention(q, k, v, bias)
         y = y.reshape(B, self.n_head, T, self.head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -173,7 +180,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, ffn_dim or cfg.ffn_dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor | None,
                 kv: KVStore | None, input_pos: Tensor | None) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, kv, input_pos)
+        x = x + self.attention(self.attention_norm(x), cos, sin, bias, kv, input_pos)
         return x + self.feed_forward(self.ffn_norm(x))

@@ -17,12 +17,12 @@ from torch import Tensor, nn
 
 from .cache import CacheRows, KVCache
 from .config import ModelConfig
-from .layers import Block, KVStore, Linear, RMSNorm, rope_tables
+from .layers import Block, KVStore, Linear, RMSNorm, attention_bias, rope_tables
 
 
-def cache_mask(input_pos: Tensor, key_pos: Tensor) -> Tensor:
-    """Bool [B, 1, T, S]: a query at position p sees keys at positions <= p."""
-    return key_pos[None, None, None, :] <= input_pos[:, None, :, None]
+def cache_bias(input_pos: Tensor, key_pos: Tensor) -> Tensor:
+    """Float32 [B, 1, T, S] (`attention_bias`): a query at position p sees keys at positions <= p."""
+    return attention_bias(key_pos[None, None, None, :] <= input_pos[:, None, :, None])
 
 
 class TreePlacement(NamedTuple):
@@ -31,7 +31,7 @@ class TreePlacement(NamedTuple):
     ancestors (`decoding.tree`)."""
 
     slots: Tensor  # [B, T] long: the cache slot each token's keys/values are written to
-    mask: Tensor  # bool [B, 1, T, S]: the cache slots each token attends to
+    bias: Tensor  # float32 [B, 1, T, S] (`attention_bias`): the cache slots each token attends to
 
 
 def run_blocks(layers: nn.ModuleList, kvs: Sequence[KVStore] | None, x: Tensor, rope_cos: Tensor,
@@ -40,21 +40,21 @@ def run_blocks(layers: nn.ModuleList, kvs: Sequence[KVStore] | None, x: Tensor, 
     """x [B, T, d] through `layers`.
 
     input_pos [B, T]: against the static caches `kvs`. Without `tree`, a token at position p is stored
-    at slot p and sees slots <= p; with it, it is stored at tree.slots and sees what tree.mask says.
+    at slot p and sees slots <= p; with it, it is stored at tree.slots and sees what tree.bias says.
     input_pos None: a plain causal pass over x from position 0; `kvs`, if given, only store each
     layer's keys/values (a prefill: `CacheRows`).
     """
     slots = input_pos
     if input_pos is None:
         T = x.shape[1]
-        cos, sin, mask = rope_cos[:T], rope_sin[:T], None
+        cos, sin, bias = rope_cos[:T], rope_sin[:T], None
         kvs = kvs if kvs is not None else [None] * len(layers)
     elif tree is None:
-        cos, sin, mask = rope_cos[input_pos], rope_sin[input_pos], cache_mask(input_pos, key_pos)
+        cos, sin, bias = rope_cos[input_pos], rope_sin[input_pos], cache_bias(input_pos, key_pos)
     else:
-        cos, sin, mask, slots = rope_cos[input_pos], rope_sin[input_pos], tree.mask, tree.slots
+        cos, sin, bias, slots = rope_cos[input_pos], rope_sin[input_pos], tree.bias, tree.slots
     for layer, kv in zip(layers, kvs, strict=True):
-        x = layer(x, cos, sin, mask, kv, slots)
+        x = layer(x, cos, sin, bias, kv, slots)
     return x
 
 
@@ -101,7 +101,7 @@ class FullModel(nn.Module):
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, logits: bool = True,
                 tree: TreePlacement | None = None) -> tuple[Tensor | None, Tensor]:
         """idx: [B, T]; input_pos: [B, T] absolute positions (uses the caches) or None; tree: the cache
-        slots and mask of a draft tree's tokens (`run_blocks`).
+        slots and attention bias of a draft tree's tokens (`run_blocks`).
 
         Returns logits [B, T, V] (None when logits=False) and hidden h [B, T, dim].
         """

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .cache import CacheRows, KVCache, UnrollKV, unroll_mask
 from .config import ModelConfig, ModuleConfig
-from .layers import Block, Linear, RMSNorm
+from .layers import Block, Linear, RMSNorm, attention_bias
 from .model import FullModel, TreePlacement, run_blocks
 
 
@@ -54,7 +54,7 @@ class RecyclableModule(nn.Module):
 
         idx: [B, T] tokens x_{t+1}; h: [B, T, dim] full-model (or module) states h_t;
         input_pos: [B, T] the positions t (uses the module's caches) or None (plain causal); tree: the
-        cache slots and mask of draft-tree entries (`model.run_blocks`).
+        cache slots and attention bias of draft-tree entries (`model.run_blocks`).
         Returns logits [B, T, V] for x_{t+2} and the output state [B, T, dim] the head reads.
         `model` supplies the shared embedding and LM head.
         """
@@ -96,10 +96,10 @@ class RecyclableModule(nn.Module):
             pos = torch.arange(L, device=idx.device) + (s - 1)
             pos = pos.clamp(max=model.cfg.max_seq_len - 1)
             cos, sin = model.rope_cos[pos], model.rope_sin[pos]
-            mask = None if s == 1 else unroll_mask(L, s, idx.device)[None, None]
+            bias = None if s == 1 else attention_bias(unroll_mask(L, s, idx.device))[None, None]
             x = self._fuse(model.embed(tok), state)
             for layer, kv in zip(self.layers, stores, strict=True):
-                x = layer(x, cos, sin, mask, kv, None)
+                x = layer(x, cos, sin, bias, kv, None)
             g = self.norm(x)
             out.append(model.lm_head(g[:, : T - s - 1]))
             state = g

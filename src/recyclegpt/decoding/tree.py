@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..layers import attention_bias
 from ..model import FullModel, TreePlacement
 from ..module import RecyclableModule
 from .sampling import logits_to_probs, race
@@ -60,19 +61,21 @@ class Tree(NamedTuple):
 
 
 def placement(n: Tensor, ancestors: Tensor, key_pos: Tensor, first: int = 0) -> TreePlacement:
-    """Slots and mask of tree entries stored from slot n (per row) on.
+    """Slots and attention bias of tree entries stored from slot n (per row) on.
 
     ancestors [B, T, R] bool: entry t (in slot n + first + t) sees entry r (in slot n + r) when
     ancestors[b, t, r]; every entry also sees the committed cache, slots < n. Slots past the cache
-    clamp to its last (the junk slot, `decoding.rounds`)."""
+    clamp to its last (the junk slot, `decoding.rounds`): what lands there is never read by a true
+    entry (its ancestors all sit in earlier slots)."""
     B, T, R = ancestors.shape
     S = key_pos.shape[0]
     slots = (n[:, None] + first + torch.arange(T, device=n.device)).clamp(max=S - 1)  # [B, T]
-    rel = key_pos[None, :] - n[:, None]  # [B, S]
-    seen = ancestors.gather(2, rel.clamp(0, R - 1)[:, None, :].expand(B, T, S))  # [B, T, S]
-    inside = ((rel >= 0) & (rel < R))[:, None, :]
-    mask = (rel < 0)[:, None, :] | (inside & seen)
-    return TreePlacement(slots, mask[:, None])
+    window = (n[:, None] + torch.arange(R, device=n.device)).clamp(max=S - 1)  # [B, R]
+    committed = attention_bias(key_pos[None, :] < n[:, None])[:, None, :].expand(B, T, S)  # [B, T, S]
+    # A scatter, not a gather per key: the compiled graph then stores the bias once, where a gather
+    # expression would be recomputed inside every layer's softmax.
+    bias = committed.scatter(2, window[:, None, :].expand(B, T, R), attention_bias(ancestors))  # [B, T, S]
+    return TreePlacement(slots, bias[:, None])
 
 
 def ancestors_of(parents: Tensor, depth: int) -> Tensor:
