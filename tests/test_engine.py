@@ -152,12 +152,13 @@ def test_greedy_and_sampled_rows_in_one_batch(tiny_vocab, compile, request):
     assert engine.request(R + 2).generated == alone(model, module, SPROMPT, mode="recycle", max_new_tokens=3)
 
 
+@pytest.mark.parametrize("top_p", [0.9, 1.0])  # 1.0: alone it runs the graph without the top-k/top-p sort
 @pytest.mark.parametrize("compile", [False, True])
-def test_a_seeded_request_gives_the_same_text_alone_and_in_a_busy_batch(pair, compile, request):
+def test_a_seeded_request_gives_the_same_text_alone_and_in_a_busy_batch(pair, compile, top_p, request):
     if compile:
         request.getfixturevalue("light_backend")
     model, module = pair
-    mine = GenerationConfig(mode="verify", k=2, temperature=0.9, top_p=0.9, seed=1234, max_new_tokens=20)
+    mine = GenerationConfig(mode="verify", k=2, temperature=0.9, top_p=top_p, seed=1234, max_new_tokens=20)
     solo = Engine(model, module, 1, compile=compile)
     solo.admit(0, PROMPTS[0], mine)
     while solo.decoding():
@@ -181,7 +182,9 @@ def test_admit_release_and_settings_compile_nothing_after_warm_up(pair, light_ba
     model, module = pair
     engine = Engine(model, module, 3, compile=True, width=3)
     for cfg in (GenerationConfig(mode="ar"), GenerationConfig(mode="verify", k=3),
-                GenerationConfig(mode="ar", temperature=1.0), GenerationConfig(mode="verify", k=3, temperature=1.0)):
+                GenerationConfig(mode="ar", temperature=1.0), GenerationConfig(mode="verify", k=3, temperature=1.0),
+                GenerationConfig(mode="ar", temperature=1.0, top_p=0.9),
+                GenerationConfig(mode="verify", k=3, temperature=1.0, top_p=0.9)):
         for shape in engine.shapes_for(cfg):
             engine.warm_up(shape)
     counters = torch._dynamo.utils.counters["stats"]
@@ -192,6 +195,7 @@ def test_admit_release_and_settings_compile_nothing_after_warm_up(pair, light_ba
         [dict(mode="recycle"), dict(mode="verify", k=2, top_p=0.5, temperature=1.2)],
         [dict(mode="ar")],
         [dict(mode="ar", temperature=2.0), dict(mode="verify", k=3, temperature=0.5, top_k=2, top_p=0.8, seed=3)],
+        [dict(mode="verify", k=2, temperature=1.0), dict(mode="ar", temperature=0.5)],
     ]
     for mix in mixes:
         for i, kw in enumerate(mix):

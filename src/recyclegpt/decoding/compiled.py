@@ -1,9 +1,10 @@
 """Compiled rounds: `rounds.decode_round` through `torch.compile`, cached per shape and batch.
 
 There is one round function (`rounds.decode_round`); this module only compiles it. A compiled graph
-is specialised on a `RoundShape` (width, chain, module, sampled) and the batch size: every mix of
-per-slot settings (modes, temperatures, top-k/top-p, k up to the width, host or module drafts) runs
-through the same graph, and slots joining and leaving compile nothing new.
+is specialised on a `RoundShape` (width, chain, module, sampled, filtered, tree) and the batch size:
+every mix of per-slot settings (modes, temperatures, top-k/top-p values, k up to the width, host or
+module drafts) runs through the same graph, and slots joining and leaving compile nothing new. (A
+first row with top-k or top-p switches to the `filtered` graph, which sorts every distribution.)
 
 Caching: compiled callables live per (model, module, shape, batch, dtype, threads, cache tensors,
 inductor options, weights' versions) in this process (`compiled_round`); each gets its own code
@@ -177,7 +178,8 @@ def shape_label(shape: RoundShape, batch: int, dtype: torch.dtype) -> str:
         kind = f"verify k={shape.width}"
     else:
         kind = f"verify width={shape.width} chain={shape.chain}"
-    return f"{kind} B={batch} {str(dtype).removeprefix('torch.')}" + (" sampled" if shape.sampled else "")
+    sampling = (" sampled" if shape.sampled else "") + (" top-k/top-p" if shape.filtered else "")
+    return f"{kind} B={batch} {str(dtype).removeprefix('torch.')}{sampling}"
 
 
 def clear_cache(model: FullModel) -> None:

@@ -409,23 +409,26 @@ class Engine:
     def _shape(self, plans: dict[int, _Plan]) -> RoundShape:
         reqs = [self._slots[b] for b in plans]
         module, sampled = any(s.uses_module for s in reqs), any(s.sampled for s in reqs)
+        filtered = any(s.cfg.filtered for s in reqs)
         trees = [p.tree for p in plans.values() if p.tree is not None]
         if trees and not any(p.force for p in plans.values()):
             # A tree round (`rounds.tree_round`): every drafting row takes part, module rows with the tree,
             # host rows as a chain; deep enough for every row's k and wide enough for every node budget.
             depth = max(p.width for p in plans.values())
-            return self._tree_shape(max(n for n, _ in trees), depth, max(c for _, c in trees), module, sampled)
+            return self._tree_shape(max(n for n, _ in trees), depth, max(c for _, c in trees), module, sampled,
+                                    filtered)
         width, chain = max(p.width for p in plans.values()), max(p.chain for p in plans.values())
         if self.width is not None:
             width, chain = (self.width if width else 0), (self.width if chain else 0)
-        return RoundShape(width, chain, module, sampled)
+        return RoundShape(width, chain, module, sampled, filtered=filtered)
 
-    def _tree_shape(self, nodes: int, depth: int, topk: int, module: bool, sampled: bool) -> RoundShape:
+    def _tree_shape(self, nodes: int, depth: int, topk: int, module: bool, sampled: bool,
+                    filtered: bool) -> RoundShape:
         """The tree round for these needs; a fixed-width engine's trees are always `width` deep. Admission
         checked every request's tree against `tree_candidates` of its depth, so the largest fits the deepest."""
         if self.width is not None:
             depth = self.width
-        return RoundShape(max(nodes, depth), 0, module, sampled, depth=depth, topk=topk)
+        return RoundShape(max(nodes, depth), 0, module, sampled, depth=depth, topk=topk, filtered=filtered)
 
     @torch.inference_mode()
     def step(self) -> list[SlotOutput | None]:
@@ -480,26 +483,30 @@ class Engine:
     # ------------------------------------------------------------------ compiling
     def shapes_for(self, cfg: GenerationConfig) -> list[RoundShape]:
         """The round shapes a request decoding alone uses (adaptive k: its start value only)."""
-        sampled, uses = cfg.temperature > 0, cfg.uses_module
+        sampled, uses, filtered = cfg.temperature > 0, cfg.uses_module, cfg.filtered
+
+        def shape(width: int, chain: int, module: bool) -> RoundShape:
+            return RoundShape(width, chain, module, sampled, filtered=filtered)
+
         if cfg.mode == "verify" and cfg.tree:
-            return [self._tree_shape(cfg.tree, cfg.k, cfg.tree_topk, True, sampled)]
+            return [self._tree_shape(cfg.tree, cfg.k, cfg.tree_topk, True, sampled, filtered)]
         if self.width is not None:
             W = self.width
             if cfg.mode == "ar":
-                return [RoundShape(0, 0, False, sampled)]
+                return [shape(0, 0, False)]
             if cfg.mode == "recycle" or cfg.drafter in ("module", "hybrid"):
-                return [RoundShape(W, W, True, sampled)]
-            return [RoundShape(0, 0, uses, sampled), RoundShape(W, 0, uses, sampled)]
+                return [shape(W, W, True)]
+            return [shape(0, 0, uses), shape(W, 0, uses)]
         if cfg.mode == "ar":
-            return [RoundShape(0, 0, False, sampled)]
+            return [shape(0, 0, False)]
         if cfg.mode == "recycle":
-            return [RoundShape(1, 1, True, sampled)]
+            return [shape(1, 1, True)]
         host_k = cfg.ngram_k or cfg.k
         if cfg.drafter == "module":
-            return [RoundShape(cfg.k, cfg.k, True, sampled)]
+            return [shape(cfg.k, cfg.k, True)]
         if cfg.drafter == "hybrid":
-            return [RoundShape(cfg.k, cfg.k, True, sampled), RoundShape(max(host_k, cfg.k), cfg.k, True, sampled)]
-        return [RoundShape(0, 0, uses, sampled), RoundShape(host_k, 0, uses, sampled)]
+            return [shape(cfg.k, cfg.k, True), shape(max(host_k, cfg.k), cfg.k, True)]
+        return [shape(0, 0, uses), shape(host_k, 0, uses)]
 
     def _warm(self, s: Request) -> None:
         for shape in self.shapes_for(s.cfg):

@@ -75,6 +75,11 @@ class GenerationConfig:
         return (self.eos_id,) if isinstance(self.eos_id, int) else tuple(self.eos_id)
 
     @property
+    def filtered(self) -> bool:
+        """Samples with top-k or top-p: its rounds need the graph that sorts each distribution."""
+        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1)
+
+    @property
     def uses_module(self) -> bool:
         return self.mode == "recycle" or (self.mode == "verify" and self.drafter in ("module", "hybrid"))
 

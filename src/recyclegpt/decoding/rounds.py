@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..model import FullModel
 from ..module import RecyclableModule
-from .sampling import accept, logits_to_probs, pick
+from .sampling import Settings, accept, logits_to_probs, pick
 from .tree import accept_tree, ancestors_of, chain_tree, commit_path, draft_tree, placement, sample_tree
 
 
@@ -59,6 +59,7 @@ class RoundShape:
     sampled: bool  # some row samples (False: the greedy graph, no probabilities computed)
     depth: int = 0  # a tree round's depth (most drafts one row can accept)
     topk: int = 0  # a tree round's branching (> 0 makes it a tree round; chain is then 0)
+    filtered: bool = False  # some sampled row uses top-k or top-p (False: the graph skips their sort over V)
 
     @property
     def tree(self) -> bool:
@@ -94,6 +95,14 @@ class RoundInputs(NamedTuple):
     next_noise: Tensor  # [B, V] Exp(1): for the next token (unused by tree rounds)
 
 
+def sampling_settings(shape: RoundShape, inp: RoundInputs) -> Settings:
+    """The rows' (temperature, top_k, top_p); without `shape.filtered`, top-k and top-p as the constants
+    that switch them off, so `sampling.logits_to_probs` leaves out the sort they need."""
+    if shape.filtered:
+        return inp.temperature, inp.top_k, inp.top_p
+    return inp.temperature, 0, 1.0
+
+
 def decode_round(model: FullModel, module: RecyclableModule | None, shape: RoundShape, state: SlotState,
                  inp: RoundInputs) -> tuple[Tensor, SlotState]:
     """One round (see the module docstring). Returns (vals [B, K+2] = accepted count, then row b's
@@ -101,7 +110,7 @@ def decode_round(model: FullModel, module: RecyclableModule | None, shape: Round
     if shape.tree:
         return tree_round(model, module, shape, state, inp)
     K, sampled = shape.width, shape.sampled
-    settings = (inp.temperature, inp.top_k, inp.top_p)
+    settings = sampling_settings(shape, inp)
     pending, n, mlogits, g = state
     offsets = torch.arange(K + 1, device=n.device)
     pos = (n[:, None] + offsets).clamp(max=model.cfg.max_seq_len - 1)  # [B, K+1]
@@ -148,7 +157,7 @@ def tree_round(model: FullModel, module: RecyclableModule, shape: RoundShape, st
     rounds read their noise as `tree_noise_sizes` lays it out."""
     N, D, c, S = shape.width, shape.depth, shape.topk, model.cfg.max_seq_len
     pending, n, mlogits, g = state
-    settings = (inp.temperature, inp.top_k, inp.top_p)
+    settings = sampling_settings(shape, inp)
     drafting = tree_drafting_draws(shape)
     tree = draft_tree(model, module, D, c, N, mlogits, g, n, settings if shape.sampled else None,
                       inp.draft_noise[:, :drafting] if shape.sampled else None)
@@ -187,7 +196,7 @@ def tree_noise_sizes(shape: RoundShape) -> tuple[int, int]:
 
 
 def draft_chain(model: FullModel, module: RecyclableModule, k: int, mlogits: Tensor, g: Tensor, pos: Tensor,
-                sampled: bool, settings: tuple[Tensor, Tensor, Tensor], noise: Tensor
+                sampled: bool, settings: Settings, noise: Tensor
                 ) -> tuple[Tensor, Tensor | None]:
     """k module drafts in a chain from the carried head output (mlogits, g at position n-1).
 

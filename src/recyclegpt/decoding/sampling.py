@@ -27,6 +27,10 @@ from torch import Tensor
 
 from ..errors import RecycleError
 
+# Per-row (temperature [B], top_k [B], top_p [B]); top_k 0 and top_p 1.0 as plain numbers switch those
+# filters off for every row, and `logits_to_probs` then leaves out their sort over the vocabulary.
+Settings = tuple[Tensor, Tensor | int, Tensor | float]
+
 
 def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
     """Raise RecycleError (one line) for values no sampler accepts."""
@@ -84,7 +88,7 @@ def race(p: Tensor, expo: Tensor) -> Tensor:
     return (p / expo.clamp_min(1e-20)).argmax(-1)
 
 
-def pick(logits: Tensor, sampled: bool, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+def pick(logits: Tensor, sampled: bool, temperature: Tensor, top_k: Tensor | int, top_p: Tensor | float,
          expo: Tensor) -> tuple[Tensor, Tensor | None]:
     """Choose a token per row: logits [B, V] -> (tokens [B], probs [B, V] | None).
 
@@ -97,7 +101,7 @@ def pick(logits: Tensor, sampled: bool, temperature: Tensor, top_k: Tensor, top_
 
 
 def accept(logits: Tensor, drafts: Tensor, lens: Tensor, force: Tensor, sampled: bool,
-           settings: tuple[Tensor, Tensor, Tensor], q: Tensor | None, uniform: Tensor, expo: Tensor
+           settings: Settings, q: Tensor | None, uniform: Tensor, expo: Tensor
            ) -> tuple[Tensor, Tensor]:
     """The acceptance rule of one round (see the module docstring).
 

@@ -39,7 +39,7 @@ from torch import Tensor
 from ..layers import attention_bias
 from ..model import FullModel, TreePlacement
 from ..module import RecyclableModule
-from .sampling import logits_to_probs, race
+from .sampling import Settings, logits_to_probs, race
 
 CHAIN = 1e4  # rank bonus of the module's top-1 chain (`draft_tree`); log-probabilities are far above -CHAIN
 
@@ -89,7 +89,7 @@ def ancestors_of(parents: Tensor, depth: int) -> Tensor:
 
 
 def draft_tree(model: FullModel, module: RecyclableModule, depth: int, topk: int, nodes: int, mlogits: Tensor,
-               g: Tensor, n: Tensor, settings: tuple[Tensor, Tensor, Tensor] | None = None,
+               g: Tensor, n: Tensor, settings: Settings | None = None,
                noise: Tensor | None = None) -> Tree:
     """Expand and select (steps 1-2 of the module docstring) from the module's carried head logits and
     state at n-1 (mlogits [B, V], g [B, d]); the pending token is at position n [B].

@@ -187,8 +187,9 @@ class Worker(threading.Thread):
         nodes, topk = self.tree
         modes = ("ar", "verify", "recycle") if nodes else ("ar", "verify")  # recycle rows make chain rounds
         tree = dict(tree=nodes, tree_topk=topk) if nodes else {}
-        shapes = {s for sampled in (0.0, 1.0) for mode in modes
-                  for s in e.shapes_for(GenerationConfig(mode=mode, k=e.width, temperature=sampled,
+        sampling = ({}, dict(temperature=1.0), dict(temperature=1.0, top_p=0.9))  # greedy, sampled, filtered
+        shapes = {s for kw in sampling for mode in modes
+                  for s in e.shapes_for(GenerationConfig(mode=mode, k=e.width, **kw,
                                                          **(tree if mode == "verify" else {})))}
         for shape in sorted(shapes, key=lambda s: (s.width, s.sampled)):
             log.info("compiling the decoding round %s", shape)
