@@ -58,9 +58,9 @@ class DraftShape:
         return replace(config, k=self.k, tree=self.tree, tree_topk=self.tree_topk)
 
 
-# Chains of 2-4 drafts and trees of 6-16 nodes: on a small CPU the best is a short chain, on a GPU (or a
+# Chains of 2-5 drafts and trees of 6-16 nodes: on a small CPU the best is a short chain, on a GPU (or a
 # model too large for the CPU's caches) a wider tree.
-CANDIDATES: tuple[DraftShape, ...] = (DraftShape(2), DraftShape(3), DraftShape(4), DraftShape(4, 6),
+CANDIDATES: tuple[DraftShape, ...] = (DraftShape(2), DraftShape(3), DraftShape(4), DraftShape(5), DraftShape(4, 6),
                                       DraftShape(4, 8), DraftShape(5, 12), DraftShape(5, 16))
 
 
