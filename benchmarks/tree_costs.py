@@ -32,8 +32,7 @@ TREES = ((8, 4), (8, 5), (12, 5))  # (nodes, depth)
 
 def compiled_pass(fn, *args):
     """fn(model, ...) compiled as decoding compiles a round (its inductor options), called once to compile."""
-    weights = sum(p.numel() * p.element_size() for p in args[0].parameters())
-    opts = compiled.inductor_options(1, weights)
+    opts = compiled.inductor_options(1, args[0])
     graph = torch.compile(compiled._fresh_function(fn), fullgraph=True, dynamic=False, options=opts)
     with torch._inductor.config.patch(opts):
         graph(*args)

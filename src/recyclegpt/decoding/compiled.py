@@ -78,10 +78,11 @@ _LOCK = threading.Lock()
 _ATTR = "_recyclegpt_compiled"  # the per-model cache lives on the model (a cycle gc can collect)
 
 
-def inductor_options(batch: int, weight_bytes: int = 0) -> dict:
-    """INDUCTOR_OPTIONS for a graph over `batch` rows of a full model of `weight_bytes` (max-autotune only
-    where it measured faster)."""
+def inductor_options(batch: int, model: FullModel) -> dict:
+    """INDUCTOR_OPTIONS for a graph over `batch` rows of `model` (max-autotune only where it measured
+    faster: few rows, weights of at most AUTOTUNE_MAX_WEIGHT_BYTES)."""
     opts = dict(INDUCTOR_OPTIONS)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if batch > AUTOTUNE_MAX_BATCH or weight_bytes > AUTOTUNE_MAX_WEIGHT_BYTES:
         opts["max_autotune"] = False
     return opts
@@ -159,8 +160,7 @@ def compiled_round(model: FullModel, module: RecyclableModule | None, shape: Rou
         def body(state, inputs):
             return decode_round(model, module, shape, state, inputs)
 
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        options = inductor_options(batch, weight_bytes) if inductor else {}
+        options = inductor_options(batch, model) if inductor else {}
 
         compiled = torch.compile(_fresh_function(body), fullgraph=True, dynamic=False, backend=BACKEND,
                                  options=dict(options) if inductor else None)
