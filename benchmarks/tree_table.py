@@ -73,8 +73,8 @@ def main() -> int:
     head = next(iter(reports.values()))
     m = head["machine"]
     print(f"{m['cpu']}, {m['threads']} torch threads, torch {head['torch']}, {head['dtype']}, "
-          f"{head['max_new_tokens']} new tokens, median of {head['repeats']} rounds; "
-          + ", ".join(f"{n}: {r['date'][:10]}" for n, r in reports.items()) + "\n")
+          f"{head['max_new_tokens']} new tokens, median of each run's rounds; "
+          + ", ".join(f"{n}: {r['date'][:10]}, {r['repeats']} rounds" for n, r in reports.items()) + "\n")
     print(lanes_table(reports) + "\n")
     print(best_table(reports))
     return 0

@@ -548,9 +548,14 @@ def run_bench(a: argparse.Namespace) -> int:
                         hf_cache=a.hf_cache, compile=a.compile,
                         ignore_eos=not a.stop_at_eos, progress=not a.no_progress and sys.stderr.isatty())
     report = bench(m.model, m.module, m.tokenizer, prompts, opts, checkpoint=a.ckpt)
+    return _report(a, report, print_table, write_json, write_plot)
+
+
+def _report(a: argparse.Namespace, report, print_table, write_json, write_plot, **json_kw) -> int:
+    """Print a bench report's table and write its --json and --plot files (both bench commands)."""
     print_table(report)
     if a.json:
-        write_json(report, a.json)
+        write_json(report, a.json, **json_kw)
         print(f"json: {a.json}")
     if a.plot:
         write_plot(report, a.plot)
@@ -572,15 +577,7 @@ def run_bench_serve(a: argparse.Namespace) -> int:
                             ignore_eos=a.ignore_eos, extra=a.extra, endpoint=a.endpoint, concurrency=a.concurrency,
                             request_rate=a.request_rate, duration=a.duration, timeout=a.timeout, seed=a.seed,
                             progress=not a.no_progress and sys.stderr.isatty())
-    report = run_serve_load(opts)
-    print_table(report)
-    if a.json:
-        write_json(report, a.json, save_texts=a.save_texts)
-        print(f"json: {a.json}")
-    if a.plot:
-        write_plot(report, a.plot)
-        print(f"plot: {a.plot}")
-    return 0
+    return _report(a, run_serve_load(opts), print_table, write_json, write_plot, save_texts=a.save_texts)
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
