@@ -28,6 +28,15 @@ LANES = {"verify k=3": dict(mode="verify", k=3), "verify k=5": dict(mode="verify
          "verify tree 12@5": dict(mode="verify", k=5, tree=12)}
 
 
+@torch.inference_mode()
+def logits_at(m: RecycleGPT, context: list[int], ar_token: int, verify_token: int) -> dict:
+    """The two tokens' logits after `context`, from one eager pass over it without the KV cache: how near
+    the tie was that the two decodings broke differently."""
+    logits = m.model(torch.tensor([context], device=m.device))[0][0, -1].float()
+    return dict(ar_token=ar_token, verify_token=verify_token, ar_logit=logits[ar_token].item(),
+                verify_logit=logits[verify_token].item())
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     """The first index where a and b differ (the shorter length if one is a prefix of the other), or None."""
     diff = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
@@ -54,19 +63,27 @@ def main() -> None:
     mode = os.environ.get("RECYCLEGPT_COMPILE_MODE", "auto")
     kind = f"{a.dtype}, {'compiled' if a.compile else 'eager'}, compile mode {mode}"
     print(f"{a.ckpt}: {kind}; {len(ids)} prompts x {a.max_new_tokens} tokens; identical to ar:")
-    lanes = {}
+    lanes, ties = {}, {}
     for label, kw in LANES.items():
-        diffs = [first_difference(r, o) for r, o in zip(ref, decode(kw), strict=True)]
+        outs = decode(kw)
+        diffs = [first_difference(r, o) for r, o in zip(ref, outs, strict=True)]
         same = sum(d is None for d in diffs)
         differ = {i: d for i, d in enumerate(diffs) if d is not None}
         lanes[label] = dict(identical=same, first_difference=differ)
         print(f"  {label:18s} {same}/{len(ids)}" + (f"  (prompt: first differing token {differ})" if differ else ""))
+        for i, d in differ.items():
+            if i not in ties and d < min(len(ref[i]), len(outs[i])):
+                ties[i] = logits_at(m, ids[i] + ref[i][:d], ref[i][d], outs[i][d]) | {"token": d}
+    for i, t in sorted(ties.items()):
+        print(f"  prompt {i} at token {t['token']}: one uncached eager pass gives ar's token {t['ar_token']} the logit "
+              f"{t['ar_logit']:.4f}, verify's {t['verify_token']} {t['verify_logit']:.4f}")
     if a.json:
         atomic_write_text(a.json, json.dumps({"checkpoint": a.ckpt, "dtype": a.dtype, "compile": a.compile,
                                               "compile_mode": mode,
                                               "prompts": len(ids), "max_new_tokens": a.max_new_tokens,
                                               "machine": machine_info(torch.device("cpu")),
-                                              "torch": torch.__version__, "lanes": lanes}, indent=1))
+                                              "torch": torch.__version__, "lanes": lanes,
+                                              "logits_at_first_difference": ties}, indent=1))
 
 
 if __name__ == "__main__":
