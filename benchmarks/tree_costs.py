@@ -27,7 +27,6 @@ import json
 import re
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,35 +35,31 @@ from recyclegpt import RecycleGPT
 from recyclegpt.bench.prompts import load_prompts
 from recyclegpt.checkpoint import atomic_write_text
 from recyclegpt.decoding import GenerationConfig, compiled, generate
+from recyclegpt.decoding.auto import DraftShape
 from recyclegpt.decoding.tree import tree_candidates
 from recyclegpt.runtime import machine_info, set_threads
 
 
-@dataclass(frozen=True)
-class Shape:
-    k: int  # drafts of a chain, depth of a tree
-    nodes: int = 0  # 0: a chain
-    topk: int = 2
-
-    @property
-    def label(self) -> str:
-        if not self.nodes:
-            return f"chain k={self.k}"
-        return f"tree {self.nodes}@{self.k}" + (f"x{self.topk}" if self.topk != 2 else "")
-
-    @property
-    def tokens(self) -> int:  # the full pass's tokens: the pending one and the drafts
-        return (self.nodes or self.k) + 1
+def label(shape: DraftShape) -> str:
+    """chain k=K, or tree N@D (xC with C children per node other than 2)."""
+    if not shape.tree:
+        return f"chain k={shape.k}"
+    return f"tree {shape.tree}@{shape.k}" + (f"x{shape.tree_topk}" if shape.tree_topk != 2 else "")
 
 
-def tree_shape(s: str) -> Shape:
+def verified_tokens(shape: DraftShape) -> int:
+    """The full pass's tokens: the pending one and the drafts."""
+    return (shape.tree or shape.k) + 1
+
+
+def tree_shape(s: str) -> DraftShape:
     m = re.fullmatch(r"(\d+)@(\d+)(?:x(\d+))?", s.strip())
     if not m:
         raise argparse.ArgumentTypeError(f"a tree is NODES@DEPTH or NODES@DEPTHxCHILDREN (12@5, 24@5x3), got {s!r}")
-    shape = Shape(int(m[2]), int(m[1]), int(m[3] or 2))
-    if not shape.k <= shape.nodes <= tree_candidates(shape.k, shape.topk):
-        raise argparse.ArgumentTypeError(f"tree {s}: {shape.nodes} nodes must lie between its depth {shape.k} and "
-                                         f"the {tree_candidates(shape.k, shape.topk)} candidates it draws from")
+    shape = DraftShape(int(m[2]), int(m[1]), int(m[3] or 2))
+    if not shape.k <= shape.tree <= tree_candidates(shape.k, shape.tree_topk):
+        raise argparse.ArgumentTypeError(f"tree {s}: {shape.tree} nodes must lie between its depth {shape.k} and "
+                                         f"the {tree_candidates(shape.k, shape.tree_topk)} candidates it draws from")
     return shape
 
 
@@ -107,18 +102,19 @@ def pass_costs(model, module, tokens: list[int], entries: list[int], repeats: in
     return {k: min(v) for k, v in times.items()}, {k: statistics.median(v) for k, v in times.items()}
 
 
-def round_ms(shape: Shape, ms: dict[str, float]) -> float:
+def round_ms(shape: DraftShape, ms: dict[str, float]) -> float:
     """The passes of one round (the module's catch-up costed as a one-entry pass)."""
-    if not shape.nodes:
-        return ms[f"full {shape.tokens}"] + shape.k * ms["module 1"]
-    return ms[f"full {shape.tokens}"] + (shape.k - 1) * ms[f"module {shape.topk}"] + ms["module 1"]
+    full = ms[f"full {verified_tokens(shape)}"]
+    if not shape.tree:
+        return full + shape.k * ms["module 1"]
+    return full + (shape.k - 1) * ms[f"module {shape.tree_topk}"] + ms["module 1"]
 
 
-def tau_of(m: RecycleGPT, shape: Shape, ids: list[list[int]], temperature: float, max_new_tokens: int) -> float:
+def tau_of(m: RecycleGPT, shape: DraftShape, ids: list[list[int]], temperature: float, max_new_tokens: int) -> float:
     produced = passes = 0
     for i, prompt in enumerate(ids):
-        gc = GenerationConfig(mode="verify", k=shape.k, tree=shape.nodes, tree_topk=shape.topk, seed=i,
-                              temperature=temperature, max_new_tokens=max_new_tokens)
+        gc = shape.apply(GenerationConfig(mode="verify", seed=i, temperature=temperature,
+                                          max_new_tokens=max_new_tokens))
         st = generate(m.model, m.module, [prompt], gc).stats
         produced += sum(max(0, t - 1) for t in st.new_tokens)
         passes += sum(st.row_passes)
@@ -144,9 +140,9 @@ def main() -> None:
     a = p.parse_args()
     set_threads()
     m = RecycleGPT.from_pretrained(a.ckpt, dtype="bfloat16")
-    shapes = [Shape(k) for k in a.chains] + list(dict.fromkeys(a.trees))
-    tokens = sorted({1} | {s.tokens for s in shapes})
-    entries = sorted({1} | {s.topk for s in shapes if s.nodes})
+    shapes = [DraftShape(k) for k in a.chains] + list(dict.fromkeys(a.trees))
+    tokens = sorted({1} | {verified_tokens(s) for s in shapes})
+    entries = sorted({1} | {s.tree_topk for s in shapes if s.tree})
     machine = machine_info(torch.device("cpu"))
     if a.costs:
         try:
@@ -165,26 +161,26 @@ def main() -> None:
     for name, v in ms.items():
         print(f"  {name:10s} {v:6.2f} ms ({median[name]:.2f})")
     rounds = {s: round_ms(s, ms) for s in shapes}
-    taus: dict[Shape, float] = {}
+    taus: dict[DraftShape, float] = {}
     if not a.no_tau:
         ps = load_prompts(a.prompts, limit=a.num_prompts)
         ids = m.tokenizer.encode_batch(ps.prompts)
         for s in shapes:
             taus[s] = tau_of(m, s, ids, a.temperature, a.max_new_tokens)
-    chains = [s for s in shapes if not s.nodes]
+    chains = [s for s in shapes if not s.tree]
     if taus:  # the best chain by predicted speed; by pass cost alone, the longest
         ref = max(chains, key=lambda s: taus[s] / rounds[s])
     else:
         ref = max(chains, key=lambda s: s.k)
-    print(f"\nround cost (passes only); the τ each shape needs to tie {ref.label} and to be 1.1x as fast"
+    print(f"\nround cost (passes only); the τ each shape needs to tie {label(ref)} and to be 1.1x as fast"
           + (f"; τ on {len(ps)} {ps.name} prompts at temperature {a.temperature:g} and the predicted speed"
              if taus else "") + ":")
     rows = []
     for s in sorted(shapes, key=lambda s: -(taus[s] / rounds[s]) if taus else rounds[s]):
         need = (taus.get(ref, 1.0) * rounds[s] / rounds[ref])
-        row = dict(shape=s.label, k=s.k, nodes=s.nodes, topk=s.topk, round_ms=rounds[s], tau_to_tie=need,
+        row = dict(shape=label(s), k=s.k, nodes=s.tree, topk=s.tree_topk, round_ms=rounds[s], tau_to_tie=need,
                    tau_for_1_1x=1.1 * need)
-        line = f"  {s.label:14s} {rounds[s]:6.2f} ms"
+        line = f"  {label(s):14s} {rounds[s]:6.2f} ms"
         if taus:
             row.update(tau=taus[s], tokens_per_s=1e3 * taus[s] / rounds[s],
                        x_best_chain=(taus[s] / rounds[s]) / (taus[ref] / rounds[ref]))
@@ -197,7 +193,7 @@ def main() -> None:
     if a.json:
         out = {"machine": machine, "torch": torch.__version__, "pass_ms": ms, "pass_ms_median": median,
                "pass_costs_from": a.costs,
-               "reference_chain": ref.label, "shapes": rows}
+               "reference_chain": label(ref), "shapes": rows}
         if taus:
             out.update(prompts=ps.name, num_prompts=len(ps), temperature=a.temperature,
                        max_new_tokens=a.max_new_tokens)
