@@ -42,7 +42,10 @@ class Linear(nn.Linear):
     rounds differently from the same row inside a (k+1)-token verify pass, and greedy `verify` drifts
     from `ar`. For shapes where a one-time probe finds that difference, a single row is computed as two
     (the row twice, a stride-0 view: no copy), which takes the multi-row path; other shapes pay
-    nothing. Compiled graphs use inductor's own kernels and skip this.
+    nothing. Compiled graphs skip this: with inductor's GEMM templates (full models up to 48 MiB,
+    `decoding.compiled`) every row is computed alike; with oneDNN's (larger models) a one-token pass can
+    still round a row differently, and this trick inside a graph did not cure it (README, "Exactness
+    in bfloat16").
     """
 
     def forward(self, x: Tensor) -> Tensor:
