@@ -279,3 +279,25 @@ def test_bench_auto_lane_is_identical_to_ar(ckpt, prompt_file, monkeypatch, tmp_
     assert {t["draft"] for t in lane["auto_trials"]} == {"chain k=2", "tree 5 (depth 3)"}
     assert lane["label"] == f"verify auto ({lane['auto']})"
     assert not (tmp_path / "auto.json").exists()  # the bench measures afresh and leaves the cache alone
+
+
+def _compiled_report(identical: bool) -> dict:
+    lane = dict(mode="ar", label="ar (compiled)", tokens_per_s=10.0, speedup_vs_ar=1.0, full_passes_per_token=1.0,
+                mean_accepted=1.0, compiled=True, baseline=True, dtype="bfloat16", identical_to_ar=True)
+    verify = dict(lane, mode="verify", label="verify k=3 (compiled)", baseline=False, identical_to_ar=identical,
+                  prompts_identical_to_ar=3)
+    return dict(results=[lane, verify], prompts=4, dtype="bfloat16", baseline="ar (compiled)", repeats=1, model="m",
+                device="cpu", batch_size=1, max_new_tokens=8,
+                machine={"cpu": "x", "threads": 1})
+
+
+@pytest.mark.parametrize("identical", [True, False])
+def test_bench_table_explains_a_compiled_bf16_difference(identical):
+    from rich.console import Console
+
+    from recyclegpt.bench.report import print_table
+
+    console = Console(record=True, width=200)
+    print_table(_compiled_report(identical), console=console)
+    text = console.export_text()
+    assert ("Exactness in bfloat16" in text) is (not identical)

@@ -58,3 +58,4 @@ def test_first_difference():
     assert ident.first_difference([1, 2, 3], [1, 2, 3]) is None
     assert ident.first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert ident.first_difference([1, 2], [1, 2, 3]) == 2  # one stopped early
+

@@ -94,6 +94,11 @@ def print_table(report: dict[str, Any], console=None) -> None:
         warm = ", ".join(f"{r['label'].replace(' (compiled)', '')} {r.get('warmup_s', 0):.0f} s" for r in compiled)
         lines.append(f"(c): each decode step one torch.compile'd graph; compared with the compiled ar. Compile time is "
                      f"spent in the warm-up, not in tokens/s: {warm}.")
+        if any(r.get("identical_to_ar") is False and r.get("dtype", report["dtype"]) == "bfloat16" for r in compiled):
+            lines.append("A compiled bf16 lane that differs from the compiled ar: for a full model over 48 MiB the "
+                         "compiled GEMMs (oneDNN's) can round a one-token pass differently from a wider one, so a near "
+                         "tie may go the other way. Eager lanes, float32, or RECYCLEGPT_COMPILE_MODE=max-autotune are "
+                         "exact (README, \"Exactness in bfloat16\").")
     lines += notes
     where = f"{m['gpu']}, " if m.get("gpu") else ""
     lines.append(f"torch {report.get('torch')}, transformers {report.get('transformers')}, {where}{m.get('cpu', '')}, "
