@@ -5,7 +5,7 @@
 Greedy `verify` equals `ar` bit for bit only if every kernel computes a token's row the same way
 whatever the pass's width (README, "Exactness in bfloat16"). This takes each linear layer of the
 chosen blocks of the full model (and the LM head), compiled as decoding compiles a round (bf16,
-inductor's options for this model: `decoding.compiled.inductor_options`), and feeds it the real
+`decoding.compiled.compile_pass`), and feeds it the real
 inputs it sees on one code prompt (captured from an eager pass): at every position t, one call over
 row t alone and one over rows t..t+3; it counts the positions where row t's outputs differ, and the
 elements. `RECYCLEGPT_COMPILE_MODE` chooses the GEMMs as in decoding.
@@ -57,22 +57,20 @@ def main() -> None:
     print(f"{a.ckpt}: bf16, compile mode {mode} (max_autotune {opts['max_autotune']}), code prompt {a.prompt}, "
           f"{len(ids)} tokens; row t alone against row t of rows t..t+3:")
     results = {}
-    with torch._inductor.config.patch(opts):
-        for name, lin in linears.items():
-            x = inputs[name]
-            one, four = (torch.compile(compiled._fresh_function(linear_call), fullgraph=True, dynamic=False,
-                                       options=opts) for _ in range(2))
-            positions, elements = [], 0
-            for t in range(x.shape[1] - 3):
-                a1, a4 = one(lin, x[:, t:t + 1]), four(lin, x[:, t:t + 4])
-                differ = int((a1[0, 0] != a4[0, 0]).sum())
-                if differ:
-                    positions.append(t)
-                    elements += differ
-            results[name] = dict(shape=list(lin.weight.shape), positions=x.shape[1] - 3, differing_positions=positions,
-                                 differing_elements=elements)
-            print(f"  {name:28s} {lin.in_features:5d} -> {lin.out_features:5d}: {len(positions):3d} of "
-                  f"{x.shape[1] - 3} positions differ ({elements} elements)")
+    for name, lin in linears.items():
+        x = inputs[name]
+        one, four = (compiled.compile_pass(linear_call, model) for _ in range(2))
+        positions, elements = [], 0
+        for t in range(x.shape[1] - 3):
+            a1, a4 = one(lin, x[:, t:t + 1]), four(lin, x[:, t:t + 4])
+            differ = int((a1[0, 0] != a4[0, 0]).sum())
+            if differ:
+                positions.append(t)
+                elements += differ
+        results[name] = dict(shape=list(lin.weight.shape), positions=x.shape[1] - 3, differing_positions=positions,
+                             differing_elements=elements)
+        print(f"  {name:28s} {lin.in_features:5d} -> {lin.out_features:5d}: {len(positions):3d} of "
+              f"{x.shape[1] - 3} positions differ ({elements} elements)")
     if a.json:
         atomic_write_text(a.json, json.dumps({"checkpoint": a.ckpt, "compile_mode": mode, "prompt": a.prompt,
                                               "machine": machine_info(torch.device("cpu")),

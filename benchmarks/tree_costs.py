@@ -64,11 +64,9 @@ def tree_shape(s: str) -> DraftShape:
 
 
 def compiled_pass(fn, *args):
-    """fn(model, ...) compiled as decoding compiles a round (its inductor options), called once to compile."""
-    opts = compiled.inductor_options(1, args[0])
-    graph = torch.compile(compiled._fresh_function(fn), fullgraph=True, dynamic=False, options=opts)
-    with torch._inductor.config.patch(opts):
-        graph(*args)
+    """fn(model, ...) compiled as decoding compiles a round (`compiled.compile_pass`), called once to compile."""
+    graph = compiled.compile_pass(fn, args[0])
+    graph(*args)
     return lambda: graph(*args)
 
 

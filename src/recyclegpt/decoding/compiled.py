@@ -163,12 +163,19 @@ def compiled_round(model: FullModel, module: RecyclableModule | None, shape: Rou
         def body(state, inputs):
             return decode_round(model, module, shape, state, inputs)
 
-        options = inductor_options(batch, model) if inductor else {}
-
-        compiled = torch.compile(_fresh_function(body), fullgraph=True, dynamic=False, backend=BACKEND,
-                                 options=dict(options) if inductor else None)
-        fn = per_model[key] = _CompiledRound(compiled, shape_label(shape, batch, dtype), options)
+        fn = per_model[key] = compile_pass(body, model, batch, shape_label(shape, batch, dtype))
         return fn
+
+
+def compile_pass(fn: Callable, model: FullModel, batch: int = 1, label: str | None = None) -> Callable:
+    """fn compiled the way decoding compiles a round: its own code object, a full graph of static shapes,
+    inductor's options for `batch` rows of `model` (`inductor_options`), compiled on the first call
+    (`_CompiledRound`). `compiled_round` uses it; benchmarks use it to time or inspect one pass alone."""
+    inductor = BACKEND == "inductor"
+    options = inductor_options(batch, model) if inductor else {}
+    graph = torch.compile(_fresh_function(fn), fullgraph=True, dynamic=False, backend=BACKEND,
+                          options=dict(options) if inductor else None)
+    return _CompiledRound(graph, label or fn.__name__, options)
 
 
 def shape_label(shape: RoundShape, batch: int, dtype: torch.dtype) -> str:
