@@ -282,7 +282,8 @@ GENERATE_NUMBERS = [
     ("--temperature", "hot"), ("--top-p", "0"), ("--top-p", "2"), ("--top-p", "nan"), ("--top-p", "-0.5"),
     ("--top-k", "-1"), ("--top-k", "1.5"), ("--max-new-tokens", "-1"), ("--max-new-tokens", "nan"),
     ("--max-new-tokens", "1e3"), ("--k", "0"), ("--k", "-3"), ("--k", "65"), ("--k", str(10 ** 12)),
-    ("--seed", "-1"), ("--seed", str(2 ** 40)), ("--seed", "x"),
+    ("--seed", str(2 ** 63)), ("--seed", str(-2 ** 63 - 1)), ("--seed", "x"), ("--seed", "1.5"),
+    ("--temperature", "1e39"), ("--top-k", str(2 ** 63)),
 ]
 
 

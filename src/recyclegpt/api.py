@@ -18,6 +18,7 @@ from .checkpoint import load_checkpoint, references_base
 from .config import Config
 from .decoding import GenerationConfig, GenerationResult, generate, stream
 from .decoding.auto import AutoChoice, choose_draft
+from .decoding.limits import check_text
 from .errors import RecycleError, RecycleWarning
 from .model import FullModel
 from .module import RecyclableModule
@@ -175,9 +176,5 @@ def _texts(value: Any, arg: str, item: str) -> list[str]:
     for i, s in enumerate(items):
         if not isinstance(s, str):
             raise RecycleError(f"{arg} must be a string or a list of strings; {item} {i} is {_type_name(s)}")
-        try:
-            s.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RecycleError(f"{item} {i} is not valid Unicode text (lone surrogate U+{ord(s[e.start]):04X} at "
-                               f"character {e.start}); decode bytes to str first") from None
+        check_text(s, f"{item} {i}")
     return list(items)

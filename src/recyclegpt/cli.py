@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
+from .decoding.limits import MAX_STOPS, SETTINGS, text_problem
 from .errors import Interrupted, RecycleError, RecycleWarning
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -60,17 +61,33 @@ def _positive(kind: type) -> Callable[[str], int | float]:
 
 _positive_float = _positive(float)
 _positive_int = _positive(int)
-_nonneg_int = _number(int, 0)  # 0 allowed (e.g. --top-k 0 = off, --max-new-tokens 0)
-_nonneg_float = _number(float, 0)  # e.g. --temperature (0 = greedy)
-_probability = _number(float, 0, 1, lo_open=True)  # --top-p: (0, 1]
+_nonneg_int = _number(int, 0)  # 0 allowed
+_nonneg_float = _number(float, 0)
 _unit = _number(float, 0, 1)  # a weight in [0, 1]
 _fraction = _number(float, 0, 1, hi_open=True)  # --val-fraction: a share held out, [0, 1)
-_seed = _number(int, 0, 2**32 - 1)  # fits every generator it seeds (torch, numpy, offsets per rank/row)
+_seed = _number(int, 0, 2**32 - 1)  # a run's seed (train, bench): fits numpy's and torch's, offsets per rank/row
 _port = _number(int, 1, 65535)
 _vocab_size = _number(int, 1, 1 << 22)  # the checkpoint config's own bound (config.py)
-_draft_k = _number(int, 1, 64)  # drafts per verify round: a round holds k+1 positions per row
-_tree_nodes = _number(int, 0, 256)  # a draft tree's node budget (0: a chain)
-_tree_topk = _number(int, 1, 16)
+
+
+def _setting(name: str) -> Callable[[str], int | float]:
+    """An argparse type for a decoding request's setting: parsed as its kind, then held to `limits.SETTINGS`,
+    the ranges the Python API and the server check too."""
+    setting = SETTINGS[name]
+
+    def parse(s: str) -> int | float:
+        v = setting.kind(s)  # ValueError: argparse says "invalid int value: 'x'"
+        why = setting.problem(v)
+        if why is not None:
+            raise argparse.ArgumentTypeError(why)
+        return v
+    parse.__name__ = setting.kind.__name__
+    return parse
+
+
+_draft_k = _setting("k")  # drafts per verify round: a round holds k+1 positions per row
+_tree_nodes = _setting("tree")  # a draft tree's node budget (0: a chain)
+_tree_topk = _setting("tree_topk")
 
 
 def _tree_or_auto(s: str) -> int | str:
@@ -83,14 +100,11 @@ _tree_or_auto.__name__ = "int"
 
 def _text(s: str) -> str:
     """An argparse type for text (--prompt, --stop, ...). Command-line bytes that are not UTF-8 arrive as
-    lone surrogates (Python's surrogateescape); they are refused here, never passed on or replaced."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError as e:
-        c = ord(s[e.start])
-        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
-        raise argparse.ArgumentTypeError(f"is not valid UTF-8 text ({what} at character {e.start}); "
-                                         "give the text in UTF-8") from None
+    lone surrogates (Python's surrogateescape); they are refused here (`limits.text_problem`), never passed on
+    or replaced."""
+    why = text_problem(s)
+    if why is not None:
+        raise argparse.ArgumentTypeError(why)
     return s
 
 
@@ -204,7 +218,7 @@ def add_decoding_args(p: argparse.ArgumentParser, default_mode: str = "verify") 
     p.add_argument("--mode", default=default_mode, choices=["ar", "recycle", "verify"],
                    help="ar: one full pass per token; recycle: the paper's alternation of full model and "
                    "module (lossy, ~2 tokens per pass); verify: module drafts, full model verifies (lossless)")
-    p.add_argument("--max-new-tokens", type=_nonneg_int, default=64,
+    p.add_argument("--max-new-tokens", type=_setting("max_new_tokens"), default=64,
                    help="new tokens per prompt (default 64; the model's context caps it)")
     p.add_argument("--k", type=_draft_k, default=3, help="drafts per verify round, 1 to 64 (default 3)")
     p.add_argument("--adaptive-k", action="store_true", help="grow/shrink k from recent acceptance (verify)")
@@ -219,19 +233,22 @@ def add_decoding_args(p: argparse.ArgumentParser, default_mode: str = "verify") 
     p.add_argument("--drafter", default="module", choices=["module", "ngram", "hybrid"],
                    help="verify drafter: the recyclable module, prompt lookup (n-gram), or per round whichever "
                    "promises more (default module)")
-    p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=_nonneg_int, default=0, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--seed", type=_seed, default=None,
-                   help="sampling seed: the same seed gives the same text (default: fresh randomness every run)")
+    p.add_argument("--temperature", type=_setting("temperature"), default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=_setting("top_k"), default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=_setting("top_p"), default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=_setting("seed"), default=None,
+                   help="sampling seed, a signed 64-bit integer: the same seed gives the same text (default: fresh "
+                   "randomness every run)")
     p.add_argument("--stop", type=_stop_text, action="append", default=[], metavar="TEXT",
-                   help="stop a row when this text appears (repeatable); nothing after it is returned")
+                   help=f"stop a row when this text appears (up to {MAX_STOPS}); nothing after it is returned")
     p.add_argument("--compile", action="store_true",
                    help="run each decoding round as a torch.compile'd graph (faster per token; the first run "
                    "compiles once per mode/k, a start-up cost; later processes reuse inductor's disk cache)")
 
 
 def decoding_kwargs(a: argparse.Namespace) -> dict:
+    if len(a.stop) > MAX_STOPS:  # argparse's append has no count limit: the API's, said with the flag's name
+        raise RecycleError(f"--stop: at most {MAX_STOPS} stop strings, got {len(a.stop)}")
     return dict(k=a.k, adaptive_k=a.adaptive_k, tree=a.tree, tree_topk=a.tree_topk, drafter=a.drafter,
                 temperature=a.temperature, top_k=a.top_k,
                 top_p=a.top_p, seed=a.seed, stop=a.stop or None, compile=a.compile)
@@ -328,9 +345,9 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
                    help="tokens decoded per prompt and candidate (default 48)")
     p.add_argument("--repeats", type=_positive_int, default=2, help="timed runs per candidate; the best counts "
                    "(default 2)")
-    p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=_nonneg_int, default=0, help="sampling top-k (0 = off)")
-    p.add_argument("--top-p", type=_probability, default=1.0, help="sampling top-p (1 = off)")
+    p.add_argument("--temperature", type=_setting("temperature"), default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=_setting("top_k"), default=0, help="sampling top-k (0 = off)")
+    p.add_argument("--top-p", type=_setting("top_p"), default=1.0, help="sampling top-p (1 = off)")
     p.add_argument("--compile", action="store_true",
                    help="measure compiled rounds (compiles every candidate once: minutes on a small CPU)")
     p.add_argument("--refresh", action="store_true", help="measure again even if a cached choice exists")
@@ -488,7 +505,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="use the first N prompts of the set (default 8, to keep a default run short; 0 = all)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="new tokens per prompt (default 128)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default 1)")
-    p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default); e.g. 1 to sample")
+    p.add_argument("--temperature", type=_setting("temperature"), default=0.0,
+                   help="0 = greedy (default); e.g. 1 to sample")
     p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds per mode (default 3)")
     p.add_argument("--modes", type=_mode_list, default=None, metavar="M1,M2",

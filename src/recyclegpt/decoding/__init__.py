@@ -29,6 +29,9 @@ Public API
 - `HostDrafter` protocol: `propose(row, context, k) -> list[int]`, `reset(row)`; `NgramDrafter`.
 - `stop_fn(row, generated_ids) -> bool`: a callback alternative to stop strings.
 
+What a request may ask for (ranges, text) is one table, `limits.SETTINGS`, shared by the API, the
+command line and the server.
+
 `model` is a `FullModel` (or the generic transformers backend), `module` a `RecyclableModule` (None is
 fine for `ar` and `drafter='ngram'`). Bad arguments raise `RecycleError`.
 
@@ -38,7 +41,7 @@ Layers, in the order a token flows through them:
 - `rounds`: the one round function of every mode (`decode_round`) and its per-slot state;
 - `sampling`: logits -> probabilities with per-row settings, the exponential race, acceptance;
 - `compiled`: `decode_round` through torch.compile, cached per round shape and batch size;
-- `generation`: `generate` / `stream` over an engine; `drafters`, `stops`, `options`.
+- `generation`: `generate` / `stream` over an engine; `drafters`, `stops`, `options`, `limits`.
 `testing` has small random models and uncached references for tests. Definitions of τ, acceptance
 by position and lossless: docs/definitions.md.
 """
@@ -47,7 +50,7 @@ from .drafters import AdaptiveK, HostDrafter, NgramDrafter
 from .engine import Engine, SlotOutput
 from .generation import DecodeStats, Generation, GenerationResult, StepEvent, generate, stream
 from .options import GenerationConfig
-from .sampling import logits_to_probs, validate_sampling
+from .sampling import logits_to_probs
 
 __all__ = [
     "AdaptiveK",
@@ -63,5 +66,4 @@ __all__ = [
     "generate",
     "logits_to_probs",
     "stream",
-    "validate_sampling",
 ]

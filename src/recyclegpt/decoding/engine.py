@@ -34,6 +34,7 @@ from ..model import FullModel
 from ..module import RecyclableModule
 from . import compiled
 from .drafters import AcceptanceTracker, AdaptiveK, HostDrafter, NgramDrafter, prefer_ngram
+from .limits import request_seed
 from .options import GenerationConfig
 from .prefill import prefill
 from .rounds import RoundInputs, RoundShape, SlotState, decode_round, tree_noise_sizes
@@ -118,7 +119,7 @@ class Request:
         if cfg.seed is None:
             self.generator.seed()
         else:
-            self.generator.manual_seed(cfg.seed)
+            self.generator.manual_seed(request_seed(cfg.seed))
         self.drafter: HostDrafter | None = None
         self.drafter_label = cfg.drafter if isinstance(cfg.drafter, str) else "host"
         if cfg.mode == "verify" and cfg.drafter != "module":

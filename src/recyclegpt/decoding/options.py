@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..errors import RecycleError
 from .drafters import HostDrafter
-from .sampling import validate_sampling
+from .limits import INT64_MAX, SETTINGS, InvalidSetting, check_stops
 
 MODES = ("ar", "recycle", "verify")
 DRAFTERS = ("module", "ngram", "hybrid")
@@ -92,48 +92,43 @@ class GenerationConfig:
         return budgets
 
     def validate(self) -> None:
+        """RecycleError (an `InvalidSetting` naming the field) unless every setting is one the engine takes;
+        the numeric ranges and text checks are `limits.SETTINGS` / `check_text`, shared with the CLI and server."""
         if self.mode not in MODES:
-            raise RecycleError(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        budgets = [self.max_new_tokens] if isinstance(self.max_new_tokens, int) else list(self.max_new_tokens)
-        if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in budgets):
-            raise RecycleError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        for name in ("k", "k_max", "ngram_max_n"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise RecycleError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("ngram_k", "ngram_min_n"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise RecycleError(f"{name} must be an integer >= 1 or None, got {v!r}")
+            raise InvalidSetting("mode", f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        budgets = [self.max_new_tokens] if isinstance(self.max_new_tokens, int) else self.max_new_tokens
+        if not isinstance(budgets, list | tuple):
+            SETTINGS["max_new_tokens"].check(budgets)
+        for b in budgets:
+            SETTINGS["max_new_tokens"].check(b)
+        for name in ("k", "k_max", "ngram_max_n", "ngram_k", "ngram_min_n", "temperature", "top_k", "top_p", "seed"):
+            SETTINGS[name].check(getattr(self, name))
         if self.ngram_min_n is not None and self.ngram_min_n > self.ngram_max_n:
-            raise RecycleError(f"ngram_min_n={self.ngram_min_n} is larger than "
-                               f"ngram_max_n={self.ngram_max_n}")
+            raise InvalidSetting("ngram_min_n", f"ngram_min_n={self.ngram_min_n} is larger than "
+                                 f"ngram_max_n={self.ngram_max_n}")
         if isinstance(self.drafter, str):
             if self.drafter not in DRAFTERS:
-                raise RecycleError(f"unknown drafter {self.drafter!r}; choose one of: {', '.join(DRAFTERS)}")
+                raise InvalidSetting("drafter", f"unknown drafter {self.drafter!r}; choose one of: "
+                                     f"{', '.join(DRAFTERS)}")
         elif not isinstance(self.drafter, HostDrafter):
-            raise RecycleError("drafter must be 'module', 'ngram', 'hybrid' "
-                               "or an object with propose() and reset()")
-        for name in ("tree", "tree_topk"):
-            v = getattr(self, name)
-            if name == "tree" and v == "auto":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "tree" else 1):
-                extra = " or 'auto'" if name == "tree" else ""
-                raise RecycleError(f"{name} must be an integer >= {0 if name == 'tree' else 1}{extra}, got {v!r}")
+            raise InvalidSetting("drafter", "drafter must be 'module', 'ngram', 'hybrid' "
+                                 "or an object with propose() and reset()")
+        if self.tree != "auto":
+            SETTINGS["tree"].check(self.tree)
+        SETTINGS["tree_topk"].check(self.tree_topk)
         if self.tree:
             if self.mode != "verify" or self.drafter != "module":
-                raise RecycleError("draft trees need mode 'verify' with drafter 'module' (set tree=0 otherwise)")
+                raise InvalidSetting("tree", "draft trees need mode 'verify' with drafter 'module' (set tree=0 "
+                                     "otherwise)")
             if self.adaptive_k:
-                raise RecycleError("draft trees have a fixed depth k; turn adaptive_k off or set tree=0")
+                raise InvalidSetting("tree", "draft trees have a fixed depth k; turn adaptive_k off or set tree=0")
             if self.tree != "auto" and self.tree < self.k:
-                raise RecycleError(f"a tree of depth k={self.k} needs at least k nodes, got tree={self.tree}")
+                raise InvalidSetting("tree", f"a tree of depth k={self.k} needs at least k nodes, got tree={self.tree}")
         if not isinstance(self.compile, bool):
-            raise RecycleError(f"compile must be True or False, got {self.compile!r}")
-        validate_sampling(self.temperature, self.top_k, self.top_p)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise RecycleError(f"seed must be an integer or None, got {self.seed!r}")
-        if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in self.eos_ids):
-            raise RecycleError(f"eos_id must be a token id (or a list of them), got {self.eos_id!r}")
+            raise InvalidSetting("compile", f"compile must be True or False, got {self.compile!r}")
+        eos = [] if self.eos_id is None else self.eos_id if isinstance(self.eos_id, list | tuple) else [self.eos_id]
+        if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e <= INT64_MAX for e in eos):
+            raise InvalidSetting("eos_id", f"eos_id must be a token id (or a list of them), got {self.eos_id!r}")
         if isinstance(self.stop_strings, str):
-            raise RecycleError("stop_strings must be a list of strings, not one string")
+            raise InvalidSetting("stop_strings", "stop_strings must be a list of strings, not one string")
+        check_stops(self.stop_strings)

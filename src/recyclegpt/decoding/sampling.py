@@ -19,30 +19,13 @@ whose rows mix greedy and sampled requests, eagerly or inside a compiled graph:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import RecycleError
-
 # Per-row (temperature [B], top_k [B], top_p [B]); top_k 0 and top_p 1.0 as plain numbers switch those
 # filters off for every row, and `logits_to_probs` then leaves out their sort over the vocabulary.
 Settings = tuple[Tensor, Tensor | int, Tensor | float]
-
-
-def validate_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise RecycleError (one line) for values no sampler accepts."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or math.isnan(temperature) \
-            or temperature < 0:
-        raise RecycleError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if math.isinf(temperature):
-        raise RecycleError(f"temperature must be finite, got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise RecycleError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or math.isnan(top_p) or not 0 < top_p <= 1:
-        raise RecycleError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
 
 
 def _per_row(value: float | Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -66,7 +49,9 @@ def logits_to_probs(logits: Tensor, temperature: float | Tensor, top_k: int | Te
     plain = not isinstance(top_k, Tensor) and not isinstance(top_p, Tensor) and top_k in (0, V) and top_p >= 1
     if not isinstance(temperature, Tensor) and temperature == 0:
         return onehot
-    x = x / torch.where(greedy, 1.0, _per_row(temperature, x, x.dtype))
+    # Temperatures under 1e-30 divide as 1e-30: logits / T stays finite (a float32 inf would make the softmax
+    # NaN), and the distribution is already the argmax's to float32 precision there.
+    x = x / torch.where(greedy, 1.0, _per_row(temperature, x, x.dtype).clamp_min(1e-30))
     if not plain:
         s = x.sort(-1, descending=True).values  # [B, ..., V]
         k = _per_row(top_k, x, torch.long)
@@ -75,7 +60,8 @@ def logits_to_probs(logits: Tensor, temperature: float | Tensor, top_k: int | Te
         s = s.masked_fill(s < kth, float("-inf"))
         ps = s.softmax(-1)
         # top-p: drop a token when the mass strictly before it already reaches top_p (the top one stays).
-        keep = (ps.cumsum(-1) - ps) < _per_row(top_p, x, x.dtype)
+        # (top_p at least 1e-30: a tiny top_p that float32 rounds to 0 must still keep the top token.)
+        keep = (ps.cumsum(-1) - ps) < _per_row(top_p, x, x.dtype).clamp_min(1e-30)
         cut = torch.where(keep, s, float("inf")).amin(-1, keepdim=True)
         x = x.masked_fill((x < kth) | (x < cut), float("-inf"))
     return torch.where(greedy, onehot, x.softmax(-1))
