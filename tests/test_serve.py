@@ -182,9 +182,9 @@ BAD = [
     ({"model": "tiny", "prompt": "a", "max_tokens": "x"}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": 5}, 400, "prompt"),
     ({"model": "other", "prompt": "a"}, 404, "model"),
-    ({"model": "tiny", "prompt": "a", "temperature": 3}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "a", "temperature": -0.5}, 400, "temperature"),
     ({"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p"),
-    ({"model": "tiny", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": ""}, 400, "prompt"),
     ({"model": "tiny", "prompt": "a b " * 300, "max_tokens": 16}, 400, None),
     ({"model": "tiny", "prompt": "a", "max_tokens": 10_000}, 400, "max_tokens"),
@@ -227,14 +227,14 @@ def test_auth_and_chat_without_template(bundle):
 def test_full_queue_answers_429(bundle):
     _, m = bundle
     app = create_app(m, _opts(slots=1, max_queue=1))
-    app.state.worker._admit = lambda: None  # nothing leaves the queue
+    app.state.engine.worker._admit = lambda: None  # nothing leaves the queue
     with LiveServer(app) as s:
         waiting = threading.Thread(target=lambda: httpx.post(
             s.url + "/v1/completions", json={"model": "tiny", "prompt": "a"},
             headers={"Authorization": f"Bearer {KEY}"}, timeout=3), daemon=True)
         waiting.start()
         deadline = time.monotonic() + 10
-        while app.state.worker.queue_depth < 1:
+        while app.state.engine.queue_depth < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "a"},
@@ -246,7 +246,7 @@ def test_full_queue_answers_429(bundle):
 def test_a_failing_round_fails_its_requests_only(bundle):
     _, m = bundle
     app = create_app(m, _opts())
-    engine = app.state.worker.engine
+    engine = app.state.engine.worker.engine
     real_step, calls = engine.step, []
 
     def flaky():
@@ -262,7 +262,7 @@ def test_a_failing_round_fails_its_requests_only(bundle):
             c.completions.create(model="tiny", prompt="def", max_tokens=10, temperature=0)
         r = c.completions.create(model="tiny", prompt="def", max_tokens=10, temperature=0)
         assert r.choices[0].text == offline_ar(m, "def", 10)
-        assert app.state.worker.busy_slots == 0
+        assert app.state.engine.busy_slots == 0
         metrics = httpx.get(s.url + "/metrics").text
         for name in ("recyclegpt_requests_total", "recyclegpt_queue_depth", "recyclegpt_busy_slots",
                      "recyclegpt_tau", "recyclegpt_generation_tokens_total"):
@@ -287,7 +287,7 @@ def test_health_waits_for_warm_up(bundle):
     """With compiling on, /health answers 503 until the graphs are compiled (here: a warm-up held back)."""
     _, m = bundle
     app = create_app(m, _opts(compile=True))
-    worker = app.state.worker
+    worker = app.state.engine.worker
     release = threading.Event()
     worker._warm_up = lambda: release.wait(10)
     with torch.inference_mode():

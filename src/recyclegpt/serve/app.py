@@ -2,7 +2,13 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming by server-sent
 events in OpenAI's chunk format, ending with `data: [DONE]`), GET /health (200 once the decoding
-graphs are compiled, 503 before), GET /metrics (Prometheus text format).
+graphs are compiled; 503 while warming up, while a failed engine restarts, or after it gave up),
+GET /metrics (Prometheus text format), GET /openapi.json (the request bodies' schemas, with the ranges
+of `decoding.limits`).
+
+No request can stop the server: a body is parsed with limits that turn any parser failure into a 400,
+its settings are checked against the table the Python API uses, and whatever fails while serving it
+fails it alone (`worker`); a response is 200 only with a `finish_reason`.
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
 
 from ..decoding import GenerationConfig
+from ..decoding.engine import row_configs
+from ..decoding.limits import InvalidSetting
 from ..errors import RecycleError
 from .metrics import Metrics
 from .protocol import (
@@ -35,7 +45,7 @@ from .protocol import (
     usage,
     usage_chunk,
 )
-from .worker import Job, QueueFull, Worker
+from .worker import EngineDown, Job, JobEvent, JobQueue, QueueFull, Supervisor, Worker
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +92,9 @@ class ChatTemplate:
                                         eos_token=self.eos)
         except TemplateError as e:
             raise ApiError(400, f"the chat template refused these messages: {e}", "messages") from None
+        except Exception as e:  # a template that fails on some input (a type error in its code, ...)
+            raise ApiError(400, f"the chat template failed on these messages: {type(e).__name__}: {e}",
+                           "messages") from None
 
     @classmethod
     def find(cls, ckpt: str | Path, eos: str = "") -> ChatTemplate | None:
@@ -112,22 +125,26 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
     context = bundle.model.cfg.max_seq_len
     max_tokens_limit = min(opts.max_tokens_limit or context, context - 1)
     metrics = Metrics()
-    worker = Worker(bundle.model, bundle.module, tokenizer, opts.slots, opts.compile, opts.width, opts.max_queue,
-                    metrics, tree=(opts.tree, opts.tree_topk))
-    metrics.watch(worker)
+
+    def make_worker(queue: JobQueue) -> Worker:
+        return Worker(bundle.model, bundle.module, tokenizer, opts.slots, opts.compile, opts.width, queue, metrics,
+                      tree=(opts.tree, opts.tree_topk))
+
+    engine = Supervisor(make_worker, JobQueue(opts.max_queue), metrics)
+    metrics.watch(engine)
     eos_text = tokenizer.tok.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
     if chat_template is not None and not chat_template.eos:
         chat_template.eos = eos_text or ""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        worker.start()
+        engine.start()
         yield
-        worker.stop()
-        worker.join(timeout=10)
+        engine.stop()
+        engine.join(timeout=10)
 
-    app = FastAPI(title="recyclegpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.worker, app.state.metrics = worker, metrics
+    app = FastAPI(title="recyclegpt", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.metrics = engine, metrics
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -137,9 +154,10 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
     async def _count(request: Request, call_next):
         try:
             response = await call_next(request)
-        except Exception:  # a bug in a handler: an OpenAI-style 500, and the server goes on
+        except Exception as e:  # a bug in a handler: an OpenAI-style 500 that says what failed; the server goes on
             log.exception("request failed")
-            response = JSONResponse(ApiError(500, "internal error").body(), status_code=500)
+            msg = f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            response = JSONResponse(ApiError(500, msg).body(), status_code=500)
         if request.url.path.startswith("/v1/"):
             metrics.requests.labels(endpoint=request.url.path, status=str(response.status_code)).inc()
         return response
@@ -162,27 +180,36 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
                 raise ApiError(413, f"request body over {opts.max_body_bytes} bytes")
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
+        except (ValueError, RecursionError) as e:  # bad syntax or UTF-8, numbers over 4300 digits, deep nesting
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0] if str(e) else ""
+            raise ApiError(400, f"the request body is not valid JSON ({why})") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return data
 
     def parse(model_cls, data: dict[str, Any]):
+        """The request model, its types checked by pydantic and its settings and texts by `req.check()`
+        (the same table as the Python API's); any refusal is a 400 naming the field."""
         try:
-            return model_cls.model_validate(data)
+            req = model_cls.model_validate(data)
+            req.check()
         except ValidationError as e:
-            err = e.errors()[0]
+            err = e.errors(include_url=False)[0]
             param = ".".join(str(x) for x in err.get("loc", ())) or None
-            msg = err.get("msg", "invalid request")
+            msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
             if err.get("type") == "extra_forbidden":
                 msg = f"unrecognized request argument: {param}"
             elif param:
                 msg = f"{param}: {msg}"
-            raise ApiError(400, msg, param) from None
+            raise ApiError(400, _one_line(msg), param) from None
+        except InvalidSetting as e:
+            raise ApiError(400, _one_line(str(e)), e.name) from None
+        return req
 
     def config_for(req, ids: list[int], chat: bool) -> GenerationConfig:
-        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        max_tokens = getattr(req, "max_completion_tokens", None)
+        if max_tokens is None:
+            max_tokens = req.max_tokens
         if max_tokens is None:
             max_tokens = min(context - len(ids), max_tokens_limit) if chat else opts.default_max_tokens
         if max_tokens > max_tokens_limit:
@@ -197,12 +224,15 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
         tree = dict(tree=opts.tree, tree_topk=opts.tree_topk) if opts.tree and req.mode == "verify" else {}
         cfg = GenerationConfig(mode=req.mode, max_new_tokens=max_tokens, k=k, **tree, temperature=req.temperature,
                                top_k=req.top_k, top_p=req.top_p, seed=req.seed,
-                               eos_id=None if req.ignore_eos else tokenizer.eos_id, stop_strings=tuple(req.stop))
+                               eos_id=None if req.ignore_eos else tokenizer.eos_id, stop_strings=req.stops)
         try:
             cfg.validate()
+        except InvalidSetting as e:
+            raise ApiError(400, str(e), {"max_new_tokens": "max_tokens", "stop_strings": "stop"}.get(e.name, e.name)
+                           ) from None
         except RecycleError as e:
             raise ApiError(400, str(e)) from None
-        return cfg
+        return row_configs(cfg, 1)[0]  # the request's seed draws as row 0 of an offline `generate` call
 
     async def handle(request: Request, chat: bool) -> Response:
         authorize(request)
@@ -217,76 +247,108 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
             text = chat_template.render([m.model_dump(exclude_none=True) for m in req.messages])
         else:
             text = req.text
-        ids = tokenizer.encode(text)
+        try:
+            ids = tokenizer.encode(text)
+        except Exception as e:  # checked text should always encode; if not, it is this input's problem
+            raise ApiError(400, _one_line(f"the tokenizer cannot encode this text: {type(e).__name__}: {e}"),
+                           "messages" if chat else "prompt") from None
         if not ids:
             raise ApiError(400, "the prompt encodes to no tokens", "prompt")
         cfg = config_for(req, ids, chat)
-        if not worker.is_alive() and worker.ready.is_set():
-            raise ApiError(503, "the decoding engine has stopped")
         job = Job(ids, cfg, asyncio.get_running_loop(), tokenizer, time.monotonic() + opts.request_timeout_s)
         try:
-            worker.submit(job)
+            engine.submit(job)
         except QueueFull as e:
             raise ApiError(429, str(e)) from None
+        except EngineDown as e:
+            raise ApiError(503, str(e)) from None
         rid = new_id("chatcmpl" if chat else "cmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = job.events()
+        # The first event (the prefill's token, or a refusal) comes before any header: a request the engine
+        # refuses or fails at admission gets its own status (400 / 500), streamed or not.
+        first = await next_event(request, job, events)
+        if first is None:
+            return Response(status_code=499)
+        if first.finish == "error":
+            raise ApiError(first.status, first.error or "decoding failed")
         if req.stream:
-            return StreamingResponse(stream_events(job, rid, chat, include_usage), media_type="text/event-stream")
-        return await collect(request, job, rid, chat)
+            return StreamingResponse(stream_events(job, first, events, rid, chat, include_usage),
+                                     media_type="text/event-stream")
+        return await collect(request, job, first, events, rid, chat)
 
-    async def stream_events(job: Job, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def next_event(request: Request, job: Job, events: AsyncIterator[JobEvent]) -> JobEvent | None:
+        """The job's next event; None when the client went away first (its request is then cancelled)."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.__anext__(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    engine.cancel(job)
+                    return None
+
+    async def stream_events(job: Job, first: JobEvent, events: AsyncIterator[JobEvent], rid: str, chat: bool,
+                            include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
-        first = True
+        opening = True
+        ev: JobEvent | None = first
         try:
-            async for ev in job.events():
+            while ev is not None:
                 if ev.finish == "error":
-                    yield f"data: {json.dumps(ApiError(500, ev.error or 'decoding failed').body())}\n\n"
+                    yield f"data: {json.dumps(ApiError(ev.status, ev.error or 'decoding failed').body())}\n\n"
                     break
-                if ev.text or ev.finish is not None or (chat and first):
-                    chunk = completion_chunk(rid, opts.model_name, created, ev.text, ev.finish, chat, first)
+                if ev.text or ev.finish is not None or (chat and opening):
+                    chunk = completion_chunk(rid, opts.model_name, created, ev.text, ev.finish, chat, opening)
                     yield f"data: {json.dumps(chunk)}\n\n"
-                    first = False
-            else:
-                if include_usage:
-                    use = usage(job.prompt_tokens, job.completion_tokens)
-                    yield f"data: {json.dumps(usage_chunk(rid, opts.model_name, created, chat, use))}\n\n"
+                    opening = False
+                if ev.finish is not None:
+                    if include_usage:
+                        use = usage(job.prompt_tokens, job.completion_tokens)
+                        yield f"data: {json.dumps(usage_chunk(rid, opts.model_name, created, chat, use))}\n\n"
+                    break
+                ev = await anext(events, None)
+            else:  # never a stream that ends as if complete without a finish_reason
+                yield f"data: {json.dumps(ApiError(500, 'the request ended without a finish reason').body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             if job.finish is None:  # the client went away: free its slot now
-                worker.cancel(job)
+                engine.cancel(job)
 
-    async def collect(request: Request, job: Job, rid: str, chat: bool) -> Response:
+    async def collect(request: Request, job: Job, first: JobEvent, events: AsyncIterator[JobEvent], rid: str,
+                      chat: bool) -> Response:
         parts: list[str] = []
-        events = job.events()
+        ev: JobEvent | None = first
         try:
-            while True:
-                try:
-                    ev = await asyncio.wait_for(events.__anext__(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        worker.cancel(job)
-                        return Response(status_code=499)
-                    continue
-                except StopAsyncIteration:
-                    break
+            while ev is not None:
                 if ev.finish == "error":
-                    raise ApiError(500, ev.error or "decoding failed")
+                    raise ApiError(ev.status, ev.error or "decoding failed")
                 parts.append(ev.text)
                 if ev.finish is not None:
                     break
+                ev = await next_event(request, job, events)
+            if ev is None:
+                return Response(status_code=499)
         finally:
             if job.finish is None:
-                worker.cancel(job)
+                engine.cancel(job)
+        if job.finish not in ("stop", "length"):  # a 200 always says why the text ended
+            raise ApiError(500, "the request ended without a finish reason")
         use = usage(job.prompt_tokens, job.completion_tokens)
         return JSONResponse(completion_response(rid, opts.model_name, "".join(parts), job.finish, chat, use))
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if worker.error is not None or (worker.ready.is_set() and not worker.is_alive()):
-            return JSONResponse({"status": "error", "detail": "the decoding engine stopped"}, status_code=503)
-        if not worker.ready.is_set():
-            return JSONResponse({"status": "warming up", "detail": "compiling the decoding graphs"}, status_code=503)
-        return JSONResponse({"status": "ok", "warmup_s": round(worker.warmup_s, 1)})
+        state = engine.state
+        body: dict[str, Any] = {"status": state, "restarts": engine.restarts}
+        if engine.last_error is not None:
+            body["last_error"] = engine.last_error
+        if state == "ok":
+            body["warmup_s"] = round(engine.worker.warmup_s, 1)
+            return JSONResponse(body)
+        body["detail"] = {"warming up": "compiling the decoding graphs",
+                          "degraded": "the decoding engine failed and is restarting; requests wait in the queue",
+                          "error": "the decoding engine failed and could not be restarted"}[state]
+        return JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -307,4 +369,25 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
     async def chat_completions(request: Request) -> Response:
         return await handle(request, chat=True)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema with the request bodies the handlers parse themselves (they read the raw body to
+        bound its size and answer parser failures with a 400), from the same pydantic models."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title="recyclegpt", version="1", routes=app.routes,
+                                 description="OpenAI-compatible completions with a recyclable module")
+            bodies = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest}
+            _, defs = models_json_schema([(m, "validation") for m in bodies.values()],
+                                         ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            for path, model in bodies.items():
+                schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

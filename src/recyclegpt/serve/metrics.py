@@ -8,7 +8,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..decoding.engine import SlotStats, add_by_position
-from .worker import Job, Worker
+from .worker import Job, Supervisor
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 
@@ -29,6 +29,8 @@ class Metrics:
         self.queue_depth = Gauge("recyclegpt_queue_depth", "requests waiting for a slot", registry=r)
         self.busy_slots = Gauge("recyclegpt_busy_slots", "slots holding a request", registry=r)
         self.slots = Gauge("recyclegpt_slots", "decoding slots", registry=r)
+        self.restarts = Counter("recyclegpt_engine_restarts", "decoding engines restarted after a failure",
+                                registry=r)
         self.tau = Gauge("recyclegpt_tau", "mean accepted length: tokens per full-model pass while decoding, "
                          "over finished requests (prefill excluded)", registry=r)
         self.acceptance = Gauge("recyclegpt_acceptance_by_position",
@@ -43,10 +45,10 @@ class Metrics:
         self._proposed: list[int] = []
         self._accepted: list[int] = []
 
-    def watch(self, worker: Worker) -> None:
-        self.queue_depth.set_function(lambda: worker.queue_depth)
-        self.busy_slots.set_function(lambda: worker.busy_slots)
-        self.slots.set(worker.engine.slots)
+    def watch(self, supervisor: Supervisor) -> None:
+        self.queue_depth.set_function(lambda: supervisor.queue_depth)
+        self.busy_slots.set_function(lambda: supervisor.busy_slots)
+        self.slots.set(supervisor.worker.engine.slots)
 
     # ---- WorkerMetrics (called on the engine thread)
     def step(self, seconds: float, rows: int) -> None:
@@ -69,6 +71,9 @@ class Metrics:
             for i, (p, a) in enumerate(zip(self._proposed, self._accepted, strict=True)):
                 if p:
                     self.acceptance.labels(position=str(i + 1)).set(a / p)
+
+    def restarted(self) -> None:
+        self.restarts.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

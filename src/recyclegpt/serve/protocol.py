@@ -4,16 +4,21 @@ Requests are validated by pydantic models that reject unknown fields (as OpenAI 
 OpenAI's fields that this server cannot honour only at their neutral values (n=1, no logprobs, no
 penalties, ...), so a request is never silently served differently from what it asked. Fields
 beyond OpenAI's, as vLLM accepts them: `mode` (verify, ar, recycle), `k`, `top_k`, `ignore_eos`.
-Every refusal is an `ApiError` rendered as OpenAI's error JSON with a 4xx status.
+Every refusal is an `ApiError` rendered as OpenAI's error JSON with a 4xx status. The settings a request
+shares with the Python API and the command line (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`,
+`k`, `stop`, the texts) are held to the same table, `decoding.limits`: a value is refused here exactly when
+`RecycleGPT.generate` refuses it.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+
+from ..decoding.limits import SETTINGS, InvalidSetting, check_stops, check_text
 
 
 class ApiError(Exception):
@@ -30,44 +35,51 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def _setting(name: str, nullable: bool = False) -> WithJsonSchema:
+    """The JSON schema of a request setting from `limits.SETTINGS` (its range as the API checks it): the
+    field itself takes any JSON value and `_Sampling.check` holds it to the same table, with the same message."""
+    s = SETTINGS[name]
+    schema: dict[str, Any] = {"type": "integer" if s.kind is int else "number"}
+    if s.lo is not None:
+        schema["exclusiveMinimum" if s.lo_open else "minimum"] = s.lo
+    if s.hi is not None:
+        schema["exclusiveMaximum" if s.hi_open else "maximum"] = s.hi
+    if s.optional or nullable:  # null: the setting's default
+        schema = {"anyOf": [schema, {"type": "null"}]}
+    return WithJsonSchema(schema)
+
+
+_TEXT = WithJsonSchema({"type": "string"})  # valid Unicode: no lone surrogates (`limits.check_text`)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    """Fields shared by both endpoints."""
+    """Fields shared by both endpoints. Types are strict (no "5" for 5, no true for 1), as the Python API's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    model: Annotated[Any, _TEXT]
+    max_tokens: Annotated[Any, _setting("max_new_tokens", nullable=True)] = None
+    temperature: Annotated[Any, _setting("temperature")] = 1.0
+    top_p: Annotated[Any, _setting("top_p")] = 1.0
     n: Literal[1] = 1
-    seed: int | None = None
-    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    seed: Annotated[Any, _setting("seed")] = None
+    stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Literal[0, 0.0] = 0.0
     frequency_penalty: Literal[0, 0.0] = 0.0
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "null"}]})] = None
     # beyond OpenAI (as vLLM)
     mode: Literal["verify", "ar", "recycle"] = "verify"
-    k: int | None = Field(default=None, ge=1)
-    top_k: int = Field(default=0, ge=0)
+    k: Annotated[Any, _setting("k", nullable=True)] = None
+    top_k: Annotated[Any, _setting("top_k")] = 0
     ignore_eos: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> list[str]:
-        stops = [] if v is None else [v] if isinstance(v, str) else list(v)
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty")
-        return stops
 
     @field_validator("logit_bias")
     @classmethod
@@ -75,6 +87,25 @@ class _Sampling(BaseModel):
         if v:
             raise ValueError("logit_bias is not supported by this server")
         return None
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def check(self) -> None:
+        """InvalidSetting (named as the request names it) unless every shared setting and text is one the
+        Python API accepts too (`limits`)."""
+        check_text(self.model, "model")
+        if self.user is not None:
+            check_text(self.user, "user")
+        for name, setting in (("max_tokens", "max_new_tokens"), ("temperature", "temperature"),
+                              ("top_p", "top_p"), ("seed", "seed"), ("top_k", "top_k")):
+            value = getattr(self, name)
+            if value is not None or SETTINGS[setting].optional:
+                SETTINGS[setting].check(value, name)
+        if self.k is not None:
+            SETTINGS["k"].check(self.k, "k")
+        check_stops(list(self.stops), "stop")
 
 
 class CompletionRequest(_Sampling):
@@ -84,23 +115,21 @@ class CompletionRequest(_Sampling):
     best_of: Literal[1] | None = None
     suffix: None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("give one prompt (a string, or a list with one string)")
-        text = v if isinstance(v, str) else v[0]
-        if not text:
-            raise ValueError("the prompt is empty")
-        return v
-
     @property
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
+    def check(self) -> None:
+        super().check()
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise InvalidSetting("prompt", "give one prompt (a string, or a list with one string)")
+        check_text(self.text, "prompt")
+        if not self.text:
+            raise InvalidSetting("prompt", "the prompt is empty")
+
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "user", "assistant", "developer"]
     content: str
     name: str | None = None
@@ -108,8 +137,17 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Annotated[Any, _setting("max_new_tokens", nullable=True)] = None
     logprobs: Literal[False] | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.max_completion_tokens is not None:
+            SETTINGS["max_new_tokens"].check(self.max_completion_tokens, "max_completion_tokens")
+        for i, m in enumerate(self.messages):
+            check_text(m.content, f"messages[{i}].content")
+            if m.name is not None:
+                check_text(m.name, f"messages[{i}].name")
 
 
 def new_id(prefix: str) -> str:

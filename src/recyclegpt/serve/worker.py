@@ -1,18 +1,23 @@
 """The engine thread: one thread owns the model and its `Engine`; requests queue and take free slots.
 
-    worker = Worker(model, module, tokenizer, slots=4, compile=True, width=4, max_queue=64)
-    worker.start()                       # warms up the graphs (`ready` is set once they are compiled)
+    queue = JobQueue(limit=64)
+    supervisor = Supervisor(lambda q: Worker(model, module, tokenizer, 4, True, 4, q), queue)
+    supervisor.start()                   # starts the engine thread; it warms up the graphs first
     job = Job(prompt_ids, config, loop)  # in a request handler
-    worker.submit(job)                   # QueueFull when the queue is full
+    supervisor.submit(job)               # QueueFull when the queue is full, EngineDown when it gave up
     async for event in job.events(): ... # JobEvent(text, finish, ...) pieces as rounds accept tokens
-    worker.cancel(job)                   # a client that went away: its slot is freed at once
+    supervisor.cancel(job)               # a client that went away: its slot is freed at once
 
 Continuous batching: between two engine steps the thread admits queued requests into free slots
 (prefilling only their rows) and releases finished or cancelled ones, so a request never waits for
 another to finish. Text leaves the thread already detokenized (incrementally) and cut at stop
 strings: `Job` holds back the last len(longest stop) - 1 characters until it knows they are not the
-start of a stop string. A failure inside a step fails the requests in that step (their handlers
-answer 500) and the thread goes on serving.
+start of a stop string.
+
+Failures stay with the requests they touch: a request the engine refuses at admission fails alone
+(400), a failed prefill or round fails the requests in it (500), and the thread goes on serving.
+Whatever escapes that ends the engine thread after failing the requests it held; the `Supervisor`
+starts a fresh engine on the same queue, so waiting requests are served after the restart.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,11 +48,13 @@ class QueueFull(RecycleError):
 
 @dataclass
 class JobEvent:
-    """A piece of one request's output. finish: None while running, else 'stop' | 'length' | 'error'."""
+    """A piece of one request's output. finish: None while running, else 'stop' | 'length' | 'error';
+    an error carries its message and HTTP status (400: the request itself was refused, 500: a failure)."""
 
     text: str
     finish: str | None = None
     error: str | None = None
+    status: int = 500
 
 
 class Job:
@@ -94,9 +101,11 @@ class Job:
         self.finish = "stop" if finish in ("eos", "stop") else "length"
         self._put(JobEvent(final[self._sent:], self.finish))
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, status: int = 500) -> None:
+        if self.finish is not None:  # already answered
+            return
         self.finish = "error"
-        self._put(JobEvent("", "error", message))
+        self._put(JobEvent("", "error", message, status))
 
     # ---- called on the event loop
     async def events(self) -> AsyncIterator[JobEvent]:
@@ -114,49 +123,77 @@ class WorkerMetrics(Protocol):
 
     def finished(self, job: Job, stats: SlotStats) -> None: ...
 
+    def restarted(self) -> None: ...
+
+
+class EngineDown(RecycleError):
+    """The engine failed and could not be started again (the server answers 503)."""
+
+
+class JobQueue:
+    """Requests waiting for a slot. It outlives engine threads: a restarted engine serves what waited."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._lock = threading.Lock()
+        self.wake = threading.Event()  # set when a job arrives or is cancelled, or on stop
+
+    def put(self, job: Job) -> None:
+        with self._lock:
+            if len(self._jobs) >= self.limit:
+                raise QueueFull(f"the server's queue is full ({self.limit} requests waiting); retry later")
+            self._jobs.append(job)
+        self.wake.set()
+
+    def take(self, n: int) -> list[Job]:
+        """Up to n waiting jobs, oldest first (cancelled ones are dropped)."""
+        out: list[Job] = []
+        with self._lock:
+            while len(out) < n and self._jobs:
+                job = self._jobs.popleft()
+                if not job.cancelled:
+                    out.append(job)
+        return out
+
+    def drain(self) -> list[Job]:
+        return self.take(len(self._jobs))
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
 
 class Worker(threading.Thread):
-    """The thread that owns the engine (see the module docstring)."""
+    """One engine thread: an `Engine` over the model, fed from a `JobQueue` (see the module docstring).
+
+    A failure while admitting, prefilling, decoding or delivering fails the requests it touched and the
+    thread goes on. Anything else that escapes the loop ends the thread after failing the requests it
+    held (`crashed`); the `Supervisor` then starts a fresh one on the same queue."""
 
     def __init__(self, model, module, tokenizer: Tokenizer, slots: int, compile: bool, width: int,
-                 max_queue: int, metrics: WorkerMetrics | None = None, tree: tuple[int, int] = (0, 2)):
+                 queue: JobQueue, metrics: WorkerMetrics | None = None, tree: tuple[int, int] = (0, 2)):
         super().__init__(name="recyclegpt-engine", daemon=True)
         self.tree = tree  # (nodes, top-k) of verify requests' draft trees; nodes 0: chains
         self.engine = Engine(model, module, slots, compile=compile, tokenizer=tokenizer, width=width)
-        self.compile, self.max_queue = compile, max_queue
-        self.metrics = metrics
+        self.compile, self.queue, self.metrics = compile, queue, metrics
         self.ready = threading.Event()
         self.warmup_s = 0.0
-        self._queue: collections.deque[Job] = collections.deque()
         self._jobs: dict[int, Job] = {}  # slot -> job
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._admitting: list[Job] = []  # taken from the queue, not yet in a slot
         self._stopping = threading.Event()
-        self.error: BaseException | None = None
-
-    # ---- any thread
-    def submit(self, job: Job) -> None:
-        with self._lock:
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"the server's queue is full ({self.max_queue} requests waiting); retry later")
-            self._queue.append(job)
-        self._wake.set()
-
-    def cancel(self, job: Job) -> None:
-        job.cancelled = True
-        self._wake.set()
+        self.error: str | None = None  # why the thread ended, when it crashed
 
     def stop(self) -> None:
         self._stopping.set()
-        self._wake.set()
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
+        self.queue.wake.set()
 
     @property
     def busy_slots(self) -> int:
         return len(self._jobs)
+
+    @property
+    def crashed(self) -> bool:
+        return self.error is not None
 
     # ---- the engine thread
     def run(self) -> None:
@@ -168,16 +205,17 @@ class Worker(threading.Thread):
                     self._admit()
                     self._drop_cancelled()
                     if not self.engine.decoding():
-                        self._wake.wait(0.5)
-                        self._wake.clear()
+                        self.queue.wake.wait(0.5)
+                        self.queue.wake.clear()
                         continue
                     self._step()
-        except BaseException as e:  # the thread must not die silently: the health check reports it
-            self.error = e
-            log.exception("engine thread stopped")
-            for job in list(self._jobs.values()) + list(self._queue):
-                job.fail("the decoding engine stopped")
-            raise
+        except BaseException as e:  # noqa: B036 -- whatever ends the thread is reported, then the supervisor restarts it
+            self.error = f"{type(e).__name__}: {_first_line(e)}"
+            log.exception("the engine thread stopped")
+            for job in list(self._jobs.values()) + self._admitting:
+                job.fail(f"the decoding engine failed while serving this request ({self.error}); it is restarting")
+            self._jobs.clear()
+            self._admitting = []
 
     def _warm_up(self) -> None:
         if not self.compile:
@@ -199,20 +237,32 @@ class Worker(threading.Thread):
 
     def _admit(self) -> None:
         free = self.engine.free_slots()
-        batch: list[tuple[int, Job]] = []
-        with self._lock:
-            while free and self._queue:
-                job = self._queue.popleft()
-                if job.cancelled:
-                    continue
-                batch.append((free.pop(0), job))
-        if not batch:
+        jobs = self.queue.take(len(free))
+        if not jobs:
             return
+        self._admitting = jobs
+        self._start(list(zip(free[:len(jobs)], jobs, strict=True)))
+        self._admitting = []
+
+    def _start(self, batch: list[tuple[int, Job]]) -> None:
+        """Admit jobs into their slots (prefilled together). If that raises, no slot stays taken and, so
+        that one bad request fails alone, each job is tried on its own: a refused one answers 400, one
+        that fails otherwise 500."""
         try:
             outs = self.engine.admit_many([(slot, job.prompt_ids, job.config) for slot, job in batch])
-        except RecycleError as e:  # validated by the handler already; fail these requests alone
-            for _, job in batch:
-                job.fail(str(e))
+        except Exception as e:
+            for slot, _ in batch:
+                if slot not in self.engine.free_slots():
+                    self.engine.release(slot)
+            if len(batch) > 1:
+                for item in batch:
+                    self._start([item])
+                return
+            if isinstance(e, RecycleError):
+                batch[0][1].fail(str(e), status=400)
+            else:
+                log.exception("admitting a request failed")
+                batch[0][1].fail(f"admitting the request failed: {type(e).__name__}: {_first_line(e)}")
             return
         for (slot, job), out in zip(batch, outs, strict=True):
             job.slot = slot
@@ -240,7 +290,7 @@ class Worker(threading.Thread):
         except Exception as e:  # a failed round fails its requests, not the server
             log.exception("a decoding round failed")
             for slot, job in jobs.items():
-                job.fail(f"decoding failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                job.fail(f"decoding failed: {type(e).__name__}: {_first_line(e)}")
                 self._release(slot)
             return
         self._report("step", time.perf_counter() - t0, len(jobs))
@@ -269,3 +319,89 @@ class Worker(threading.Thread):
             getattr(self.metrics, what)(*args)
         except Exception:
             log.exception("metrics update %s failed", what)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return text.splitlines()[0] if text else ""
+
+
+class Supervisor(threading.Thread):
+    """Keeps an engine thread running: when one ends by a failure, the requests it held have been failed
+    (500); a fresh `Worker` (a new `Engine`: slot state and caches reset; compiled graphs are reused) takes
+    over the same queue, so what waited is served. `state` is what /health reports: 'warming up' before
+    the first engine is ready, 'ok', 'degraded' while a failed engine restarts, 'error' after
+    `max_failed_starts` engines in a row failed before serving a round (requests then get 503)."""
+
+    def __init__(self, make_worker: Callable[[JobQueue], Worker], queue: JobQueue,
+                 metrics: WorkerMetrics | None = None, max_failed_starts: int = 5):
+        super().__init__(name="recyclegpt-supervisor", daemon=True)
+        self.make_worker, self.queue, self.metrics = make_worker, queue, metrics
+        self.max_failed_starts = max_failed_starts
+        self.worker = make_worker(queue)
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.gave_up = False
+        self._stopping = threading.Event()
+
+    # ---- any thread
+    def submit(self, job: Job) -> None:
+        if self.gave_up:
+            raise EngineDown(f"the decoding engine stopped ({self.last_error}) and could not be restarted")
+        self.queue.put(job)
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled = True
+        self.queue.wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.worker.stop()
+
+    @property
+    def state(self) -> str:
+        if self.gave_up:
+            return "error"
+        if self.worker.ready.is_set() and self.worker.is_alive():
+            return "ok"
+        return "degraded" if self.restarts else "warming up"
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    @property
+    def busy_slots(self) -> int:
+        return self.worker.busy_slots
+
+    # ---- the supervisor thread
+    def run(self) -> None:
+        failed_starts = 0
+        while True:
+            worker = self.worker
+            worker.start()
+            worker.join()
+            if self._stopping.is_set():
+                return
+            self.restarts += 1
+            self.last_error = worker.error or "the engine thread ended"
+            failed_starts = failed_starts + 1 if worker.engine.stats.steps == 0 else 1
+            if self.metrics is not None:
+                self.metrics.restarted()
+            if failed_starts >= self.max_failed_starts:
+                log.error("the engine failed %d times in a row before serving: giving up", failed_starts)
+                self.gave_up = True
+                for job in self.queue.drain():
+                    job.fail(f"the decoding engine stopped ({self.last_error})")
+                return
+            log.warning("restarting the decoding engine (restart %d) after: %s", self.restarts, self.last_error)
+            if self._stopping.wait(min(0.05 * 2 ** failed_starts, 5.0)):  # a crash loop must not spin
+                return
+            try:
+                self.worker = self.make_worker(self.queue)
+            except Exception as e:  # cannot even build an engine: nothing to restart
+                log.exception("building a new engine failed")
+                self.last_error, self.gave_up = f"{type(e).__name__}: {_first_line(e)}", True
+                for job in self.queue.drain():
+                    job.fail(f"the decoding engine stopped ({self.last_error})")
+                return
