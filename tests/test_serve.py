@@ -31,8 +31,8 @@ KEY = "test-key"
 class LiveServer:
     """uvicorn in a thread on a free loopback port; stopped (and its engine thread with it) by stop()."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, ready: bool = True):
+        self.app, self.ready = app, ready  # ready: wait for /health to answer 200 (else only for the socket)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.sock, self.port = sock, sock.getsockname()[1]
@@ -49,7 +49,7 @@ class LiveServer:
         while not self.server.started:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.01)
-        while httpx.get(self.url + "/health").status_code != 200:
+        while self.ready and httpx.get(self.url + "/health").status_code != 200:
             assert time.monotonic() < deadline, "server never became ready"
             time.sleep(0.01)
         return self

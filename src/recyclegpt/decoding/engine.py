@@ -330,9 +330,10 @@ class Engine:
         t0 = time.perf_counter()
         slots = [slot for slot, _ in started]
         for slot, s in started:
-            self.temperature[slot] = s.cfg.temperature
+            # float(): a Python int beyond int64 (temperature=2**63 is in range) would overflow the assignment
+            self.temperature[slot] = float(s.cfg.temperature)
             self.top_k[slot] = s.cfg.top_k
-            self.top_p[slot] = s.cfg.top_p
+            self.top_p[slot] = float(s.cfg.top_p)
         module = self.module if any(s.uses_module for _, s in started) else None
         first, g, mlogits, passes = prefill(self.model, module, [s.prompt for _, s in started], slots,
                                             self._choose_first)

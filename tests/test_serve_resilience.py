@@ -1,0 +1,331 @@
+"""No request can stop the server: the request classes that once did, failures isolated per request, the
+engine supervised (killed mid-request, restarted, the next request served), and one table of accepted
+values shared by the Python API, the command line and the server. Tiny random checkpoint, fp32, eager."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+from test_bench import make_checkpoint  # noqa: E402
+from test_serve import KEY, TEMPLATE, LiveServer, _opts, offline_ar  # noqa: E402
+
+from recyclegpt import RecycleGPT, cli  # noqa: E402
+from recyclegpt.decoding import GenerationConfig  # noqa: E402
+from recyclegpt.decoding.limits import SETTINGS  # noqa: E402
+from recyclegpt.errors import RecycleError  # noqa: E402
+from recyclegpt.serve.app import ChatTemplate, create_app  # noqa: E402
+from recyclegpt.serve.worker import Job, JobQueue, Supervisor, Worker  # noqa: E402
+
+AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("resilience") / "ckpt")
+    return path, RecycleGPT.from_pretrained(path, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    _, m = bundle
+    with LiveServer(create_app(m, _opts(), ChatTemplate(TEMPLATE, eos="<|endoftext|>"))) as s:
+        yield s
+
+
+def post(server, body: bytes | dict, path: str = "/v1/completions", **kw) -> httpx.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.url + path, content=data, headers=AUTH, timeout=30, **kw)
+
+
+def health(server) -> dict:
+    return httpx.get(server.url + "/health").json()
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def wait_for(cond, what: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+# ------------------------------------------------------------------ the classes that stopped the engine or 500ed
+A = {"model": "tiny", "prompt": "def"}
+BAD = [
+    ("seed above 2^64", b'{"model": "tiny", "prompt": "a", "seed": 18446744073709551621, "temperature": 1}', "seed"),
+    ("seed above 2^63", {**A, "seed": 2 ** 63}, "seed"),
+    ("seed true", {**A, "seed": True}, "seed"),
+    ("top_k beyond int64", {**A, "top_k": 2 ** 70, "temperature": 1}, "top_k"),
+    ("temperature beyond float32", {**A, "temperature": 1e39}, "temperature"),
+    ("temperature NaN", b'{"model": "tiny", "prompt": "a", "temperature": NaN}', "temperature"),
+    ("max_tokens a string", {**A, "max_tokens": "5"}, "max_tokens"),
+    ("max_tokens 5.0", {**A, "max_tokens": 5.0}, "max_tokens"),
+    ("k beyond 64", {**A, "k": 65}, "k"),
+    ("lone surrogate prompt", b'{"model": "tiny", "prompt": "a\\ud800"}', "prompt"),
+    ("lone surrogate stop", b'{"model": "tiny", "prompt": "a", "stop": "\\udcff"}', "stop"),
+    ("lone surrogate model", b'{"model": "\\ud800", "prompt": "a"}', "model"),
+    ("lone surrogate user", b'{"model": "tiny", "prompt": "a", "user": "\\udfff"}', "user"),
+    ("five stop strings", {**A, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("not UTF-8", b'{"model": "tiny", "prompt": "\xff\xfe"}', None),
+    ("nested too deeply", b"[" * 100_000 + b"]" * 100_000, None),
+    ("a 5000-digit number", b'{"model": "tiny", "prompt": "a", "max_tokens": ' + b"1" * 5000 + b"}", None),
+    ("truncated", b'{"model": "tiny", "prompt": "a', None),
+]
+
+
+@pytest.mark.parametrize("body,param", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_each_bad_request_is_a_400_and_the_engine_serves_on(server, bundle, body, param):
+    r = post(server, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["message"] and "\n" not in err["message"] and err["type"] == "invalid_request_error"
+    if param is not None:
+        assert param in (err["param"] or ""), err
+    assert health(server) == {"status": "ok", "restarts": 0, "warmup_s": 0.0}
+
+
+def test_chat_texts_are_checked_like_prompts(server):
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud83d"}]}'
+    r = post(server, body, "/v1/chat/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi", "name": "\\udc80"}]}'
+    assert post(server, body, "/v1/chat/completions").status_code == 400
+    assert health(server)["status"] == "ok"
+
+
+def test_a_tokenizer_that_cannot_take_the_text_is_a_400(bundle, monkeypatch):
+    _, m = bundle
+    real = m.tokenizer.encode
+    monkeypatch.setattr(m.tokenizer, "encode", lambda text: real(text) if "poison" not in text
+                        else (_ for _ in ()).throw(TypeError("TextInputSequence must be str")))
+    with LiveServer(create_app(m, _opts())) as s:
+        r = post(s, {**A, "prompt": "poison"})
+        assert r.status_code == 400 and "tokenizer" in r.json()["error"]["message"], r.text
+        assert post(s, {**A, "max_tokens": 4, "temperature": 0}).json()["choices"][0]["text"] == offline_ar(m, "def", 4)
+
+
+def test_max_tokens_0_answers_with_a_finish_reason(server):
+    r = post(server, {**A, "max_tokens": 0})
+    assert r.status_code == 200 and r.json()["choices"][0] == {"index": 0, "text": "", "logprobs": None,
+                                                                 "finish_reason": "length"}
+
+
+@pytest.mark.parametrize("mode", ["ar", "verify", "recycle"])
+def test_a_seeded_request_samples_what_the_api_samples(server, bundle, mode):
+    """The seed means the same on both surfaces: the server's request is row 0 of an offline `generate`."""
+    _, m = bundle
+    for seed in (7, -3, 2 ** 63 - 1, -2 ** 63):
+        r = post(server, {**A, "max_tokens": 12, "temperature": 1.0, "top_p": 0.9, "seed": seed, "mode": mode})
+        want = m.generate("def", mode=mode, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=seed)[0]
+        assert r.json()["choices"][0]["text"] == want
+
+
+# ------------------------------------------------------------------ failures stay with their request
+def _jobs(m, prompts: list[str], loop, **cfg) -> list[Job]:
+    config = GenerationConfig(mode="ar", max_new_tokens=4, eos_id=m.tokenizer.eos_id, **cfg)
+    return [Job(m.tokenizer.encode(p), config, loop, m.tokenizer) for p in prompts]
+
+
+def _finish(loop, job: Job) -> tuple[str, str | None, int]:
+    """All of a job's text, its finish reason and (for errors) its status."""
+    async def drain():
+        text = ""
+        async for ev in job.events():
+            text += ev.text
+            if ev.finish is not None:
+                return text, ev.finish, ev.status
+    return loop.run_until_complete(asyncio.wait_for(drain(), 10))
+
+
+@pytest.mark.parametrize("failure, status", [(RecycleError("refused"), 400), (RuntimeError("prefill bug"), 500)])
+def test_one_request_failing_at_admission_fails_alone(bundle, failure, status):
+    """Admitted together, one request whose admission raises fails alone (400 when the engine refused it, 500
+    when it failed); the other is prefilled and decodes its offline text."""
+    _, m = bundle
+    loop = asyncio.new_event_loop()
+    queue = JobQueue(8)
+    worker = Worker(m.model, m.module, m.tokenizer, 4, False, 3, queue)
+    real = worker.engine.admit_many
+
+    def admit_many(requests):
+        if any(len(prompt) == len(m.tokenizer.encode("poison pill")) for _, prompt, _ in requests):
+            raise failure
+        return real(requests)
+
+    worker.engine.admit_many = admit_many
+    good, bad = _jobs(m, ["def", "poison pill"], loop)
+    queue.put(good)
+    queue.put(bad)
+    worker._admit()
+    assert worker.engine.free_slots() == [1, 2, 3] and worker.busy_slots == 1
+    while worker.engine.decoding():
+        worker._step()
+    assert _finish(loop, good) == (offline_ar(m, "def", 4), "length", 500)
+    text, finish, got = _finish(loop, bad)
+    assert (finish, got) == ("error", status)
+    loop.close()
+
+
+def test_a_request_refused_at_admission_is_a_400_even_streamed(bundle):
+    _, m = bundle
+    app = create_app(m, _opts())
+    engine = app.state.engine.worker.engine
+    real = engine.admit_many
+
+    def admit_many(requests):
+        if any(cfg.max_new_tokens == 3 for _, _, cfg in requests):
+            raise RecycleError("this engine refuses 3")
+        return real(requests)
+
+    engine.admit_many = admit_many
+    with LiveServer(app) as s:
+        for stream in (False, True):
+            r = post(s, {**A, "max_tokens": 3, "stream": stream})
+            assert r.status_code == 400 and r.json()["error"]["message"] == "this engine refuses 3"
+        assert post(s, {**A, "max_tokens": 4, "temperature": 0}).json()["choices"][0]["text"] == offline_ar(m, "def", 4)
+
+
+# ------------------------------------------------------------------ supervision
+class _Kill(BaseException):
+    """Escapes every `except Exception`: the engine thread dies, as it would on a bug in the loop itself."""
+
+
+def test_a_killed_engine_costs_only_the_requests_in_flight(bundle):
+    """One slot: A decodes, B waits in the queue. The engine thread dies mid-A: A gets a 500 that says so,
+    the supervisor starts a fresh engine, B is then served with the offline text, /health and /metrics count
+    the restart, and later requests are served as before."""
+    _, m = bundle
+    app = create_app(m, _opts(slots=1))
+    engine = app.state.engine.worker.engine
+    real_step, steps, b_waiting = engine.step, [], threading.Event()
+
+    def dying_step():
+        steps.append(1)
+        if len(steps) == 3:
+            b_waiting.wait(10)  # B is queued behind A before the engine dies
+            raise _Kill("killed mid-request")
+        return real_step()
+
+    engine.step = dying_step
+    with LiveServer(app) as s:
+        results = {}
+        a = threading.Thread(target=lambda: results.setdefault("a", post(s, {**A, "max_tokens": 50,
+                                                                            "ignore_eos": True})))
+        a.start()
+        wait_for(lambda: len(steps) >= 1, "A never started decoding")
+        b = threading.Thread(target=lambda: results.setdefault("b", post(s, {**A, "prompt": "The", "max_tokens": 6,
+                                                                            "temperature": 0})))
+        b.start()
+        wait_for(lambda: app.state.engine.queue_depth == 1, "B never queued")
+        b_waiting.set()
+        a.join(30)
+        b.join(30)
+        ra, rb = results["a"], results["b"]
+        assert ra.status_code == 500 and "restarting" in ra.json()["error"]["message"], ra.text
+        assert rb.status_code == 200 and rb.json()["choices"][0]["text"] == offline_ar(m, "The", 6)
+        h = health(s)
+        assert h["status"] == "ok" and h["restarts"] == 1 and "_Kill: killed mid-request" in h["last_error"]
+        assert metric(s, "recyclegpt_engine_restarts_total") == 1
+        r = post(s, {**A, "max_tokens": 8, "temperature": 0, "stream": True})
+        assert r.status_code == 200 and "[DONE]" in r.text
+        assert post(s, {**A, "max_tokens": 8, "temperature": 0}).json()["choices"][0]["text"] == offline_ar(m, "def", 8)
+
+
+def test_health_says_degraded_while_the_engine_restarts(bundle):
+    _, m = bundle
+    app = create_app(m, _opts())
+    sup: Supervisor = app.state.engine
+    release, make = threading.Event(), sup.make_worker
+
+    def slow_make(queue):  # the restart waits for the test
+        release.wait(10)
+        return make(queue)
+
+    sup.make_worker = slow_make
+    sup.worker.engine.step = lambda: (_ for _ in ()).throw(_Kill("boom"))
+    with LiveServer(app) as s:
+        r = post(s, {**A, "max_tokens": 4})
+        assert r.status_code == 500
+        wait_for(lambda: health(s)["status"] == "degraded", "never degraded")
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and r.json()["restarts"] == 1
+        release.set()
+        wait_for(lambda: health(s)["status"] == "ok", "never recovered")
+        assert post(s, {**A, "max_tokens": 4, "temperature": 0}).json()["choices"][0]["text"] == offline_ar(m, "def", 4)
+
+
+def test_an_engine_that_cannot_start_is_given_up_and_requests_get_503(bundle):
+    _, m = bundle
+    app = create_app(m, _opts())
+    sup: Supervisor = app.state.engine
+    sup.max_failed_starts = 2
+
+    def broken(queue):
+        w = Worker(m.model, m.module, m.tokenizer, 4, False, 3, queue)
+        w._warm_up = lambda: (_ for _ in ()).throw(RuntimeError("cannot warm up"))
+        return w
+
+    sup.make_worker = broken
+    sup.worker = broken(sup.queue)
+    with LiveServer(app, ready=False) as s:
+        wait_for(lambda: health(s)["status"] == "error", "never gave up")
+        h = httpx.get(s.url + "/health")
+        assert h.status_code == 503 and h.json()["restarts"] == 2 and "cannot warm up" in h.json()["last_error"]
+        r = post(s, {**A, "max_tokens": 4})
+        assert r.status_code == 503 and "could not be restarted" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------ one table of values for API, CLI and server
+def _values(name: str) -> list:
+    s = SETTINGS[name]
+    vals: list = [0, 1, -1, 0.5, 1.0, float("nan"), float("inf"), 2 ** 63, 2 ** 64 + 5, -2 ** 63 - 1, 1e39, 1e-300]
+    for end in (s.lo, s.hi):
+        if end is not None:
+            vals += [end, end - 1, end + 1] if s.kind is int else [end, end * 1.5 if end else -1e-9]
+    return vals
+
+
+SHARED = [("max_new_tokens", "max_tokens", "--max-new-tokens"), ("temperature", "temperature", "--temperature"),
+          ("top_k", "top_k", "--top-k"), ("top_p", "top_p", "--top-p"), ("seed", "seed", "--seed"),
+          ("k", "k", "--k")]
+
+
+@pytest.mark.parametrize("setting, field, flag", SHARED, ids=[s[0] for s in SHARED])
+def test_api_cli_and_server_accept_the_same_values(server, bundle, setting, field, flag):
+    path, m = bundle
+    context = m.model.cfg.max_seq_len
+    server_k = 3  # the server's --max-k: a larger k is refused there by its own setting, as the README says
+    parser = cli.build_parser()
+    for v in _values(setting):
+        try:
+            m.config("ar", **({setting: v} if setting != "max_new_tokens" else {"max_new_tokens": v}))
+            api = True
+        except RecycleError:
+            api = False
+        try:
+            parser.parse_args(["generate", str(path), "--prompt", "x", flag, str(v)])
+            command_line = True
+        except cli._UsageError:
+            command_line = False
+        body = {**A, "mode": "ar", "max_tokens": 1, field: v}
+        r = post(server, json.dumps(body, allow_nan=True).encode())
+        served = r.status_code == 200
+        assert r.status_code in (200, 400), (v, r.text)
+        if setting == "k" and api and v > server_k:
+            assert not served and "at most 3" in r.json()["error"]["message"]
+            continue
+        if setting == "max_new_tokens" and api and v >= context - 1:  # beyond the context: OpenAI's 400, the API caps
+            assert not served and "context" in r.text or "at most" in r.text, r.text
+            continue
+        assert api == command_line == served, (setting, v, api, command_line, r.text)
