@@ -242,8 +242,9 @@ def _build_cases() -> None:  # noqa: C901 (a long list, read top to bottom)
                         ("--temperature", "-inf"), ("--temperature", "hot"), ("--top-p", "0"), ("--top-p", "2"),
                         ("--top-p", "nan"), ("--top-p", "-0.5"), ("--top-k", "-1"), ("--top-k", "1.5"),
                         ("--max-new-tokens", "-1"), ("--max-new-tokens", "nan"), ("--max-new-tokens", "1e3"),
-                        ("--k", "0"), ("--k", "-3"), ("--k", "65"), ("--k", str(10 ** 12)), ("--seed", "-1"),
-                        ("--seed", str(2 ** 40)), ("--seed", "x"), ("--seed", "")]:
+                        ("--k", "0"), ("--k", "-3"), ("--k", "65"), ("--k", str(10 ** 12)), ("--seed", str(2 ** 63)),
+                        ("--seed", str(-2 ** 63 - 1)), ("--seed", "x"), ("--seed", ""), ("--temperature", "1e39"),
+                        ("--top-k", str(2 ** 63))]:
         case("generate", f"{flag} {value!r}", ["generate", "{ck}", "--prompt", "x", *GEN, flag, value], flag)
     # --- generate: choices, text, device ---
     for flag, value, expect in [("--mode", "fast", "--mode"), ("--drafter", "magic", "--drafter"),
@@ -254,6 +255,8 @@ def _build_cases() -> None:  # noqa: C901 (a long list, read top to bottom)
                                 ("--prompt", "ok \udcfe\udcff", "UTF-8"), ("--stop", "\udcff", "UTF-8"),
                                 ("--stop", "", "--stop")]:
         case("generate", f"{flag} {value!r}", ["generate", "{ck}", "--prompt", "x", *GEN, flag, value], expect)
+    case("generate", "five --stop strings", ["generate", "{ck}", "--prompt", "x", *GEN,
+                                             *[a for t in "abcde" for a in ("--stop", t)]], "--stop")
     case("generate", "--stream with two prompts", ["generate", "{ck}", "--prompt", "a", "--prompt", "b", *GEN,
                                                    "--stream"], "--stream")
     # --- generate: checkpoint paths ---
