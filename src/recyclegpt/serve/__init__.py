@@ -4,7 +4,8 @@
 
 - `app`: the FastAPI app (routes, validation, streaming, auth, limits);
 - `protocol`: OpenAI's request/response shapes and its error format;
-- `worker`: the engine thread; requests queue and take the decoding engine's free slots between rounds;
+- `worker`: the engine thread (requests queue and take the decoding engine's free slots between rounds;
+  a failure fails the requests it touched) and its supervisor (a failed engine is restarted);
 - `metrics`: Prometheus metrics.
 
 Needs the `serve` extra: `pip install -e ".[serve]"` (FastAPI, uvicorn, prometheus_client).

@@ -364,7 +364,7 @@ class Supervisor(threading.Thread):
             return "error"
         if self.worker.ready.is_set() and self.worker.is_alive():
             return "ok"
-        return "degraded" if self.restarts else "warming up"
+        return "degraded" if self.restarts or self.worker.crashed else "warming up"
 
     @property
     def queue_depth(self) -> int:
@@ -377,7 +377,7 @@ class Supervisor(threading.Thread):
     # ---- the supervisor thread
     def run(self) -> None:
         failed_starts = 0
-        while True:
+        while not self._stopping.is_set():
             worker = self.worker
             worker.start()
             worker.join()
