@@ -2,37 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CORPUS_LINES
+from conftest import make_checkpoint
 
 from recyclegpt import cli
 from recyclegpt.bench.prompts import load_prompts, read_prompt_file
 from recyclegpt.bench.quality import compare_outputs, greedy_agreement
 from recyclegpt.bench.report import RESULT_KEYS, TOP_KEYS, check_schema
 from recyclegpt.bench.speed import BenchOptions, run_bench
-from recyclegpt.checkpoint import load_checkpoint, save_checkpoint
-from recyclegpt.config import preset
+from recyclegpt.checkpoint import load_checkpoint
 from recyclegpt.decoding import GenerationConfig, generate
-from recyclegpt.decoding.testing import random_models
 from recyclegpt.errors import RecycleError
-from recyclegpt.tokenizer import Tokenizer
 
 PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "for i in range(10):\n", "In the morning the"]
-
-
-def make_checkpoint(path: Path, seed: int = 3) -> Path:
-    """A tiny random checkpoint with peaked logits (clear greedy margins in fp32)."""
-    cfg, _ = preset("tiny")
-    cfg.model = dataclasses.replace(cfg.model, tie_embeddings=False)
-    model, module = random_models(seed=seed, preset_name="tiny", scale=10.0)
-    tok = Tokenizer.train(CORPUS_LINES * 20, vocab_size=400)
-    cfg.eos_token_id = tok.eos_id
-    return save_checkpoint(path, cfg, model, module, tok)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ if os.environ.get("CI"):
 else:
     lm_eval = pytest.importorskip("lm_eval")
 
+from conftest import make_checkpoint  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
-from test_bench import make_checkpoint  # noqa: E402
 
 from recyclegpt import cli  # noqa: E402
 from recyclegpt.api import RecycleGPT  # noqa: E402

@@ -17,9 +17,8 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
-from test_bench import make_checkpoint  # noqa: E402
 
-from recyclegpt import RecycleGPT, cli  # noqa: E402
+from recyclegpt import cli  # noqa: E402
 from recyclegpt.decoding import GenerationConfig, generate  # noqa: E402
 from recyclegpt.serve.app import ChatTemplate, ServeOptions, create_app  # noqa: E402
 
@@ -58,12 +57,6 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    path = make_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt")
-    return path, RecycleGPT.from_pretrained(path, device="cpu", dtype="float32")
 
 
 def _opts(**kw) -> ServeOptions:

@@ -9,15 +9,15 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
-from test_bench import make_checkpoint  # noqa: E402
 from test_serve import KEY, TEMPLATE, LiveServer, _opts, offline_ar  # noqa: E402
 
-from recyclegpt import RecycleGPT, cli  # noqa: E402
+from recyclegpt import cli  # noqa: E402
 from recyclegpt.decoding import GenerationConfig  # noqa: E402
 from recyclegpt.decoding.limits import SETTINGS  # noqa: E402
 from recyclegpt.errors import RecycleError  # noqa: E402
@@ -25,12 +25,6 @@ from recyclegpt.serve.app import ChatTemplate, create_app  # noqa: E402
 from recyclegpt.serve.worker import Job, JobQueue, Supervisor, Worker  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    path = make_checkpoint(tmp_path_factory.mktemp("resilience") / "ckpt")
-    return path, RecycleGPT.from_pretrained(path, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +136,8 @@ def _finish(loop, job: Job) -> tuple[str, str | None, int]:
     """All of a job's text, its finish reason and (for errors) its status."""
     async def drain():
         text = ""
-        async for ev in job.events():
+        while True:
+            ev = await job.next_event()
             text += ev.text
             if ev.finish is not None:
                 return text, ev.finish, ev.status
@@ -195,6 +190,39 @@ def test_a_request_refused_at_admission_is_a_400_even_streamed(bundle):
             r = post(s, {**A, "max_tokens": 3, "stream": stream})
             assert r.status_code == 400 and r.json()["error"]["message"] == "this engine refuses 3"
         assert post(s, {**A, "max_tokens": 4, "temperature": 0}).json()["choices"][0]["text"] == offline_ar(m, "def", 4)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_that_waits_longer_than_a_disconnect_poll_is_served(bundle, monkeypatch, stream):
+    """Waiting for a piece polls the client every DISCONNECT_POLL_S; a poll's timeout once closed the request's
+    event stream, and a request queued longer than that got a 500 (found by the fuzz run)."""
+    from recyclegpt.serve import app as app_module
+
+    _, m = bundle
+    monkeypatch.setattr(app_module, "DISCONNECT_POLL_S", 0.01)
+    app = create_app(m, _opts())
+    worker = app.state.engine.worker
+    real_admit, polls = worker._admit, []
+
+    def slow_admit():  # admission waits until the handler's wait has timed out a few times
+        if len(worker.queue):
+            wait_for(lambda: len(polls) >= 5, "no polls", 10)
+        real_admit()
+
+    async def counting_wait_for(aw, timeout):
+        polls.append(1)
+        return await asyncio.wait_for(aw, timeout)
+
+    worker._admit = slow_admit
+    monkeypatch.setattr(app_module, "asyncio", SimpleNamespace(wait_for=counting_wait_for,
+                                                               get_running_loop=asyncio.get_running_loop))
+    with LiveServer(app) as s:
+        r = post(s, {**A, "max_tokens": 6, "temperature": 0, "stream": stream})
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["text"] if not stream else "".join(
+            json.loads(line[6:])["choices"][0]["text"] for line in r.text.splitlines()
+            if line.startswith("data: {") and json.loads(line[6:])["choices"])
+        assert text == offline_ar(m, "def", 6) and len(polls) >= 5
 
 
 # ------------------------------------------------------------------ supervision

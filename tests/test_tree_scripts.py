@@ -4,31 +4,16 @@ first differences); the measurements themselves need a trained checkpoint and ar
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from recyclegpt.decoding.auto import DraftShape
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def tc():
-    return load("tree_costs")
+    return load_benchmark("tree_costs")
 
 
 def test_tree_shapes_parse_and_label(tc):
@@ -54,7 +39,7 @@ def test_round_cost_counts_the_passes_of_a_round(tc):
 
 
 def test_first_difference():
-    ident = load("identity")
+    ident = load_benchmark("identity")
     assert ident.first_difference([1, 2, 3], [1, 2, 3]) is None
     assert ident.first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert ident.first_difference([1, 2], [1, 2, 3]) == 2  # one stopped early

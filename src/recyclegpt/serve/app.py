@@ -49,6 +49,8 @@ from .worker import EngineDown, Job, JobEvent, JobQueue, QueueFull, Supervisor, 
 
 log = logging.getLogger(__name__)
 
+DISCONNECT_POLL_S = 1.0  # how often a request waiting for its next piece checks whether its client went away
+
 
 @dataclass
 class ServeOptions:
@@ -210,8 +212,11 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
         max_tokens = getattr(req, "max_completion_tokens", None)
         if max_tokens is None:
             max_tokens = req.max_tokens
-        if max_tokens is None:
-            max_tokens = min(context - len(ids), max_tokens_limit) if chat else opts.default_max_tokens
+        if len(ids) >= context:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; the model's context is {context} tokens, with at "
+                           "least one new token", "messages" if chat else "prompt", code="context_length_exceeded")
+        if max_tokens is None:  # OpenAI's defaults: what the context leaves (chat), 16 (completions); within limits
+            max_tokens = min(context - len(ids) if chat else opts.default_max_tokens, max_tokens_limit)
         if max_tokens > max_tokens_limit:
             raise ApiError(400, f"max_tokens must be at most {max_tokens_limit}", "max_tokens")
         if len(ids) + max_tokens > context:
@@ -264,36 +269,39 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
             raise ApiError(503, str(e)) from None
         rid = new_id("chatcmpl" if chat else "cmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = job.events()
         # The first event (the prefill's token, or a refusal) comes before any header: a request the engine
         # refuses or fails at admission gets its own status (400 / 500), streamed or not.
-        first = await next_event(request, job, events)
+        try:
+            first = await next_event(request, job)
+        except BaseException:
+            engine.cancel(job)  # never leave a request decoding for nobody
+            raise
         if first is None:
             return Response(status_code=499)
         if first.finish == "error":
             raise ApiError(first.status, first.error or "decoding failed")
         if req.stream:
-            return StreamingResponse(stream_events(job, first, events, rid, chat, include_usage),
+            return StreamingResponse(stream_events(job, first, rid, chat, include_usage),
                                      media_type="text/event-stream")
-        return await collect(request, job, first, events, rid, chat)
+        return await collect(request, job, first, rid, chat)
 
-    async def next_event(request: Request, job: Job, events: AsyncIterator[JobEvent]) -> JobEvent | None:
+    async def next_event(request: Request, job: Job) -> JobEvent | None:
         """The job's next event; None when the client went away first (its request is then cancelled)."""
         while True:
             try:
-                return await asyncio.wait_for(events.__anext__(), timeout=1.0)
+                return await asyncio.wait_for(job.next_event(), timeout=DISCONNECT_POLL_S)
             except TimeoutError:
                 if await request.is_disconnected():
                     engine.cancel(job)
                     return None
 
-    async def stream_events(job: Job, first: JobEvent, events: AsyncIterator[JobEvent], rid: str, chat: bool,
-                            include_usage: bool) -> AsyncIterator[str]:
+    async def stream_events(job: Job, first: JobEvent, rid: str, chat: bool, include_usage: bool
+                            ) -> AsyncIterator[str]:
         created = int(time.time())
         opening = True
-        ev: JobEvent | None = first
+        ev = first
         try:
-            while ev is not None:
+            while True:
                 if ev.finish == "error":
                     yield f"data: {json.dumps(ApiError(ev.status, ev.error or 'decoding failed').body())}\n\n"
                     break
@@ -306,16 +314,13 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
                         use = usage(job.prompt_tokens, job.completion_tokens)
                         yield f"data: {json.dumps(usage_chunk(rid, opts.model_name, created, chat, use))}\n\n"
                     break
-                ev = await anext(events, None)
-            else:  # never a stream that ends as if complete without a finish_reason
-                yield f"data: {json.dumps(ApiError(500, 'the request ended without a finish reason').body())}\n\n"
+                ev = await job.next_event()  # a client that goes away cancels this, and `finally` frees its slot
             yield "data: [DONE]\n\n"
         finally:
             if job.finish is None:  # the client went away: free its slot now
                 engine.cancel(job)
 
-    async def collect(request: Request, job: Job, first: JobEvent, events: AsyncIterator[JobEvent], rid: str,
-                      chat: bool) -> Response:
+    async def collect(request: Request, job: Job, first: JobEvent, rid: str, chat: bool) -> Response:
         parts: list[str] = []
         ev: JobEvent | None = first
         try:
@@ -325,7 +330,7 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
                 parts.append(ev.text)
                 if ev.finish is not None:
                     break
-                ev = await next_event(request, job, events)
+                ev = await next_event(request, job)
             if ev is None:
                 return Response(status_code=499)
         finally:

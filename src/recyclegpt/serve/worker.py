@@ -5,7 +5,7 @@
     supervisor.start()                   # starts the engine thread; it warms up the graphs first
     job = Job(prompt_ids, config, loop)  # in a request handler
     supervisor.submit(job)               # QueueFull when the queue is full, EngineDown when it gave up
-    async for event in job.events(): ... # JobEvent(text, finish, ...) pieces as rounds accept tokens
+    event = await job.next_event()       # JobEvent(text, finish, ...) pieces as rounds accept tokens
     supervisor.cancel(job)               # a client that went away: its slot is freed at once
 
 Continuous batching: between two engine steps the thread admits queued requests into free slots
@@ -27,7 +27,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -108,12 +108,10 @@ class Job:
         self._put(JobEvent("", "error", message, status))
 
     # ---- called on the event loop
-    async def events(self) -> AsyncIterator[JobEvent]:
-        while True:
-            event = await self.queue.get()
-            yield event
-            if event.finish is not None:
-                return
+    async def next_event(self) -> JobEvent:
+        """The next piece of output. Safe to cancel (a timeout around it loses nothing): it is a queue read,
+        not an async generator, which a cancelled `__anext__` would close for good."""
+        return await self.queue.get()
 
 
 class WorkerMetrics(Protocol):
