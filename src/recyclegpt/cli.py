@@ -794,10 +794,12 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         description="--format hf writes the full model as a transformers directory (LlamaForCausalLM, or "
         "Qwen2ForCausalLM with q/k/v biases; for a checkpoint attached to another architecture, a copy of its "
         "base). --format eagle writes the recyclable module as an EAGLE-1 draft for vLLM or SGLang (--flavour). "
-        "--format all writes OUT/hf, OUT/eagle-vllm and OUT/eagle-sglang. The serving commands are printed.",
+        "--format gguf writes OUT/model.gguf, the full model for llama.cpp (its `llama` architecture, the tokenizer "
+        "declared in full). --format all writes OUT/hf, OUT/eagle-vllm and OUT/eagle-sglang. The serving commands "
+        "are printed.",
     )
     p.add_argument("ckpt", help="checkpoint directory (or a train/attach run directory)")
-    p.add_argument("--format", required=True, choices=["hf", "eagle", "all"], help="what to export")
+    p.add_argument("--format", required=True, choices=["hf", "eagle", "gguf", "all"], help="what to export")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--flavour", default="vllm", choices=["vllm", "sglang"], help="EAGLE draft flavour (default vllm)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -841,7 +843,7 @@ def run_export(a: argparse.Namespace) -> int:
     cfg = load_config(ckpt)
     out = Path(a.out)
     _check_export_out(a, ckpt, cfg, out)
-    if a.format != "hf" and not cfg.module.is_eagle_layout and not a.allow_approximate:  # flag, not API argument
+    if a.format in ("eagle", "all") and not cfg.module.is_eagle_layout and not a.allow_approximate:  # the flag
         raise RecycleError(f"this module variant (input norms: {cfg.module.input_norms}, final norm: "
                            f"{cfg.module.final_norm}) has no exact EAGLE-1 form; export a default-layout module, "
                            "or pass --allow-approximate")
@@ -856,6 +858,17 @@ def run_export(a: argparse.Namespace) -> int:
         return export_eagle(ckpt, dst, flavour, allow_approximate=a.allow_approximate,
                             include_embeddings=not a.no_embeddings, dtype=a.dtype, overwrite=a.overwrite)
 
+    if a.format == "gguf":
+        from .hf.gguf import export_gguf
+
+        if cfg.base is not None:
+            raise RecycleError("--format gguf writes recyclegpt's own full model; this checkpoint runs a "
+                               f"transformers base ({cfg.base.get('path')}): convert that with llama.cpp's "
+                               "convert_hf_to_gguf.py")
+        path = export_gguf(ckpt, out, dtype=a.dtype, overwrite=a.overwrite)
+        print(f"full model (GGUF, llama.cpp): {path}")
+        print(f"run it: llama-cli -m {path} -p 'def add(a, b):' -n 64 --temp 0")
+        return 0
     if a.format == "hf":
         print(f"full model (transformers): {write_hf(out)}")
         print("serve it with its recyclable module as an EAGLE draft (recyclegpt export CKPT --format eagle):")

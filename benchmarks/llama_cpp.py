@@ -1,0 +1,207 @@
+"""recyclegpt against llama.cpp on this CPU: the same full model, the same weight dtype, batch 1, greedy.
+
+    python benchmarks/llama_cpp.py [CKPT] [--dtype float32] [--num-prompts 4] [--max-new-tokens 128]
+                                   [--repeats 3] [--json OUT]
+
+1. Builds llama.cpp once from the sources that the `llama-cpp-python` sdist vendors (`pip download
+   --no-binary :all: llama-cpp-python`, then cmake; about 15 minutes on 2 cores), cached outside the
+   repository in $RECYCLEGPT_CACHE/llama.cpp (default ~/.cache/recyclegpt/llama.cpp), one build per
+   llama-cpp-python version and CPU (GGML_NATIVE: the build uses what this CPU has).
+2. Writes the checkpoint's full model as GGUF (`recyclegpt export --format gguf`, the same dtype).
+3. Exactness: llama.cpp's tokenization of each prompt equals recyclegpt's, and its greedy text
+   (`llama-simple`) equals recyclegpt `ar` in the same run (the check that matters in float32).
+4. Speed: `llama-bench` tg (decoding N tokens, batch 1, this machine's threads) against recyclegpt `ar`
+   and `verify` k=3, eager and compiled (`recyclegpt bench` lanes, the shipped code prompts).
+
+Prints one table and writes the report with --json (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "src" / "recyclegpt" / "assets" / "shipped"
+TARGETS = ("llama-bench", "llama-tokenize", "llama-simple")
+PACKAGE = "llama-cpp-python"
+
+
+def cache_root() -> Path:
+    from recyclegpt.runtime import cache_dir
+
+    return cache_dir() / "llama.cpp"
+
+
+def cpu_key() -> str:
+    """A short hash of this CPU's model and flags: a native build is only reused on the same kind of CPU."""
+    try:
+        lines = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith(("model name", "flags"))]
+    except OSError:
+        lines = [os.uname().machine]
+    return hashlib.sha256("\n".join(sorted(set(lines))).encode()).hexdigest()[:10]
+
+
+def _sdist(root: Path) -> Path:
+    found = sorted(root.glob("llama_cpp_python-*.tar.gz"))
+    if found:
+        return found[-1]
+    print(f"downloading the {PACKAGE} sdist (llama.cpp's sources) into {root} ...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", PACKAGE, "-d",
+                    str(root)], check=True, stdout=subprocess.DEVNULL)
+    return sorted(root.glob("llama_cpp_python-*.tar.gz"))[-1]
+
+
+def build_llama_cpp(root: Path | None = None, jobs: int | None = None) -> Path:
+    """The directory of llama.cpp's binaries (TARGETS), built here once and cached."""
+    root = root or cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    sdist = _sdist(root)
+    version = sdist.name.removesuffix(".tar.gz").split("-")[-1]
+    src = root / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    build = root / f"build-{version}-{cpu_key()}"
+    done = build / ".built"
+    if done.is_file() and all((build / "bin" / t).is_file() for t in TARGETS):
+        return build / "bin"
+    if not src.is_dir():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(root, filter="data")
+    print(f"building llama.cpp {version} in {build} (about 15 minutes on 2 cores) ...", file=sys.stderr)
+    subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_NATIVE=ON"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "--target", *TARGETS, "-j", str(jobs or os.cpu_count() or 1)],
+                   check=True, stdout=subprocess.DEVNULL)
+    done.write_text(version + "\n")
+    return build / "bin"
+
+
+def _run(args: list[str]) -> str:
+    out = subprocess.run(args, capture_output=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{Path(args[0]).name} failed ({out.returncode}): "
+                           f"{out.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
+    return out.stdout.decode("utf-8", errors="replace")
+
+
+def tokenize(bin_dir: Path, gguf: Path, text: str) -> list[int]:
+    """llama.cpp's token ids of `text` (no BOS: the file says none is added)."""
+    out = _run([str(bin_dir / "llama-tokenize"), "-m", str(gguf), "--prompt", text, "--ids", "--log-disable",
+                "--no-escape"])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def greedy_text(bin_dir: Path, gguf: Path, prompt: str, n: int) -> str:
+    """llama.cpp's greedy continuation of `prompt` (llama-simple prints the prompt, then the new text, then a
+    newline), stopping at n tokens or EOS."""
+    out = _run([str(bin_dir / "llama-simple"), "-m", str(gguf), "-n", str(n), prompt])
+    out = out.removesuffix("\n")
+    if not out.startswith(prompt):
+        raise RuntimeError(f"llama-simple did not echo the prompt first: {out[:60]!r}")
+    return out[len(prompt):]
+
+
+def bench_tg(bin_dir: Path, gguf: Path, n: int, threads: int, repeats: int) -> dict[str, float]:
+    """llama-bench's decoding speed (tg n: n tokens from an empty context, batch 1): mean and stdev tok/s."""
+    out = _run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(n), "-t", str(threads),
+                "-r", str(repeats), "-o", "json"])
+    row = json.loads(out)[0]
+    return {"tokens_per_s": row["avg_ts"], "stdev": row["stddev_ts"], "threads": threads, "n": n}
+
+
+def compare_greedy(bin_dir: Path, ckpt: Path, gguf: Path, prompts: list[str], max_new_tokens: int,
+                   dtype: str = "float32") -> list[dict[str, Any]]:
+    """Per prompt: llama.cpp's greedy text and recyclegpt `ar`'s (same dtype, stopping at EOS), identical?"""
+    from recyclegpt import RecycleGPT
+
+    m = RecycleGPT.from_pretrained(ckpt, device="cpu", dtype=dtype)
+    rows = []
+    for p in prompts:
+        ours = m.generate(p, mode="ar", max_new_tokens=max_new_tokens)[0]
+        theirs = greedy_text(bin_dir, gguf, p, max_new_tokens)
+        same_ids = tokenize(bin_dir, gguf, p) == m.tokenizer.encode(p)
+        rows.append({"prompt": p[:40], "identical": ours == theirs, "same_prompt_tokens": same_ids,
+                     **({} if ours == theirs else {"recyclegpt": ours, "llama_cpp": theirs})})
+    return rows
+
+
+def recyclegpt_lanes(ckpt: Path, dtype: str, prompts, max_new_tokens: int, repeats: int) -> list[dict[str, Any]]:
+    """recyclegpt `ar` and `verify` k=3, eager and compiled, batch 1, greedy (`recyclegpt bench` lanes)."""
+    from recyclegpt import RecycleGPT
+    from recyclegpt.bench.speed import BenchOptions, run_bench
+    from recyclegpt.runtime import set_threads
+
+    set_threads()
+    m = RecycleGPT.from_pretrained(ckpt, device="cpu", dtype=dtype)
+    opts = BenchOptions(max_new_tokens=max_new_tokens, repeats=repeats, modes=["ar", "verify"], ks=[3],
+                        adaptive=False, hybrid=False, compile="headline", progress=False)
+    report = run_bench(m.model, m.module, m.tokenizer, prompts, opts, checkpoint=str(ckpt))
+    return [{"lane": r["label"], "tokens_per_s": r["tokens_per_s"], "identical_to_ar": r["identical_to_ar"]}
+            for r in report["results"]]
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("ckpt", nargs="?", default=str(SHIPPED), help="checkpoint (default: the shipped one)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights on both sides (default float32)")
+    ap.add_argument("--num-prompts", type=int, default=4, help="shipped code prompts decoded (default 4)")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per prompt, and llama-bench's tg N")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats on both sides (default 3)")
+    ap.add_argument("--json", type=Path, help="write the report here")
+    ap.add_argument("--build-only", action="store_true", help="build (or find) llama.cpp and stop")
+    a = ap.parse_args(argv)
+
+    from recyclegpt.bench.prompts import load_prompts
+    from recyclegpt.hf.gguf import export_gguf
+    from recyclegpt.runtime import machine_info
+
+    import torch
+
+    bin_dir = build_llama_cpp()
+    print(f"llama.cpp binaries: {bin_dir}")
+    if a.build_only:
+        return 0
+    prompts = load_prompts("code", a.num_prompts)
+    threads = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = export_gguf(a.ckpt, Path(tmp) / "gguf", dtype=a.dtype)
+        exact = compare_greedy(bin_dir, Path(a.ckpt), gguf, prompts.prompts, a.max_new_tokens, a.dtype)
+        llama = bench_tg(bin_dir, gguf, a.max_new_tokens, threads, a.repeats)
+        shutil.rmtree(Path(tmp) / "gguf")
+    lanes = recyclegpt_lanes(Path(a.ckpt), a.dtype, prompts, a.max_new_tokens, a.repeats)
+    base = llama["tokens_per_s"]
+    print(f"\n{'runtime':40s} {'tokens/s':>9s} {'x llama.cpp':>12s}")
+    print(f"{'llama.cpp llama-bench tg' + str(a.max_new_tokens):40s} {base:9.1f} {1.0:12.2f}")
+    for r in lanes:
+        print(f"{'recyclegpt ' + r['lane']:40s} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / base:12.2f}")
+    same = sum(r["identical"] for r in exact)
+    print(f"\nllama.cpp greedy text = recyclegpt ar ({a.dtype}): {same}/{len(exact)} prompts; "
+          f"prompt tokens equal: {sum(r['same_prompt_tokens'] for r in exact)}/{len(exact)}")
+    if a.json:
+        write_json(a.json, {"checkpoint": a.ckpt, "dtype": a.dtype, "max_new_tokens": a.max_new_tokens,
+                            "prompts": len(prompts.prompts), "machine": machine_info(torch.device("cpu")),
+                            "llama_cpp": {**llama, "build": str(bin_dir)}, "recyclegpt": lanes, "exactness": exact})
+    return 0 if same == len(exact) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
