@@ -170,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-only", action="store_true", help="build (or find) llama.cpp and stop")
     a = ap.parse_args(argv)
 
+    import torch
+
     from recyclegpt.bench.prompts import load_prompts
     from recyclegpt.hf.gguf import export_gguf
     from recyclegpt.runtime import machine_info
-
-    import torch
 
     bin_dir = build_llama_cpp()
     print(f"llama.cpp binaries: {bin_dir}")

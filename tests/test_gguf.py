@@ -165,7 +165,8 @@ def test_metadata_and_vocabulary(exported):
     assert meta["tokenizer.ggml.add_bos_token"] is False
     assert set(types.values()) == {gguf.GGMLQuantizationType.F32}
     assert ("output.weight" in tensors) == (not m.tie_embeddings)
-    assert np.array_equal(tensors["blk.0.ffn_gate.weight"], model.layers[0].feed_forward.w1.weight.detach().double().numpy())
+    gate = model.layers[0].feed_forward.w1.weight.detach().double().numpy()
+    assert np.array_equal(tensors["blk.0.ffn_gate.weight"], gate)
 
 
 def test_bfloat16_matrices_keep_float32_norms(exported, tmp_path):
