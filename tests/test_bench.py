@@ -73,6 +73,14 @@ def test_bench_json_schema_and_plot(bench_run):
         acc = by[f"verify k={k}"]["acceptance_by_position"]
         assert by[f"verify k={k}"]["k"] == k and 1 <= len(acc) <= k and all(0 <= a <= 1 for a in acc)
     assert by["verify adaptive"]["adaptive_k"] is True
+    # the memory floor: ar streams the full model once per token (batch 1), so its share of the bandwidth is
+    # its tokens/s over the floor's; verify reads the module per draft too
+    floor = rep["floor"]
+    assert floor["memory_bandwidth_gb_s"] > 0 and floor["weight_bytes"] > floor["module_weight_bytes"] > 0
+    ar = by["ar"]
+    assert ar["bandwidth_share"] == pytest.approx(ar["tokens_per_s"] / floor["ar_tokens_per_s"], rel=0.02, abs=1e-4)
+    assert by["verify k=3"]["bandwidth_share"] > 0 and by["hf_generate"]["bandwidth_share"] is None
+    assert rep["machine"]["cpu_class"] in ("AMX", "AVX-512-BF16", "AVX-512", "AVX2", "other")
     assert by["verify hybrid"]["drafter"] == "hybrid"
     assert json.dumps(rep)  # plain JSON types only
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

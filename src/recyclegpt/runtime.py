@@ -16,14 +16,57 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+CPU_CLASSES = ("AMX", "AVX-512-BF16", "AVX-512", "AVX2", "other")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The instruction-set flags of the first CPU in a /proc/cpuinfo text (default: this machine's)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_class(cpuinfo: str | None = None) -> str:
+    """What the CPU's vector units can do for a decoding pass, as one word: AMX (bf16 tile matmuls),
+    AVX-512-BF16 (bf16 dot products), AVX-512, AVX2 (with FMA), or other."""
+    flags = cpu_flags(cpuinfo)
+    if {"amx_tile", "amx_bf16"} <= flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX-512-BF16"
+    if "avx512f" in flags:
+        return "AVX-512"
+    if {"avx2", "fma"} <= flags:
+        return "AVX2"
+    return "other"
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """avx512_bf16 or AMX: bf16 matmuls run natively, so bf16 is the fast CPU default there (else fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    return cpu_class() in ("AMX", "AVX-512-BF16")
+
+
+def memory_bandwidth(size_mb: int = 256, repeats: int = 5) -> float:
+    """Bytes per second this process reads from memory with torch's threads: the best of `repeats` sums
+    over a float32 buffer far larger than any cache. A pass that streams its weights once cannot take
+    less than weight bytes / this (the floor `recyclegpt bench` reports)."""
+    import time
+
+    x = torch.ones(size_mb << 18, dtype=torch.float32)  # size_mb MiB
+    x.sum()  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * x.element_size() / best
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -91,7 +134,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    out = {"cpu": cpu, "cpu_class": cpu_class(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
            "platform": platform.platform(), "python": platform.python_version()}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)

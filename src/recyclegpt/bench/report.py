@@ -100,6 +100,14 @@ def print_table(report: dict[str, Any], console=None) -> None:
                          "tie may go the other way. Eager lanes, float32, or RECYCLEGPT_COMPILE_MODE=max-autotune are "
                          "exact (README, \"Exactness in bfloat16\").")
     lines += notes
+    floor = report.get("floor")
+    if floor:
+        shares = ", ".join(f"{r.get('label', r['mode'])} {r['bandwidth_share']:.0%}" for r in report["results"]
+                           if r.get("bandwidth_share") is not None)
+        lines.append(f"floor: {m.get('cpu_class', '?')} CPU, {floor['memory_bandwidth_gb_s']:.1f} GB/s read here, "
+                     f"{floor['weight_bytes'] / 1e6:.1f} MB of full-model weights: ar cannot beat "
+                     f"{floor['ar_tokens_per_s']:.0f} tok/s at batch 1. Share of that bandwidth each lane's weight "
+                     f"reads use: {shares}.")
     where = f"{m['gpu']}, " if m.get("gpu") else ""
     lines.append(f"torch {report.get('torch')}, transformers {report.get('transformers')}, {where}{m.get('cpu', '')}, "
                  f"{m.get('threads', '?')} threads, {report.get('date', '')}")

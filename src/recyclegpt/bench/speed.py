@@ -48,7 +48,7 @@ import torch
 from ..decoding import GenerationConfig, generate
 from ..decoding.auto import choose_draft
 from ..errors import RecycleError
-from ..runtime import machine_info
+from ..runtime import machine_info, memory_bandwidth
 from .prompts import PromptSet
 from .report import progress_bar
 
@@ -134,6 +134,25 @@ class Lane:
     extra: dict[str, Any] = field(default_factory=dict)
     baseline_candidate: bool = False  # an `ar` lane: the fastest of these is the baseline
     warm: Callable[[list[list[int]], int], Any] | None = None  # a short run for the warm-up
+
+
+def weight_floor(model, module, device: torch.device) -> dict[str, float] | None:
+    """What bounds a CPU decoding pass from below: the bytes of the weights it streams and the memory bandwidth
+    measured here (`runtime.memory_bandwidth`). None on other devices."""
+    if device.type != "cpu":
+        return None
+
+    def size(net) -> int:
+        return sum(p.numel() * p.element_size() for p in {id(p): p for p in net.parameters()}.values())
+
+    return {"bandwidth": memory_bandwidth(), "model_bytes": size(model),
+            "module_bytes": size(module) if module is not None else 0}
+
+
+def _bytes_per_token(c: Counters, floor: dict[str, float], batch: int) -> float:
+    """Weight bytes streamed per new token: each batched full-model call reads the full model once for all its
+    rows (prefill included), each batched module call the module."""
+    return (c.full_passes * floor["model_bytes"] + c.module_passes / batch * floor["module_bytes"]) / c.new_tokens
 
 
 def _sync(device: torch.device) -> None:
@@ -528,6 +547,7 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
     decode_medians = {k: statistics.median(v) for k, v in decode_tps.items()}
     base_lanes = [lane for lane in lanes if lane.baseline_candidate]
     baseline = max(base_lanes, key=lambda ln: medians[ln.label]) if base_lanes else None
+    floor = weight_floor(model, module, device)
     # Identical-to-ar compares with the `ar` of the same kernels: compiled lanes with the compiled
     # `ar` (bf16 rounding differs between eager and compiled graphs; docs/definitions.md, "lossless").
     refs = {False: "ar" if "ar" in outputs else None,
@@ -561,6 +581,8 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
             "prefill_s_median": round(statistics.median(prefill_secs[lane.label]), 4),
             "module_passes_per_token": (round(c.module_passes / c.new_tokens, 4) if c.new_tokens else None)
             if lane.mode in NATIVE_MODES else None,
+            "bandwidth_share": (round(tp * _bytes_per_token(c, floor, opts.batch_size) / floor["bandwidth"], 4)
+                                if floor and c.new_tokens and lane.mode in NATIVE_MODES else None),
             "baseline": bool(baseline is lane),
             "note": lane.note,
             **lane.extra,
@@ -598,6 +620,9 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "machine": machine_info(device),
+        "floor": floor and {"memory_bandwidth_gb_s": round(floor["bandwidth"] / 1e9, 2),
+                            "weight_bytes": floor["model_bytes"], "module_weight_bytes": floor["module_bytes"],
+                            "ar_tokens_per_s": round(floor["bandwidth"] / floor["model_bytes"], 1)},
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "timing": "median over rounds of new tokens / wall seconds of the generate calls (prefill included); "
                   "decode_tokens_per_s: tokens of decoding passes / seconds after the prefill; lanes interleaved "
