@@ -110,7 +110,7 @@ def test_default_candidates_are_valid_trees():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(tree="bushy"), "tree must be an integer >= 0 or 'auto'"),
+    (dict(tree="bushy"), r"tree must be an integer in \[0, 256\] or 'auto'"),
     (dict(tree="auto", mode="ar"), "draft trees need mode 'verify'"),
     (dict(tree="auto", adaptive_k=True), "fixed depth"),
 ])

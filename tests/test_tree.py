@@ -204,7 +204,7 @@ def test_draft_tree_keeps_the_best_nodes_and_is_a_tree(models):
     (dict(drafter="ngram", tree=4), "drafter 'module'"),
     (dict(adaptive_k=True, tree=4), "fixed depth"),
     (dict(k=4, tree=3), "at least k nodes"),
-    (dict(tree=-1), r"tree must be an integer in \[0, 256\]"),
+    (dict(tree=-1), r"tree must be an integer in \[0, 256\] or 'auto'"),
     (dict(tree=4, tree_topk=0), r"tree_topk must be an integer in \[1, 16\]"),
 ])
 def test_bad_tree_settings_raise(kw, msg):

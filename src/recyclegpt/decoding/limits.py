@@ -47,6 +47,7 @@ class Setting:
     lo_open: bool = False
     hi_open: bool = False
     optional: bool = False  # None is allowed (and means "not set")
+    words: tuple[str, ...] = ()  # strings accepted as they are (tree: "auto")
     meaning: str = ""  # what special values mean, for help texts and the README's table
 
     @property
@@ -60,19 +61,24 @@ class Setting:
             return f"{what} {'>' if self.lo_open else '>='} {lo}"
         return f"a finite {'integer' if self.kind is int else 'number'}"
 
+    @property
+    def accepted(self) -> str:
+        """`allowed` with the accepted words: 'an integer in [0, 256] or 'auto''."""
+        return self.allowed + "".join(f" or {w!r}" for w in self.words)
+
     def problem(self, value: Any) -> str | None:
         """Why `value` is refused ('must be ..., got ...'), or None when it is accepted."""
-        if value is None and self.optional:
+        if (value is None and self.optional) or (isinstance(value, str) and value in self.words):
             return None
         ok_type = isinstance(value, int) if self.kind is int else isinstance(value, int | float)
         if isinstance(value, bool) or not ok_type:
-            return f"must be {self.allowed}{' or null' if self.optional else ''}, got {_shown(value)}"
+            return f"must be {self.accepted}{' or null' if self.optional else ''}, got {_shown(value)}"
         if isinstance(value, float) and not math.isfinite(value):
-            return f"must be {self.allowed} (finite), got {_shown(value)}"
+            return f"must be {self.accepted} (finite), got {_shown(value)}"
         lo, hi = self.lo, self.hi
         if (lo is not None and (value <= lo if self.lo_open else value < lo)) or \
                 (hi is not None and (value >= hi if self.hi_open else value > hi)):
-            return f"must be {self.allowed}, got {_shown(value)}"
+            return f"must be {self.accepted}, got {_shown(value)}"
         return None
 
     def check(self, value: Any, name: str | None = None) -> Any:
@@ -112,7 +118,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("ngram_k", int, 1, 64, optional=True, meaning="null = k"),
     Setting("ngram_max_n", int, 1, 64),
     Setting("ngram_min_n", int, 1, 64, optional=True),
-    Setting("tree", int, 0, 256, meaning="0 = a chain of k drafts"),
+    Setting("tree", int, 0, 256, words=("auto",), meaning="0 = a chain of k drafts; auto = measure and pick"),
     Setting("tree_topk", int, 1, 16),
 )}
 

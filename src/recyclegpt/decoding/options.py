@@ -113,8 +113,7 @@ class GenerationConfig:
         elif not isinstance(self.drafter, HostDrafter):
             raise InvalidSetting("drafter", "drafter must be 'module', 'ngram', 'hybrid' "
                                  "or an object with propose() and reset()")
-        if self.tree != "auto":
-            SETTINGS["tree"].check(self.tree)
+        SETTINGS["tree"].check(self.tree)
         SETTINGS["tree_topk"].check(self.tree_topk)
         if self.tree:
             if self.mode != "verify" or self.drafter != "module":
