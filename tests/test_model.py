@@ -101,17 +101,25 @@ def test_module_reads_embedding_first():
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("fan_in, fan_out", [(1536, 576), (2048, 576), (384, 1024), (576, 4096)])
-def test_linear_row_result_independent_of_row_count_bf16(fan_in, fan_out):
-    """A one-token `ar` pass and a multi-token verify pass must round each row the same way in bf16
-    (plain nn.Linear does not at 1536 -> 576 on oneDNN CPUs: its single-row path differs)."""
+def test_linear_row_result_independent_of_row_count_bf16(fan_in, fan_out, threads):
+    """A one-token `ar` pass and a multi-token verify pass must round each row the same way in bf16 (plain
+    nn.Linear does not on oneDNN CPUs: a single row, and with two threads on AVX-512 without bf16 any call of
+    under four rows, takes another path)."""
     from recyclegpt.layers import Linear
 
     torch.manual_seed(0)
     lin = Linear(fan_in, fan_out, bias=False).to(torch.bfloat16)
-    x = torch.randn(1, 5, fan_in).to(torch.bfloat16)
-    with torch.no_grad():
-        together = lin(x)  # [1, 5, out]
-        alone = torch.cat([lin(x[:, j:j + 1]) for j in range(5)], 1)
-    assert torch.equal(alone, together)
-    assert alone.shape == (1, 5, fan_out)
+    x = torch.randn(1, 6, fan_in).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            together = lin(x)  # [1, 6, out]
+            for rows in (1, 2, 3):  # a one-token ar pass, verify passes of k = 1 and 2
+                parts = torch.cat([lin(x[:, j:j + rows]) for j in range(0, 6, rows)], 1)
+                assert torch.equal(parts, together), rows
+    finally:
+        torch.set_num_threads(before)
+    assert together.shape == (1, 6, fan_out)

@@ -15,44 +15,51 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 
-# (in, out, dtype, threads) -> whether a single-row call rounds differently from the same row in a
-# multi-row call; probed once per shape (`Linear`).
-_SINGLE_ROW_DIFFERS: dict[tuple, bool] = {}
+# (out, in, dtype, threads) -> the fewest rows a call needs for each of its rows to round as in a larger call;
+# probed once per shape (`Linear`).
+_ROWS_NEEDED: dict[tuple, int] = {}
 
 
-def _single_row_differs(weight: Tensor) -> bool:
+def _rows_needed(weight: Tensor) -> int:
     key = (*weight.shape, weight.dtype, torch.get_num_threads())
-    differs = _SINGLE_ROW_DIFFERS.get(key)
-    if differs is None:
-        # Only outputs near a bf16 rounding boundary show the other accumulation order: 32 rows give
-        # thousands of outputs, so a differing path is all but certain to show.
+    rows = _ROWS_NEEDED.get(key)
+    if rows is None:
+        # Only outputs near a bf16 rounding boundary show another accumulation order: 32 rows give thousands
+        # of outputs, so a differing path is all but certain to show.
         g = torch.Generator().manual_seed(0)
         x = torch.randn(32, weight.shape[1], generator=g).to(weight.dtype)
         with torch.no_grad():
-            alone = torch.cat([F.linear(x[i:i + 1], weight) for i in range(32)])
-            differs = _SINGLE_ROW_DIFFERS[key] = not torch.equal(alone, F.linear(x, weight))
-    return differs
+            full = F.linear(x, weight)
+            rows = _ROWS_NEEDED[key] = next(
+                (m for m in (1, 2, 4, 8, 16)
+                 if torch.equal(torch.cat([F.linear(x[i:i + 1].expand(m, -1), weight)[:1] for i in range(32)]), full)),
+                32)
+    return rows
 
 
 class Linear(nn.Linear):
     """nn.Linear whose result for a row does not depend on how many rows the call has (CPU, bf16).
 
-    On this project's CPU, oneDNN's bf16 kernels take another path for a single row at some shapes
-    (seen for 1536 -> 576 and 2048 -> 576, not for the shipped model's): the one-token `ar` pass then
-    rounds differently from the same row inside a (k+1)-token verify pass, and greedy `verify` drifts
-    from `ar`. For shapes where a one-time probe finds that difference, a single row is computed as two
-    (the row twice, a stride-0 view: no copy), which takes the multi-row path; other shapes pay
-    nothing. Compiled graphs skip this: with inductor's GEMM templates (full models up to 48 MiB,
-    `decoding.compiled`) every row is computed alike; with oneDNN's (larger models) a one-token pass can
-    still round a row differently, and this trick inside a graph did not cure it (README, "Exactness
-    in bfloat16").
+    oneDNN's bf16 kernels take other paths for calls of few rows: a single row (seen on AVX-512-BF16 CPUs at
+    1536 -> 576 and 2048 -> 576), and with two threads on an AVX-512 CPU without bf16 arithmetic anything under
+    four rows at most shapes. The one-token `ar` pass then rounds differently from the same row inside a
+    (k+1)-token verify pass, and greedy `verify` drifts from `ar`. A one-time probe per shape and thread count
+    finds the fewest rows that round like a large call (1, 2, 4, ...); a call with fewer rows is padded to that
+    many (the last row repeated: a stride-0 view for one row) and the extra rows dropped. Shapes that need
+    nothing pay nothing. Compiled graphs skip this: with inductor's GEMM templates every row is computed alike;
+    with oneDNN's (larger models) a one-token pass can still round a row differently, and this trick inside a
+    graph did not cure it (README, "Exactness in bfloat16").
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.dtype is torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]
-                and not torch.compiler.is_compiling() and _single_row_differs(self.weight)):
-            y = F.linear(x.reshape(1, -1).expand(2, -1), self.weight, self.bias)  # [2, out]
-            return y[:1].reshape(*x.shape[:-1], -1)
+        if x.dtype is torch.bfloat16 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            n = x.numel() // x.shape[-1]
+            need = _rows_needed(self.weight)
+            if n < need:
+                flat = x.reshape(n, -1)
+                pad = flat[-1:].expand(need - n, -1)
+                y = F.linear(flat.expand(need, -1) if n == 1 else torch.cat([flat, pad]), self.weight, self.bias)
+                return y[:n].reshape(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
 
