@@ -109,12 +109,14 @@ def greedy_text(bin_dir: Path, gguf: Path, prompt: str, n: int) -> str:
     return out[len(prompt):]
 
 
-def bench_tg(bin_dir: Path, gguf: Path, n: int, threads: int, repeats: int) -> dict[str, float]:
-    """llama-bench's decoding speed (tg n: n tokens from an empty context, batch 1): mean and stdev tok/s."""
+def bench_tg(bin_dir: Path, gguf: Path, n: int, threads: int, repeats: int) -> dict[str, Any]:
+    """llama-bench's decoding speed (tg n: n tokens from an empty context, batch 1, after its warm-up run): the
+    median of `repeats` runs, as recyclegpt's lanes report theirs."""
     out = _run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(n), "-t", str(threads),
                 "-r", str(repeats), "-o", "json"])
     row = json.loads(out)[0]
-    return {"tokens_per_s": row["avg_ts"], "stdev": row["stddev_ts"], "threads": threads, "n": n}
+    samples = sorted(row.get("samples_ts") or [row["avg_ts"]])
+    return {"tokens_per_s": samples[len(samples) // 2], "samples": samples, "threads": threads, "n": n}
 
 
 def compare_greedy(bin_dir: Path, ckpt: Path, gguf: Path, prompts: list[str], max_new_tokens: int,
@@ -133,8 +135,10 @@ def compare_greedy(bin_dir: Path, ckpt: Path, gguf: Path, prompts: list[str], ma
     return rows
 
 
-def recyclegpt_lanes(ckpt: Path, dtype: str, prompts, max_new_tokens: int, repeats: int) -> list[dict[str, Any]]:
-    """recyclegpt `ar` and `verify` k=3, eager and compiled, batch 1, greedy (`recyclegpt bench` lanes)."""
+def recyclegpt_lanes(ckpt: Path, dtype: str, prompts, max_new_tokens: int, repeats: int
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """recyclegpt `ar` and `verify` k=3, eager and compiled, batch 1, greedy (`recyclegpt bench` lanes), and the
+    memory floor that bench measured."""
     from recyclegpt import RecycleGPT
     from recyclegpt.bench.speed import BenchOptions, run_bench
     from recyclegpt.runtime import set_threads
@@ -144,8 +148,8 @@ def recyclegpt_lanes(ckpt: Path, dtype: str, prompts, max_new_tokens: int, repea
     opts = BenchOptions(max_new_tokens=max_new_tokens, repeats=repeats, modes=["ar", "verify"], ks=[3],
                         adaptive=False, hybrid=False, compile="headline", progress=False)
     report = run_bench(m.model, m.module, m.tokenizer, prompts, opts, checkpoint=str(ckpt))
-    return [{"lane": r["label"], "tokens_per_s": r["tokens_per_s"], "identical_to_ar": r["identical_to_ar"]}
-            for r in report["results"]]
+    return [{"lane": r["label"], "tokens_per_s": r["tokens_per_s"], "identical_to_ar": r["identical_to_ar"],
+             "bandwidth_share": r["bandwidth_share"]} for r in report["results"]], report["floor"]
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="weights on both sides (default float32)")
     ap.add_argument("--num-prompts", type=int, default=4, help="shipped code prompts decoded (default 4)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per prompt, and llama-bench's tg N")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats on both sides (default 3)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats on both sides (default 5)")
     ap.add_argument("--json", type=Path, help="write the report here")
     ap.add_argument("--build-only", action="store_true", help="build (or find) llama.cpp and stop")
     a = ap.parse_args(argv)
@@ -185,20 +189,30 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         gguf = export_gguf(a.ckpt, Path(tmp) / "gguf", dtype=a.dtype)
         exact = compare_greedy(bin_dir, Path(a.ckpt), gguf, prompts.prompts, a.max_new_tokens, a.dtype)
-        llama = bench_tg(bin_dir, gguf, a.max_new_tokens, threads, a.repeats)
+        # llama.cpp before and after recyclegpt's lanes: a shared VM's speed drifts over minutes, the mean of the
+        # two brackets it
+        before = bench_tg(bin_dir, gguf, a.max_new_tokens, threads, a.repeats)
+        lanes, floor = recyclegpt_lanes(Path(a.ckpt), a.dtype, prompts, a.max_new_tokens, a.repeats)
+        after = bench_tg(bin_dir, gguf, a.max_new_tokens, threads, a.repeats)
         shutil.rmtree(Path(tmp) / "gguf")
-    lanes = recyclegpt_lanes(Path(a.ckpt), a.dtype, prompts, a.max_new_tokens, a.repeats)
-    base = llama["tokens_per_s"]
-    print(f"\n{'runtime':40s} {'tokens/s':>9s} {'x llama.cpp':>12s}")
-    print(f"{'llama.cpp llama-bench tg' + str(a.max_new_tokens):40s} {base:9.1f} {1.0:12.2f}")
+    base = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
+    llama = {"tokens_per_s": base, "before": before, "after": after}
+    bw, weights = floor["memory_bandwidth_gb_s"] * 1e9, floor["weight_bytes"]
+    print(f"\n{'runtime':40s} {'tokens/s':>9s} {'x llama.cpp':>12s} {'of floor':>9s}")
+    print(f"{'llama.cpp llama-bench tg' + str(a.max_new_tokens):40s} {base:9.1f} {1.0:12.2f} "
+          f"{base * weights / bw:9.0%}")
     for r in lanes:
-        print(f"{'recyclegpt ' + r['lane']:40s} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / base:12.2f}")
+        print(f"{'recyclegpt ' + r['lane']:40s} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / base:12.2f} "
+              f"{r['bandwidth_share']:9.0%}")
+    print(f"(llama.cpp {before['tokens_per_s']:.1f} before and {after['tokens_per_s']:.1f} after recyclegpt's lanes; "
+          f"floor: {floor['memory_bandwidth_gb_s']:.1f} GB/s read by a GEMV here, {weights / 1e6:.1f} MB of weights)")
     same = sum(r["identical"] for r in exact)
     print(f"\nllama.cpp greedy text = recyclegpt ar ({a.dtype}): {same}/{len(exact)} prompts; "
           f"prompt tokens equal: {sum(r['same_prompt_tokens'] for r in exact)}/{len(exact)}")
     if a.json:
         write_json(a.json, {"checkpoint": a.ckpt, "dtype": a.dtype, "max_new_tokens": a.max_new_tokens,
                             "prompts": len(prompts.prompts), "machine": machine_info(torch.device("cpu")),
+                            "compile_mode": os.environ.get("RECYCLEGPT_COMPILE_MODE", "auto"), "floor": floor,
                             "llama_cpp": {**llama, "build": str(bin_dir)}, "recyclegpt": lanes, "exactness": exact})
     return 0 if same == len(exact) else 1
 

@@ -54,19 +54,23 @@ def cpu_has_native_bf16() -> bool:
 
 
 def memory_bandwidth(size_mb: int = 256, repeats: int = 5) -> float:
-    """Bytes per second this process reads from memory with torch's threads: the best of `repeats` sums
-    over a float32 buffer far larger than any cache. A pass that streams its weights once cannot take
-    less than weight bytes / this (the floor `recyclegpt bench` reports)."""
+    """Bytes per second a one-row linear layer streams from memory with torch's threads: the best of `repeats`
+    calls over a float32 weight far larger than any cache (a GEMV, the work of a one-token pass, reads it at
+    close to the machine's bandwidth; a plain sum reached about half of it). A pass that streams its weights
+    once cannot take less than weight bytes / this (the floor `recyclegpt bench` reports)."""
     import time
 
-    x = torch.ones(size_mb << 18, dtype=torch.float32)  # size_mb MiB
-    x.sum()  # fault the pages in
+    import torch.nn.functional as F
+
+    w = torch.ones((size_mb << 18) // 4096, 4096, dtype=torch.float32)  # size_mb MiB
+    x = torch.ones(1, 4096)
+    F.linear(x, w)  # fault the pages in
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        x.sum()
+        F.linear(x, w)
         best = min(best, time.perf_counter() - t0)
-    return x.numel() * x.element_size() / best
+    return w.numel() * w.element_size() / best
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
