@@ -53,7 +53,7 @@ def cpu_has_native_bf16() -> bool:
     return cpu_class() in ("AMX", "AVX-512-BF16")
 
 
-def memory_bandwidth(size_mb: int = 256, repeats: int = 5) -> float:
+def memory_bandwidth(size_mb: int = 256, repeats: int = 20) -> float:
     """Bytes per second a one-row linear layer streams from memory with torch's threads: the best of `repeats`
     calls over a float32 weight far larger than any cache (a GEMV, the work of a one-token pass, reads it at
     close to the machine's bandwidth; a plain sum reached about half of it). A pass that streams its weights
@@ -64,7 +64,8 @@ def memory_bandwidth(size_mb: int = 256, repeats: int = 5) -> float:
 
     w = torch.ones((size_mb << 18) // 4096, 4096, dtype=torch.float32)  # size_mb MiB
     x = torch.ones(1, 4096)
-    F.linear(x, w)  # fault the pages in
+    for _ in range(3):  # fault the pages in; the first calls after that still run slow (measured: 17 vs 27 GB/s)
+        F.linear(x, w)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
