@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import random
-import socket
 import sys
 import tempfile
 import threading
@@ -580,37 +579,6 @@ def table(report: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ the CLI: an in-process server
-class Server:
-    """uvicorn serving `app` in a thread on a free loopback port (and its engine thread with it)."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.sock, self.port = sock, sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started or httpx.get(self.url + "/health").status_code != 200:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not become ready")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -641,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     from recyclegpt import RecycleGPT
     from recyclegpt.decoding import GenerationConfig, generate
     from recyclegpt.serve.app import ChatTemplate, ServeOptions, create_app
+    from recyclegpt.serve.testing import LiveServer
 
     m = RecycleGPT.from_pretrained(a.ckpt, device="cpu", dtype="float32")
     limit = 8
@@ -654,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             last[0] = time.monotonic()
             print(f"  {done}/{total} requests", file=sys.stderr, flush=True)
 
-    with Server(app) as s:
+    with LiveServer(app, log_level="critical") as s:
         print(f"fuzzing {s.url} ({a.examples} requests per POST route, seed {a.seed})", file=sys.stderr)
         report = fuzz(s.url, opts.api_key, a.examples, seed=a.seed, deadline_s=a.deadline, progress=progress,
                       concurrency=a.concurrency, max_tokens=limit)

@@ -1,62 +1,28 @@
-"""`recyclegpt serve`: a live server on 127.0.0.1 and a free port, driven by the real `openai` client and by
-raw HTTP. Tiny random checkpoint, fp32, eager decoding (no compile wait)."""
+"""`recyclegpt serve`: a live server (`serve.testing.LiveServer`) on 127.0.0.1 and a free port, driven by the
+real `openai` client and by raw HTTP. Tiny random checkpoint, fp32, eager decoding (no compile wait)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
-import uvicorn  # noqa: E402
 
 from recyclegpt import cli  # noqa: E402
 from recyclegpt.decoding import GenerationConfig, generate  # noqa: E402
 from recyclegpt.serve.app import ChatTemplate, ServeOptions, create_app  # noqa: E402
+from recyclegpt.serve.testing import LiveServer  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
 KEY = "test-key"
-
-
-class LiveServer:
-    """uvicorn in a thread on a free loopback port; stopped (and its engine thread with it) by stop()."""
-
-    def __init__(self, app, ready: bool = True):
-        self.app, self.ready = app, ready  # ready: wait for /health to answer 200 (else only for the socket)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.sock, self.port = sock, sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        while self.ready and httpx.get(self.url + "/health").status_code != 200:
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
 
 def _opts(**kw) -> ServeOptions:
@@ -283,29 +249,17 @@ def test_health_waits_for_warm_up(bundle):
     worker = app.state.engine.worker
     release = threading.Event()
     worker._warm_up = lambda: release.wait(10)
-    with torch.inference_mode():
-        cfg = uvicorn.Config(app, log_level="warning", lifespan="on")
-    server = uvicorn.Server(cfg)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
     try:
-        while not server.started:
-            time.sleep(0.01)
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/health"
-        r = httpx.get(url)
-        assert r.status_code == 503 and r.json()["status"] == "warming up"
-        release.set()
-        deadline = time.monotonic() + 10
-        while httpx.get(url).status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        with LiveServer(app, ready=False) as s:
+            r = httpx.get(s.url + "/health")
+            assert r.status_code == 503 and r.json()["status"] == "warming up"
+            release.set()
+            deadline = time.monotonic() + 10
+            while httpx.get(s.url + "/health").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
     finally:
         release.set()
-        server.should_exit = True
-        t.join(timeout=30)
-        sock.close()
 
 
 def test_tree_server_answers_like_offline_ar(bundle):

@@ -34,9 +34,9 @@ def server(bundle):
         yield s
 
 
-def post(server, body: bytes | dict, path: str = "/v1/completions", **kw) -> httpx.Response:
+def post(server, body: bytes | dict, path: str = "/v1/completions", timeout: float = 30) -> httpx.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(server.url + path, content=data, headers=AUTH, timeout=30, **kw)
+    return httpx.post(server.url + path, content=data, headers=AUTH, timeout=timeout)
 
 
 def health(server) -> dict:
@@ -223,6 +223,38 @@ def test_a_request_that_waits_longer_than_a_disconnect_poll_is_served(bundle, mo
             json.loads(line[6:])["choices"][0]["text"] for line in r.text.splitlines()
             if line.startswith("data: {") and json.loads(line[6:])["choices"])
         assert text == offline_ar(m, "def", 6) and len(polls) >= 5
+
+
+def test_a_client_that_leaves_while_queued_cancels_its_request(bundle, monkeypatch):
+    """A non-streamed request waits in the queue; its client times out: the server notices and cancels it
+    (a middleware once hid the disconnect, and the request would have decoded for nobody)."""
+    from recyclegpt.serve import app as app_module
+
+    _, m = bundle
+    monkeypatch.setattr(app_module, "DISCONNECT_POLL_S", 0.01)
+    app = create_app(m, _opts())
+    sup, jobs = app.state.engine, []
+    sup.worker._admit = lambda: None  # nothing leaves the queue
+    real_submit = sup.submit
+    sup.submit = lambda job: (jobs.append(job), real_submit(job))
+    with LiveServer(app) as s:
+        with pytest.raises(httpx.ReadTimeout):
+            post(s, {**A, "max_tokens": 4}, timeout=0.2)
+        wait_for(lambda: jobs and jobs[0].cancelled, "the request was not cancelled")
+
+
+def test_a_bug_in_a_handler_is_a_500_that_says_so_and_is_counted(bundle):
+    _, m = bundle
+    app = create_app(m, _opts())
+    app.state.engine.submit = lambda job: (_ for _ in ()).throw(RuntimeError("a bug"))
+    with LiveServer(app) as s:
+        r = post(s, {**A, "max_tokens": 4})
+        assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError: a bug"
+        assert httpx.get(s.url + "/v1/no-such-route", headers=AUTH).status_code == 404
+        text = httpx.get(s.url + "/metrics").text
+        assert 'recyclegpt_requests_total{endpoint="/v1/completions",status="500"} 1.0' in text
+        assert 'endpoint="other",status="404"' in text and "no-such-route" not in text
+        assert health(s)["status"] == "ok"
 
 
 # ------------------------------------------------------------------ supervision

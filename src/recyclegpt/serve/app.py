@@ -152,17 +152,7 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        try:
-            response = await call_next(request)
-        except Exception as e:  # a bug in a handler: an OpenAI-style 500 that says what failed; the server goes on
-            log.exception("request failed")
-            msg = f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            response = JSONResponse(ApiError(500, msg).body(), status_code=500)
-        if request.url.path.startswith("/v1/"):
-            metrics.requests.labels(endpoint=request.url.path, status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Guard, metrics=metrics)
 
     def authorize(request: Request) -> None:
         if opts.api_key is None:
@@ -392,6 +382,42 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
 
     app.openapi = openapi
     return app
+
+
+V1_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+class _Guard:
+    """Pure ASGI middleware: counts /v1 responses by route and status, and answers an exception no handler
+    turned into a response with OpenAI's error JSON (500, saying what failed) so the server goes on.
+    (Starlette's `@app.middleware("http")` would do the same in fewer lines, but behind it a handler's
+    `request.is_disconnected()` never sees the client go away: a request whose client left would decode on.)"""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status: list[int] = []
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as e:
+            log.exception("request failed")
+            if not status:  # nothing sent yet: the client gets a 500 that says what failed
+                msg = _one_line(f"internal error: {type(e).__name__}: {e}")
+                await JSONResponse(ApiError(500, msg).body(), status_code=500)(scope, receive, sending)
+        finally:
+            path = scope.get("path", "")
+            if path.startswith("/v1/"):  # unknown /v1 paths share one label: no label per URL a client makes up
+                self.metrics.requests.labels(endpoint=path if path in V1_ROUTES else "other",
+                                             status=str(status[0] if status else 500)).inc()
 
 
 def _one_line(text: str) -> str:
