@@ -4,6 +4,7 @@ real `openai` client and by raw HTTP. Tiny random checkpoint, fp32, eager decodi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -188,9 +189,12 @@ def test_full_queue_answers_429(bundle):
     app = create_app(m, _opts(slots=1, max_queue=1))
     app.state.engine.worker._admit = lambda: None  # nothing leaves the queue
     with LiveServer(app) as s:
-        waiting = threading.Thread(target=lambda: httpx.post(
-            s.url + "/v1/completions", json={"model": "tiny", "prompt": "a"},
-            headers={"Authorization": f"Bearer {KEY}"}, timeout=3), daemon=True)
+        def wait_in_the_queue() -> None:  # never admitted: its client gives up, and the server cancels it
+            with contextlib.suppress(httpx.ReadTimeout):
+                httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "a"},
+                           headers={"Authorization": f"Bearer {KEY}"}, timeout=3)
+
+        waiting = threading.Thread(target=wait_in_the_queue, daemon=True)
         waiting.start()
         deadline = time.monotonic() + 10
         while app.state.engine.queue_depth < 1:
