@@ -2,6 +2,7 @@
 
     python benchmarks/profile_round.py                       # chain k=3 and tree 6 (depth 4), shipped, bf16
     python benchmarks/profile_round.py --ckpt CKPT --k 4 --tree 8 --steps 30
+    python benchmarks/profile_round.py --dtype float32 --ar --k 3 --tree 0   # ar and a 3-chain in fp32
 
 Each configuration decodes one prose prompt in a 1-slot compiled engine; after warm-up, `--steps` rounds run
 under the profiler with inductor's kernel profiling on (`cpp.enable_kernel_profile`), and the kernels with the
@@ -34,17 +35,19 @@ def main() -> None:
     p.add_argument("--tree-topk", type=int, default=2)
     p.add_argument("--steps", type=int, default=30, help="profiled rounds per configuration (default 30)")
     p.add_argument("--rows", type=int, default=25, help="kernels listed (default 25)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights (default bfloat16)")
+    p.add_argument("--ar", action="store_true", help="profile `ar` rounds (one token a pass) first")
     a = p.parse_args()
     set_threads()
     inductor_config.cpp.enable_kernel_profile = True
-    m = RecycleGPT.from_pretrained(a.ckpt, dtype="bfloat16")
+    m = RecycleGPT.from_pretrained(a.ckpt, dtype=a.dtype)
     ids = m.encode(load_prompts("prose", 1).prompts)[0]
-    configs = [("chain", dict(k=a.k))]
+    configs = ([("ar", dict(mode="ar"))] if a.ar else []) + [("chain", dict(mode="verify", k=a.k))]
     if a.tree:
-        configs.append(("tree", dict(k=a.tree_depth, tree=a.tree, tree_topk=a.tree_topk)))
+        configs.append(("tree", dict(mode="verify", k=a.tree_depth, tree=a.tree, tree_topk=a.tree_topk)))
     for name, kw in configs:
         eng = Engine(m.model, m.module, 1, compile=True)
-        eng.admit(0, ids, GenerationConfig(mode="verify", max_new_tokens=400, eos_id=None, **kw))
+        eng.admit(0, ids, GenerationConfig(max_new_tokens=400, eos_id=None, **kw))
         for _ in range(5):
             eng.step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
