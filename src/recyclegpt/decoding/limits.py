@@ -17,6 +17,7 @@ a value is accepted or refused alike on every surface; only the name in the mess
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,6 @@ class Setting:
     hi_open: bool = False
     optional: bool = False  # None is allowed (and means "not set")
     words: tuple[str, ...] = ()  # strings accepted as they are (tree: "auto")
-    meaning: str = ""  # what special values mean, for help texts and the README's table
 
     @property
     def allowed(self) -> str:
@@ -108,17 +108,17 @@ def _shown(value: Any) -> str:
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
-    Setting("max_new_tokens", int, 0, meaning="0 = nothing new; the model's context caps it"),
-    Setting("temperature", float, 0, FLOAT32_MAX, meaning="0 = greedy"),
-    Setting("top_k", int, 0, INT64_MAX, meaning="0 = off"),
-    Setting("top_p", float, 0, 1, lo_open=True, meaning="1 = off"),
-    Setting("seed", int, INT64_MIN, INT64_MAX, optional=True, meaning="null = fresh randomness"),
-    Setting("k", int, 1, 64, meaning="drafts per verify round"),
-    Setting("k_max", int, 1, 64, meaning="adaptive k's ceiling"),
-    Setting("ngram_k", int, 1, 64, optional=True, meaning="null = k"),
+    Setting("max_new_tokens", int, 0),  # 0: nothing new; the model's context caps it
+    Setting("temperature", float, 0, FLOAT32_MAX),  # 0: greedy
+    Setting("top_k", int, 0, INT64_MAX),  # 0: off
+    Setting("top_p", float, 0, 1, lo_open=True),  # 1: off
+    Setting("seed", int, INT64_MIN, INT64_MAX, optional=True),  # None: fresh randomness
+    Setting("k", int, 1, 64),  # drafts per verify round
+    Setting("k_max", int, 1, 64),  # adaptive k's ceiling
+    Setting("ngram_k", int, 1, 64, optional=True),  # None: k
     Setting("ngram_max_n", int, 1, 64),
     Setting("ngram_min_n", int, 1, 64, optional=True),
-    Setting("tree", int, 0, 256, words=("auto",), meaning="0 = a chain of k drafts; auto = measure and pick"),
+    Setting("tree", int, 0, 256, words=("auto",)),  # 0: a chain of k drafts; auto: measure and pick
     Setting("tree_topk", int, 1, 16),
 )}
 
@@ -152,13 +152,17 @@ def check_text(text: Any, name: str) -> str:
 
 
 def check_stops(stops: Any, name: str = "stop_strings") -> tuple[str, ...]:
-    """Stop strings as a tuple: a list of at most MAX_STOPS non-empty strings of valid Unicode."""
-    if isinstance(stops, str) or not isinstance(stops, list | tuple):
+    """Stop strings as a tuple: at most MAX_STOPS non-empty strings of valid Unicode, in a list (or any
+    iterable but a string)."""
+    if isinstance(stops, str):
+        raise InvalidSetting(name, f"{name} must be a list of strings, not one string")
+    if not isinstance(stops, Iterable):
         raise InvalidSetting(name, f"{name} must be a list of strings, got {type(stops).__name__}")
+    stops = tuple(stops)
     if len(stops) > MAX_STOPS:
         raise InvalidSetting(name, f"{name}: at most {MAX_STOPS} stop strings, got {len(stops)}")
     for i, s in enumerate(stops):
         check_text(s, f"{name}[{i}]")
         if not s:
             raise InvalidSetting(name, f"{name}[{i}] is empty; a stop string needs at least one character")
-    return tuple(stops)
+    return stops

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import RecycleError
@@ -70,9 +70,13 @@ class GenerationConfig:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
+        """The EOS ids as a tuple: one id, or any iterable of them (anything else stays one entry, which
+        `validate` refuses)."""
         if self.eos_id is None:
             return ()
-        return (self.eos_id,) if isinstance(self.eos_id, int) else tuple(self.eos_id)
+        if isinstance(self.eos_id, Iterable) and not isinstance(self.eos_id, str | bytes):
+            return tuple(self.eos_id)
+        return (self.eos_id,)
 
     @property
     def filtered(self) -> bool:
@@ -96,10 +100,8 @@ class GenerationConfig:
         the numeric ranges and text checks are `limits.SETTINGS` / `check_text`, shared with the CLI and server."""
         if self.mode not in MODES:
             raise InvalidSetting("mode", f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        budgets = [self.max_new_tokens] if isinstance(self.max_new_tokens, int) else self.max_new_tokens
-        if not isinstance(budgets, list | tuple):
-            SETTINGS["max_new_tokens"].check(budgets)
-        for b in budgets:
+        many = isinstance(self.max_new_tokens, Sequence) and not isinstance(self.max_new_tokens, str)
+        for b in self.max_new_tokens if many else [self.max_new_tokens]:
             SETTINGS["max_new_tokens"].check(b)
         for name in ("k", "k_max", "ngram_max_n", "ngram_k", "ngram_min_n", "temperature", "top_k", "top_p", "seed"):
             SETTINGS[name].check(getattr(self, name))
@@ -125,9 +127,6 @@ class GenerationConfig:
                 raise InvalidSetting("tree", f"a tree of depth k={self.k} needs at least k nodes, got tree={self.tree}")
         if not isinstance(self.compile, bool):
             raise InvalidSetting("compile", f"compile must be True or False, got {self.compile!r}")
-        eos = [] if self.eos_id is None else self.eos_id if isinstance(self.eos_id, list | tuple) else [self.eos_id]
-        if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e <= INT64_MAX for e in eos):
+        if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e <= INT64_MAX for e in self.eos_ids):
             raise InvalidSetting("eos_id", f"eos_id must be a token id (or a list of them), got {self.eos_id!r}")
-        if isinstance(self.stop_strings, str):
-            raise InvalidSetting("stop_strings", "stop_strings must be a list of strings, not one string")
         check_stops(self.stop_strings)
