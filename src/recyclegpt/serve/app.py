@@ -45,7 +45,7 @@ from .protocol import (
     usage,
     usage_chunk,
 )
-from .worker import EngineDown, Job, JobEvent, JobQueue, QueueFull, Supervisor, Worker
+from .worker import EngineDown, Job, JobEvent, JobQueue, QueueFull, Supervisor, Worker, describe
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class ChatTemplate:
         except TemplateError as e:
             raise ApiError(400, f"the chat template refused these messages: {e}", "messages") from None
         except Exception as e:  # a template that fails on some input (a type error in its code, ...)
-            raise ApiError(400, f"the chat template failed on these messages: {type(e).__name__}: {e}",
+            raise ApiError(400, f"the chat template failed on these messages: {describe(e)}",
                            "messages") from None
 
     @classmethod
@@ -245,7 +245,7 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
         try:
             ids = tokenizer.encode(text)
         except Exception as e:  # checked text should always encode; if not, it is this input's problem
-            raise ApiError(400, _one_line(f"the tokenizer cannot encode this text: {type(e).__name__}: {e}"),
+            raise ApiError(400, f"the tokenizer cannot encode this text: {describe(e)}",
                            "messages" if chat else "prompt") from None
         if not ids:
             raise ApiError(400, "the prompt encodes to no tokens", "prompt")
@@ -411,7 +411,7 @@ class _Guard:
         except Exception as e:
             log.exception("request failed")
             if not status:  # nothing sent yet: the client gets a 500 that says what failed
-                msg = _one_line(f"internal error: {type(e).__name__}: {e}")
+                msg = f"internal error: {describe(e)}"
                 await JSONResponse(ApiError(500, msg).body(), status_code=500)(scope, receive, sending)
         finally:
             path = scope.get("path", "")

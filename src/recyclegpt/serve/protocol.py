@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
@@ -88,6 +88,11 @@ class _Sampling(BaseModel):
             raise ValueError("logit_bias is not supported by this server")
         return None
 
+    # (request field, limits.SETTINGS entry) of the settings shared with the Python API
+    SHARED: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("max_tokens", "max_new_tokens"), ("temperature", "temperature"), ("top_p", "top_p"), ("seed", "seed"),
+        ("top_k", "top_k"), ("k", "k"))
+
     @property
     def stops(self) -> tuple[str, ...]:
         return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -98,14 +103,11 @@ class _Sampling(BaseModel):
         check_text(self.model, "model")
         if self.user is not None:
             check_text(self.user, "user")
-        for name, setting in (("max_tokens", "max_new_tokens"), ("temperature", "temperature"),
-                              ("top_p", "top_p"), ("seed", "seed"), ("top_k", "top_k")):
+        for name, setting in self.SHARED:
             value = getattr(self, name)
-            if value is not None or SETTINGS[setting].optional:
+            if value is not None:  # null: the default (a null where there is none fails GenerationConfig.validate)
                 SETTINGS[setting].check(value, name)
-        if self.k is not None:
-            SETTINGS["k"].check(self.k, "k")
-        check_stops(list(self.stops), "stop")
+        check_stops(self.stops, "stop")
 
 
 class CompletionRequest(_Sampling):
@@ -139,11 +141,10 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[Any, _setting("max_new_tokens", nullable=True)] = None
     logprobs: Literal[False] | None = None
+    SHARED = _Sampling.SHARED + (("max_completion_tokens", "max_new_tokens"),)
 
     def check(self) -> None:
         super().check()
-        if self.max_completion_tokens is not None:
-            SETTINGS["max_new_tokens"].check(self.max_completion_tokens, "max_completion_tokens")
         for i, m in enumerate(self.messages):
             check_text(m.content, f"messages[{i}].content")
             if m.name is not None:

@@ -208,7 +208,7 @@ class Worker(threading.Thread):
                         continue
                     self._step()
         except BaseException as e:  # noqa: B036 -- whatever ends the thread is reported, then the supervisor restarts it
-            self.error = f"{type(e).__name__}: {_first_line(e)}"
+            self.error = describe(e)
             log.exception("the engine thread stopped")
             for job in list(self._jobs.values()) + self._admitting:
                 job.fail(f"the decoding engine failed while serving this request ({self.error}); it is restarting")
@@ -260,7 +260,7 @@ class Worker(threading.Thread):
                 batch[0][1].fail(str(e), status=400)
             else:
                 log.exception("admitting a request failed")
-                batch[0][1].fail(f"admitting the request failed: {type(e).__name__}: {_first_line(e)}")
+                batch[0][1].fail(f"admitting the request failed: {describe(e)}")
             return
         for (slot, job), out in zip(batch, outs, strict=True):
             job.slot = slot
@@ -288,7 +288,7 @@ class Worker(threading.Thread):
         except Exception as e:  # a failed round fails its requests, not the server
             log.exception("a decoding round failed")
             for slot, job in jobs.items():
-                job.fail(f"decoding failed: {type(e).__name__}: {_first_line(e)}")
+                job.fail(f"decoding failed: {describe(e)}")
                 self._release(slot)
             return
         self._report("step", time.perf_counter() - t0, len(jobs))
@@ -319,9 +319,10 @@ class Worker(threading.Thread):
             log.exception("metrics update %s failed", what)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e)
-    return text.splitlines()[0] if text else ""
+def describe(e: BaseException) -> str:
+    """An exception in one line, for an error message: its type and the first line of what it says."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 class Supervisor(threading.Thread):
@@ -399,7 +400,7 @@ class Supervisor(threading.Thread):
                 self.worker = self.make_worker(self.queue)
             except Exception as e:  # cannot even build an engine: nothing to restart
                 log.exception("building a new engine failed")
-                self.last_error, self.gave_up = f"{type(e).__name__}: {_first_line(e)}", True
+                self.last_error, self.gave_up = describe(e), True
                 for job in self.queue.drain():
                     job.fail(f"the decoding engine stopped ({self.last_error})")
                 return
