@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
-from .decoding.limits import MAX_STOPS, SETTINGS, text_problem
+from .decoding.limits import MAX_STOPS, SETTINGS, Setting, text_problem
 from .errors import Interrupted, RecycleError, RecycleWarning
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -32,26 +31,24 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see: {self.prog} --help)")
 
 
+def _checked(setting: Setting) -> Callable[[str], int | float]:
+    """An argparse type: `setting.kind(s)`, then `setting.problem` (finite, within its bounds): the one range
+    check of `decoding.limits`, here with argparse's "argument --flag:" in front."""
+
+    def parse(s: str) -> int | float:
+        v = setting.kind(s)  # ValueError: argparse says "invalid int value: 'x'"
+        why = setting.problem(v)
+        if why is not None:
+            raise argparse.ArgumentTypeError(why)
+        return v
+    parse.__name__ = setting.kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
+
+
 def _number(kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
             hi_open: bool = False) -> Callable[[str], int | float]:
     """An argparse type: `kind(s)`, finite (no nan/inf), within lo..hi (an end excluded when open)."""
-    if lo is not None and hi is not None:
-        want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    elif lo is not None:
-        want = f"{'>' if lo_open else '>='} {lo:g}"
-    else:
-        want = "a finite number"
-
-    def parse(s: str) -> int | float:
-        v = kind(s)  # ValueError: argparse says "invalid int value: 'x'"
-        if isinstance(v, float) and not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
-        if ((lo is not None and (v <= lo if lo_open else v < lo))
-                or (hi is not None and (v >= hi if hi_open else v > hi))):
-            raise argparse.ArgumentTypeError(f"must be {want}, got {s}")
-        return v
-    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
-    return parse
+    return _checked(Setting("", kind, lo, hi, lo_open, hi_open))
 
 
 def _positive(kind: type) -> Callable[[str], int | float]:
@@ -71,18 +68,9 @@ _vocab_size = _number(int, 1, 1 << 22)  # the checkpoint config's own bound (con
 
 
 def _setting(name: str) -> Callable[[str], int | float]:
-    """An argparse type for a decoding request's setting: parsed as its kind, then held to `limits.SETTINGS`,
-    the ranges the Python API and the server check too."""
-    setting = SETTINGS[name]
-
-    def parse(s: str) -> int | float:
-        v = setting.kind(s)  # ValueError: argparse says "invalid int value: 'x'"
-        why = setting.problem(v)
-        if why is not None:
-            raise argparse.ArgumentTypeError(why)
-        return v
-    parse.__name__ = setting.kind.__name__
-    return parse
+    """An argparse type for a decoding request's setting, held to `limits.SETTINGS`: the ranges the Python
+    API and the server check too."""
+    return _checked(SETTINGS[name])
 
 
 _draft_k = _setting("k")  # drafts per verify round: a round holds k+1 positions per row
