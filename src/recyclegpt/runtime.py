@@ -53,6 +53,11 @@ def cpu_has_native_bf16() -> bool:
     return cpu_class() in ("AMX", "AVX-512-BF16")
 
 
+def weight_bytes(net: torch.nn.Module) -> int:
+    """Bytes of a network's parameters (a tied weight counted once): what one pass streams from memory."""
+    return sum(p.numel() * p.element_size() for p in net.parameters())
+
+
 def memory_bandwidth(size_mb: int = 256, repeats: int = 20) -> float:
     """Bytes per second a one-row linear layer streams from memory with torch's threads: the best of `repeats`
     calls over a float32 weight far larger than any cache (a GEMV, the work of a one-token pass, reads it at

@@ -48,7 +48,7 @@ import torch
 from ..decoding import GenerationConfig, generate
 from ..decoding.auto import choose_draft
 from ..errors import RecycleError
-from ..runtime import machine_info, memory_bandwidth
+from ..runtime import machine_info, memory_bandwidth, weight_bytes
 from .prompts import PromptSet
 from .report import progress_bar
 
@@ -141,12 +141,8 @@ def weight_floor(model, module, device: torch.device) -> dict[str, float] | None
     measured here (`runtime.memory_bandwidth`). None on other devices."""
     if device.type != "cpu":
         return None
-
-    def size(net) -> int:
-        return sum(p.numel() * p.element_size() for p in {id(p): p for p in net.parameters()}.values())
-
-    return {"bandwidth": memory_bandwidth(), "model_bytes": size(model),
-            "module_bytes": size(module) if module is not None else 0}
+    return {"bandwidth": memory_bandwidth(), "model_bytes": weight_bytes(model),
+            "module_bytes": weight_bytes(module) if module is not None else 0}
 
 
 def _bytes_per_token(c: Counters, floor: dict[str, float], batch: int) -> float:

@@ -33,6 +33,7 @@ import torch
 
 from ..model import FullModel
 from ..module import RecyclableModule
+from ..runtime import weight_bytes
 from .rounds import RoundShape, decode_round
 
 # Inductor options (chosen by measurement on 2-core CPUs: benchmarks/compiled_speed.py and the README's notes):
@@ -89,8 +90,7 @@ def inductor_options(batch: int, model: FullModel) -> dict:
     """INDUCTOR_OPTIONS for a graph over `batch` rows of `model` (max-autotune only where it measured
     faster: few rows, weights of at most AUTOTUNE_MAX_WEIGHT_BYTES)."""
     opts = dict(INDUCTOR_OPTIONS)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if batch > AUTOTUNE_MAX_BATCH or weight_bytes > AUTOTUNE_MAX_WEIGHT_BYTES:
+    if batch > AUTOTUNE_MAX_BATCH or weight_bytes(model) > AUTOTUNE_MAX_WEIGHT_BYTES:
         opts["max_autotune"] = False
     return opts
 
