@@ -18,6 +18,7 @@ from .config import ModelConfig
 # (out, in, dtype, threads) -> the fewest rows a call needs for each of its rows to round as in a larger call;
 # probed once per shape (`Linear`).
 _ROWS_NEEDED: dict[tuple, int] = {}
+_PROBE_ROWS = 32  # the probe's large call
 
 
 def _rows_needed(weight: Tensor) -> int:
@@ -27,13 +28,13 @@ def _rows_needed(weight: Tensor) -> int:
         # Only outputs near a bf16 rounding boundary show another accumulation order: 32 rows give thousands
         # of outputs, so a differing path is all but certain to show.
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(32, weight.shape[1], generator=g).to(weight.dtype)
+        x = torch.randn(_PROBE_ROWS, weight.shape[1], generator=g).to(weight.dtype)
         with torch.no_grad():
             full = F.linear(x, weight)
             rows = _ROWS_NEEDED[key] = next(
-                (m for m in (1, 2, 4, 8, 16)
-                 if torch.equal(torch.cat([F.linear(x[i:i + 1].expand(m, -1), weight)[:1] for i in range(32)]), full)),
-                32)
+                (m for m in (1, 2, 4, 8, 16) if torch.equal(
+                    torch.cat([F.linear(x[i:i + 1].expand(m, -1), weight)[:1] for i in range(_PROBE_ROWS)]), full)),
+                _PROBE_ROWS)
     return rows
 
 
@@ -52,8 +53,9 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype is torch.bfloat16 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            n = x.numel() // x.shape[-1]
+        n = x.numel() // x.shape[-1]
+        if n < _PROBE_ROWS and x.dtype is torch.bfloat16 and x.device.type == "cpu" \
+                and not torch.compiler.is_compiling():  # a call of _PROBE_ROWS rows or more never needs padding
             need = _rows_needed(self.weight)
             if n < need:
                 flat = x.reshape(n, -1)
