@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -579,23 +577,9 @@ def table(report: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ the CLI: an in-process server
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would have made it (mkstemp makes it 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
+    from recyclegpt.bench.report import write_json
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt", nargs="?", default=str(SHIPPED), help="checkpoint directory (default: the shipped one)")
@@ -645,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
           f"greedy text {'matches' if served == offline else 'DIFFERS from'} offline ar "
           f"({served!r}{'' if served == offline else f' vs {offline!r}'}); {report['seconds']} s")
     if a.json is not None:
-        write_json(a.json, report)
+        write_json(report, a.json)
     return 0 if report["ok"] else 1
 
 

@@ -44,11 +44,12 @@ def cache_root() -> Path:
 
 def cpu_key() -> str:
     """A short hash of this CPU's model and flags: a native build is only reused on the same kind of CPU."""
-    try:
-        lines = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith(("model name", "flags"))]
-    except OSError:
-        lines = [os.uname().machine]
-    return hashlib.sha256("\n".join(sorted(set(lines))).encode()).hexdigest()[:10]
+    import torch
+
+    from recyclegpt.runtime import cpu_flags, machine_info
+
+    cpu = machine_info(torch.device("cpu"))["cpu"]
+    return hashlib.sha256("\n".join([cpu, *sorted(cpu_flags())]).encode()).hexdigest()[:10]
 
 
 def _sdist(root: Path) -> Path:
@@ -152,16 +153,9 @@ def recyclegpt_lanes(ckpt: Path, dtype: str, prompts, max_new_tokens: int, repea
              "bandwidth_share": r["bandwidth_share"]} for r in report["results"]], report["floor"]
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from recyclegpt.bench.report import write_json
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("ckpt", nargs="?", default=str(SHIPPED), help="checkpoint (default: the shipped one)")
@@ -210,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nllama.cpp greedy text = recyclegpt ar ({a.dtype}): {same}/{len(exact)} prompts; "
           f"prompt tokens equal: {sum(r['same_prompt_tokens'] for r in exact)}/{len(exact)}")
     if a.json:
-        write_json(a.json, {"checkpoint": a.ckpt, "dtype": a.dtype, "max_new_tokens": a.max_new_tokens,
-                            "prompts": len(prompts.prompts), "machine": machine_info(torch.device("cpu")),
-                            "compile_mode": os.environ.get("RECYCLEGPT_COMPILE_MODE", "auto"), "floor": floor,
-                            "llama_cpp": {**llama, "build": str(bin_dir)}, "recyclegpt": lanes, "exactness": exact})
+        write_json({"checkpoint": a.ckpt, "dtype": a.dtype, "max_new_tokens": a.max_new_tokens,
+                    "prompts": len(prompts.prompts), "machine": machine_info(torch.device("cpu")),
+                    "compile_mode": os.environ.get("RECYCLEGPT_COMPILE_MODE", "auto"), "floor": floor,
+                    "llama_cpp": {**llama, "build": str(bin_dir)}, "recyclegpt": lanes, "exactness": exact}, a.json)
     return 0 if same == len(exact) else 1
 
 
