@@ -47,9 +47,14 @@ def client(server, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
 
 
-def busy_slots(server) -> float:
+def metric(server, name: str) -> float:
+    """One unlabelled value of the server's /metrics."""
     text = httpx.get(server.url + "/metrics").text
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("recyclegpt_busy_slots ")))
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def busy_slots(server) -> float:
+    return metric(server, "recyclegpt_busy_slots")
 
 
 # ------------------------------------------------------------------ the API, greedy = offline ar

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
-from test_serve import KEY, TEMPLATE, LiveServer, _opts, offline_ar  # noqa: E402
+from test_serve import KEY, TEMPLATE, LiveServer, _opts, metric, offline_ar  # noqa: E402
 
 from recyclegpt import cli  # noqa: E402
 from recyclegpt.decoding import GenerationConfig  # noqa: E402
@@ -41,11 +41,6 @@ def post(server, body: bytes | dict, path: str = "/v1/completions", timeout: flo
 
 def health(server) -> dict:
     return httpx.get(server.url + "/health").json()
-
-
-def metric(server, name: str) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
 def wait_for(cond, what: str, seconds: float = 20) -> None:
