@@ -53,8 +53,8 @@ from .rounds import RoundShape, decode_round
 #   compiled `verify` can pick another token than compiled `ar`; the templates round a row the same way at
 #   every width (benchmarks/identity.py; README, "Exactness in bfloat16").
 # - cpp.enable_concat_linear: linears that read the same input (q/k/v, gate/up) run as one GEMM over their
-#   concatenated frozen weights: fewer, larger calls. Compiled `ar` and `verify` k=3 of the shipped model in
-#   float32 on a 2-core AVX-512 Xeon: +12-20% tokens/s (interleaved runs), texts unchanged (verify = ar).
+#   concatenated frozen weights: fewer, larger calls (faster compiled `ar` and `verify` on the shipped model in
+#   float32 on an AVX-512 Xeon; benchmarks/identity.py still finds verify = ar).
 # RECYCLEGPT_COMPILE_MODE: auto (the above), max-autotune (every batch size and model), default (no
 # autotuning: compiles faster, runs slower at batch 1 on the small model).
 _MODE = os.environ.get("RECYCLEGPT_COMPILE_MODE", "auto")
