@@ -98,7 +98,10 @@ def test_compiled_round_is_cached_and_weight_changes_recompile(light_backend):
     assert compiled.compiled_round(model, module, RoundShape(0, 0, False, True), 1) is not a
     with torch.no_grad():
         model.norm.weight.mul_(2.0)  # in-place change: frozen constants would be stale
-    assert compiled.compiled_round(model, module, ar, 1) is not a
+    b = compiled.compiled_round(model, module, ar, 1)
+    assert b is not a
+    model.norm.weight = torch.nn.Parameter(model.norm.weight.detach().clone())  # replaced, not changed
+    assert compiled.compiled_round(model, module, ar, 1) is not b
     compiled.clear_cache(model)
 
 

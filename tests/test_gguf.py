@@ -10,6 +10,7 @@ llama.cpp itself loading the file is `benchmarks/llama_cpp.py` (opt-in test: REC
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -186,6 +187,17 @@ def test_command_line(exported, tmp_path, capsys):
     assert (tmp_path / "o" / GGUF_FILE).is_file() and "llama-cli" in capsys.readouterr().out
     assert cli.main(["export", str(ckpt), "--format", "gguf", "--out", str(tmp_path / "o")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_llama_bench_output_parses():
+    """llama-bench -o json (one test): the median of the samples, n and depth."""
+    lc = load_benchmark("llama_cpp")
+    out = json.dumps([{"n_prompt": 0, "n_gen": 128, "n_depth": 170, "avg_ts": 240.0,
+                       "samples_ts": [250.5, 230.25, 240.0, 260.0, 200.0]}])
+    got = lc.parse_bench(out)
+    assert got == {"tokens_per_s": 240.0, "samples": [200.0, 230.25, 240.0, 250.5, 260.0], "n": 128, "depth": 170}
+    old = json.dumps([{"n_gen": 16, "avg_ts": 99.5}])  # builds without samples or depth
+    assert lc.parse_bench(old) == {"tokens_per_s": 99.5, "samples": [99.5], "n": 16, "depth": 0}
 
 
 @pytest.mark.llama_cpp

@@ -30,7 +30,7 @@ from ..errors import RecycleError
 from ..model import FullModel
 from ..module import RecyclableModule
 from ..runtime import cache_dir, machine_info
-from .compiled import _weights_version
+from .compiled import weights_version
 from .generation import generate
 from .options import GenerationConfig
 from .tree import tree_candidates
@@ -96,7 +96,7 @@ def weights_hash(model: FullModel, module: RecyclableModule) -> str:
     """sha256 over the full model's and the module's parameters and buffers (names, dtypes, bytes).
     Kept on the model with the weights' version counters (as compiled graphs are): a later call reads it
     back instead of hashing every byte again, until a weight changes in place or moves."""
-    version = (id(module), _weights_version(model, module))
+    version = (id(module), weights_version(model, module))
     memo = model.__dict__.get(_HASH_ATTR)
     if memo is not None and memo[0] == version:
         return memo[1]
