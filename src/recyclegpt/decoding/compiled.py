@@ -165,13 +165,15 @@ def compiled_round(model: FullModel, module: RecyclableModule | None, shape: Rou
     dtype = model.tok_embeddings.weight.dtype
     inductor = BACKEND == "inductor"
     # The cache tensors' identity is in the key: a graph must never run on caches it was not traced with.
-    # The options a graph gets follow from INDUCTOR_OPTIONS, the batch and the model's size (fixed for this
-    # model and dtype): the key holds the first two, and the derived options are worked out on a miss only,
-    # off the per-round path.
+    # The options a graph gets follow from INDUCTOR_OPTIONS, the autotuning limits, the batch and the model's
+    # size (fixed for this model and dtype): the key holds all but the last, and the derived options are worked
+    # out on a miss only, off the per-round path.
     nets = (model, module) if shape.module else (model,)
     caches = tuple(c.k_cache.data_ptr() for net in nets for c in net.caches)
-    key = (shape, id(nets[-1]), batch, dtype, torch.get_num_threads(), BACKEND, caches,
-           tuple(sorted(INDUCTOR_OPTIONS.items())) if inductor else (), weights_version(*nets))
+    options = ((tuple(sorted(INDUCTOR_OPTIONS.items())), AUTOTUNE_MAX_BATCH, AUTOTUNE_MAX_WEIGHT_BYTES)
+               if inductor else ())
+    key = (shape, id(nets[-1]), batch, dtype, torch.get_num_threads(), BACKEND, caches, options,
+           weights_version(*nets))
     with _LOCK:
         per_model = model.__dict__.setdefault(_ATTR, {})
         fn = per_model.get(key)
