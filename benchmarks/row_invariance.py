@@ -22,8 +22,8 @@ from torch import nn
 
 from recyclegpt import RecycleGPT
 from recyclegpt.bench.prompts import load_prompts
-from recyclegpt.checkpoint import atomic_write_text
 from recyclegpt.decoding import compiled
+from recyclegpt.files import atomic_write_text
 from recyclegpt.runtime import machine_info, set_threads
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from recyclegpt.checkpoint import link_or_copy, load_checkpoint, save_checkpoint
+from recyclegpt.checkpoint import load_checkpoint, save_checkpoint
 from recyclegpt.demo import SHIPPED_DISTILL_ARGS, SHIPPED_SOFT_ARGS, SHIPPED_TRAIN_ARGS
+from recyclegpt.files import link_or_copy
 from recyclegpt.training.loop import read_metrics
 
 DEST = Path(__file__).resolve().parents[1] / "src" / "recyclegpt" / "assets" / "shipped"

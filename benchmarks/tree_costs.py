@@ -33,10 +33,10 @@ import torch
 
 from recyclegpt import RecycleGPT
 from recyclegpt.bench.prompts import load_prompts
-from recyclegpt.checkpoint import atomic_write_text
 from recyclegpt.decoding import GenerationConfig, compiled, generate
 from recyclegpt.decoding.auto import DraftShape
 from recyclegpt.decoding.tree import tree_candidates
+from recyclegpt.files import atomic_write_text
 from recyclegpt.runtime import machine_info, set_threads
 
 

@@ -10,7 +10,7 @@ import torch
 
 from recyclegpt.decoding import Engine, GenerationConfig, generate
 from recyclegpt.decoding import auto as auto_mod
-from recyclegpt.decoding.auto import CANDIDATES, DraftShape, Trial, choose_draft, weights_hash
+from recyclegpt.decoding.auto import CANDIDATES, DraftShape, Trial, choose_draft, resolve_draft, weights_hash
 from recyclegpt.decoding.testing import copy_models, random_models
 from recyclegpt.errors import RecycleError
 
@@ -95,11 +95,12 @@ def test_real_measurement_and_auto_generation_equal_ar(models):
     monkey = pytest.MonkeyPatch()
     monkey.setattr(auto_mod, "CANDIDATES", SMALL)  # generate's auto uses the default candidate list
     try:
-        from recyclegpt.decoding.generation import Generation
-
-        gen = Generation(model, module, PROMPTS, gen_cfg)
-        assert gen.auto is not None and gen.config.tree == gen.auto.best.tree
-        assert gen.result().tokens == ar
+        with pytest.raises(RecycleError, match="resolve_draft"):  # decoding itself never measures
+            generate(model, module, PROMPTS, gen_cfg)
+        cfg, choice = resolve_draft(model, module, PROMPTS, gen_cfg)
+        assert choice is not None and cfg.tree == choice.best.tree and cfg.k == choice.best.k
+        assert generate(model, module, PROMPTS, cfg).tokens == ar
+        assert resolve_draft(model, module, PROMPTS, cfg) == (cfg, None)  # nothing to resolve
     finally:
         monkey.undo()
 

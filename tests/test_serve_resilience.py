@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 from test_serve import KEY, TEMPLATE, LiveServer, _opts, metric, offline_ar  # noqa: E402
 
-from recyclegpt import cli  # noqa: E402
+from recyclegpt import argtypes, cli  # noqa: E402
 from recyclegpt.decoding import GenerationConfig  # noqa: E402
 from recyclegpt.decoding.limits import SETTINGS  # noqa: E402
 from recyclegpt.errors import RecycleError  # noqa: E402
@@ -372,7 +372,7 @@ def test_api_cli_and_server_accept_the_same_values(server, bundle, setting, fiel
         try:
             parser.parse_args(["generate", str(path), "--prompt", "x", flag, str(v)])
             command_line = True
-        except cli._UsageError:
+        except argtypes.UsageError:
             command_line = False
         body = {**A, "mode": "ar", "max_tokens": 1, field: v}
         r = post(server, json.dumps(body, allow_nan=True).encode())

@@ -17,7 +17,7 @@ import torch
 from .checkpoint import load_checkpoint, references_base
 from .config import Config
 from .decoding import GenerationConfig, GenerationResult, generate, stream
-from .decoding.auto import AutoChoice, choose_draft
+from .decoding.auto import AutoChoice, choose_draft, resolve_draft
 from .decoding.limits import check_text
 from .errors import RecycleError, RecycleWarning
 from .model import FullModel
@@ -97,6 +97,7 @@ class RecycleGPT:
         gc = self.config(mode, max_new_tokens, **kw)
         ids = self.encode(prompts)
         self._warn_context_cap(ids, gc)
+        gc, _ = resolve_draft(self.model, self.module, ids, gc)
         return generate(self.model, self.module, ids, gc, tokenizer=self.tokenizer)
 
     def generate(self, prompts: str | Sequence[str], mode: str = "verify", max_new_tokens: int = 64,
@@ -118,7 +119,7 @@ class RecycleGPT:
         `batch_size` at a time (default: all together), in the setting of the keywords (temperature,
         top_k, top_p, compile): measured on this machine (every candidate decodes the prompts), then
         cached per weights, machine and setting (`decoding.auto`). `tree="auto"` in generate/stream
-        does the same implicitly, with the prompts it is given."""
+        does the same first (`decoding.auto.resolve_draft`), with the prompts it is given."""
         kw = {key: v for key, v in kw.items() if key not in ("k", "tree", "tree_topk")}
         gc = self.config("verify", max_new_tokens, **kw)
         return choose_draft(self.model, self.module, self.encode(prompts), gc, batch_size=batch_size,
@@ -142,6 +143,7 @@ class RecycleGPT:
         gc = self.config(mode, max_new_tokens, **kw)
         ids = self.encode(prompt)
         self._warn_context_cap(ids, gc)
+        gc, _ = resolve_draft(self.model, self.module, ids, gc)
         return self._stream(ids, gc)
 
     def _stream(self, ids: list[list[int]], gc: GenerationConfig) -> Iterator[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,25 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config
 from .errors import RecycleError
+from .files import make_temp_dir, replace_dir
 from .model import FullModel
 from .module import RecyclableModule
 from .paths import read_error
 from .tokenizer import Tokenizer
 
 CKPT_FILES = ("config.json", "model.safetensors", "module.safetensors", "tokenizer.json")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a written file should read like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _state_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -83,83 +70,6 @@ def save_checkpoint(path: str | Path, cfg: Config, model: FullModel | None, modu
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Put an unchanged file of an existing checkpoint into a new one (`save_checkpoint`'s write_extra)."""
-    try:
-        os.link(src, dst)  # safetensors files are never modified in place: a hard link is a safe copy
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def old_copy(path: Path) -> Path:
-    """Where `replace_dir` keeps the previous `path` between its two renames."""
-    return path.with_name(f".{path.name}.old")
-
-
-def make_temp_dir(path: Path) -> Path:
-    """A temporary sibling of `path` to build its next version in; the name carries this process's id,
-    so `clean_stale_temps` can tell a dead writer's leftovers from a live one's work."""
-    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
-
-
-def clean_stale_temps(path: Path) -> None:
-    """Remove temporary siblings of `path` left by writers that died (killed during a save or export)."""
-    prefix = f".{path.name}.tmp"
-    try:
-        siblings = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
-    except OSError:
-        return
-    for p in siblings:
-        pid = p.name[len(prefix):].lstrip("-").split("-", 1)[0]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def recover_dir(path: Path, complete: Callable[[Path], bool]) -> bool:
-    """After a crash inside `replace_dir`: when `path` is missing and its old copy is `complete`,
-    move the old copy back (True). A stale old copy next to an intact `path` is removed."""
-    old = old_copy(path)
-    if not old.exists():
-        return False
-    if not path.exists():
-        if not complete(old):
-            return False
-        os.replace(old, path)
-        return True
-    if complete(path):
-        shutil.rmtree(old, ignore_errors=True)
-    return False
-
-
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Move the finished directory `tmp` to `path`, replacing what is there with renames only.
-
-    Between the two renames only the old copy (`old_copy(path)`) holds the previous version;
-    `recover_dir` moves it back after a crash in that window."""
-    if path.exists():
-        old = old_copy(path)
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-        shutil.rmtree(old_copy(path), ignore_errors=True)  # an older copy a crash left: superseded now
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:

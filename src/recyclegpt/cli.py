@@ -10,103 +10,12 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from typing import NoReturn
 
-from .decoding.limits import MAX_STOPS, SETTINGS, Setting, text_problem
+from . import argtypes as A
+from .decoding.limits import MAX_STOPS
 from .errors import Interrupted, RecycleError, RecycleWarning
 
 Handler = Callable[[argparse.Namespace], int | None]
-
-
-# ---- option types: every value is checked by argparse, before any work ------------------------
-
-class _UsageError(Exception):
-    """A command-line usage error (argparse's); main() prints it as one line and returns 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: `error: argument --top-p: must be in (0, 1], got 2 (...)`; no usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message} (see: {self.prog} --help)")
-
-
-def _checked(setting: Setting) -> Callable[[str], int | float]:
-    """An argparse type: `setting.kind(s)`, then `setting.problem` (finite, within its bounds): the one range
-    check of `decoding.limits`, here with argparse's "argument --flag:" in front."""
-
-    def parse(s: str) -> int | float:
-        v = setting.kind(s)  # ValueError: argparse says "invalid int value: 'x'"
-        why = setting.problem(v)
-        if why is not None:
-            raise argparse.ArgumentTypeError(why)
-        return v
-    parse.__name__ = setting.kind.__name__  # argparse names the type in "invalid int value" messages
-    return parse
-
-
-def _number(kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-            hi_open: bool = False) -> Callable[[str], int | float]:
-    """An argparse type: `kind(s)`, finite (no nan/inf), within lo..hi (an end excluded when open)."""
-    return _checked(Setting("", kind, lo, hi, lo_open, hi_open))
-
-
-def _positive(kind: type) -> Callable[[str], int | float]:
-    """An argparse type: `kind(s)`, refused unless finite and > 0."""
-    return _number(kind, 0, lo_open=True)
-
-
-_positive_float = _positive(float)
-_positive_int = _positive(int)
-_nonneg_int = _number(int, 0)  # 0 allowed
-_nonneg_float = _number(float, 0)
-_unit = _number(float, 0, 1)  # a weight in [0, 1]
-_fraction = _number(float, 0, 1, hi_open=True)  # --val-fraction: a share held out, [0, 1)
-_seed = _number(int, 0, 2**32 - 1)  # a run's seed (train, bench): fits numpy's and torch's, offsets per rank/row
-_port = _number(int, 1, 65535)
-_vocab_size = _number(int, 1, 1 << 22)  # the checkpoint config's own bound (config.py)
-
-
-def _setting(name: str) -> Callable[[str], int | float]:
-    """An argparse type for a decoding request's setting, held to `limits.SETTINGS`: the ranges the Python
-    API and the server check too."""
-    return _checked(SETTINGS[name])
-
-
-_draft_k = _setting("k")  # drafts per verify round: a round holds k+1 positions per row
-_tree_nodes = _setting("tree")  # a draft tree's node budget (0: a chain)
-_tree_topk = _setting("tree_topk")
-
-
-def _tree_or_auto(s: str) -> int | str:
-    """--tree: a node budget, or `auto` (measure chains and trees here, keep the fastest)."""
-    return "auto" if s.strip().lower() == "auto" else _tree_nodes(s)
-
-
-_tree_or_auto.__name__ = "int"
-
-
-def _text(s: str) -> str:
-    """An argparse type for text (--prompt, --stop, ...). Command-line bytes that are not UTF-8 arrive as
-    lone surrogates (Python's surrogateescape); they are refused here (`limits.text_problem`), never passed on
-    or replaced."""
-    why = text_problem(s)
-    if why is not None:
-        raise argparse.ArgumentTypeError(why)
-    return s
-
-
-_text.__name__ = "text"
-
-
-def _stop_text(s: str) -> str:
-    """An argparse type for --stop: non-empty UTF-8 text."""
-    if not s:
-        raise argparse.ArgumentTypeError("must not be empty")
-    return _text(s)
-
-
-_stop_text.__name__ = "text"
 
 
 # ---- train -----------------------------------------------------------------------------------
@@ -125,26 +34,26 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "'stdlib' for the Python standard library's own .py sources")
     p.add_argument("--out", required=True, help="run directory (must be new or empty unless --resume)")
     p.add_argument("--preset", default="small", help="model size preset: tiny, small (default, ~19M), base (~51M)")
-    p.add_argument("--max-minutes", type=_positive_float, help="stop (and checkpoint) after this many minutes")
-    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps (also the cosine schedule's length)")
+    p.add_argument("--max-minutes", type=A.positive_float, help="stop (and checkpoint) after this many minutes")
+    p.add_argument("--max-steps", type=A.positive_int, help="optimizer steps (also the cosine schedule's length)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training a BPE on the data")
     p.add_argument("--glob", default="**/*", help="file pattern inside data directories (default: all files)")
-    p.add_argument("--text-field", type=_text, default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--val-fraction", type=_fraction, default=0.05,
+    p.add_argument("--text-field", type=A.text, default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--val-fraction", type=A.fraction, default=0.05,
                    help="share of documents held out, in [0, 1) (default 0.05)")
-    p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: the preset's)")
-    p.add_argument("--batch-size", type=_positive_int, help="sequences per step and process")
-    p.add_argument("--seq-len", type=_positive_int, help="tokens per training sequence")
-    p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step")
-    p.add_argument("--recycle-weight", type=_nonneg_float,
+    p.add_argument("--lr", type=A.positive_float, help="peak learning rate (default: the preset's)")
+    p.add_argument("--batch-size", type=A.positive_int, help="sequences per step and process")
+    p.add_argument("--seq-len", type=A.positive_int, help="tokens per training sequence")
+    p.add_argument("--grad-accum", type=A.positive_int, help="micro-batches per optimizer step")
+    p.add_argument("--recycle-weight", type=A.nonneg_float,
                    help="lambda in CE(full) + lambda*CE(module), >= 0 (default 0.3)")
-    p.add_argument("--unroll-steps", type=_positive_int, help="chained module steps trained (default 2)")
-    p.add_argument("--vocab-size", type=_vocab_size, help="tokenizer/model vocabulary (default: the preset's)")
-    p.add_argument("--module-layers", type=_positive_int, help="blocks in the recyclable module (default 1)")
-    p.add_argument("--eval-every", type=_positive_int, help="steps between validations")
-    p.add_argument("--save-every", type=_positive_int, help="steps between checkpoints")
-    p.add_argument("--seed", type=_seed, help="random seed")
+    p.add_argument("--unroll-steps", type=A.positive_int, help="chained module steps trained (default 2)")
+    p.add_argument("--vocab-size", type=A.vocab_size, help="tokenizer/model vocabulary (default: the preset's)")
+    p.add_argument("--module-layers", type=A.positive_int, help="blocks in the recyclable module (default 1)")
+    p.add_argument("--eval-every", type=A.positive_int, help="steps between validations")
+    p.add_argument("--save-every", type=A.positive_int, help="steps between checkpoints")
+    p.add_argument("--seed", type=A.seed, help="random seed")
     p.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast, fp32 weights)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -206,28 +115,30 @@ def add_decoding_args(p: argparse.ArgumentParser, default_mode: str = "verify") 
     p.add_argument("--mode", default=default_mode, choices=["ar", "recycle", "verify"],
                    help="ar: one full pass per token; recycle: the paper's alternation of full model and "
                    "module (lossy, ~2 tokens per pass); verify: module drafts, full model verifies (lossless)")
-    p.add_argument("--max-new-tokens", type=_setting("max_new_tokens"), default=64,
+    p.add_argument("--max-new-tokens", type=A.setting("max_new_tokens"), default=64,
                    help="new tokens per prompt (default 64; the model's context caps it)")
-    p.add_argument("--k", type=_draft_k, default=3, help="drafts per verify round, 1 to 64 (default 3)")
+    p.add_argument("--k", type=A.draft_k, default=3, help="drafts per verify round, 1 to 64 (default 3)")
     p.add_argument("--adaptive-k", action="store_true", help="grow/shrink k from recent acceptance (verify)")
-    p.add_argument("--tree", type=_tree_or_auto, default=0, metavar="N|auto",
+    p.add_argument("--tree", type=A.tree_or_auto, default=0, metavar="N|auto",
                    help="verify with a draft tree of N nodes and depth --k instead of a chain of k drafts: the "
                    "module's top --tree-topk tokens per node (drawn from its distribution when sampling), the N most "
                    "probable kept, all verified in one pass (lossless; default 0 = chain). auto: decode the prompts "
                    "with a few chains and trees first and keep the fastest on this machine (cached; see `recyclegpt "
                    "tune`)")
-    p.add_argument("--tree-topk", type=_tree_topk, default=2, metavar="C",
+    p.add_argument("--tree-topk", type=A.tree_topk, default=2, metavar="C",
                    help="children per expanded tree node, and nodes expanded per level (default 2)")
     p.add_argument("--drafter", default="module", choices=["module", "ngram", "hybrid"],
                    help="verify drafter: the recyclable module, prompt lookup (n-gram), or per round whichever "
                    "promises more (default module)")
-    p.add_argument("--temperature", type=_setting("temperature"), default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=_setting("top_k"), default=0, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=_setting("top_p"), default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--seed", type=_setting("seed"), default=None,
+    p.add_argument("--temperature", type=A.setting("temperature"), default=0.0,
+                   help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=A.setting("top_k"), default=0,
+                   help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=A.setting("top_p"), default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=A.setting("seed"), default=None,
                    help="sampling seed, a signed 64-bit integer: the same seed gives the same text (default: fresh "
                    "randomness every run)")
-    p.add_argument("--stop", type=_stop_text, action="append", default=[], metavar="TEXT",
+    p.add_argument("--stop", type=A.stop_text, action="append", default=[], metavar="TEXT",
                    help=f"stop a row when this text appears (up to {MAX_STOPS}); nothing after it is returned")
     p.add_argument("--compile", action="store_true",
                    help="run each decoding round as a torch.compile'd graph (faster per token; the first run "
@@ -257,7 +168,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                        description="Continue prompts with a checkpoint (a checkpoint directory or a training run "
                        "directory) in any decoding mode. Several --prompt flags decode as one batch.")
     p.add_argument("ckpt", help="checkpoint directory (or a `recyclegpt train` run directory)")
-    p.add_argument("--prompt", type=_text, action="append", required=True,
+    p.add_argument("--prompt", type=A.text, action="append", required=True,
                    help="text to continue (repeat for a batch)")
     add_decoding_args(p)
     p.add_argument("--stream", action="store_true", help="print text as tokens are accepted (one prompt)")
@@ -325,17 +236,18 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ckpt", help="checkpoint directory (or a `recyclegpt train` run directory)")
     p.add_argument("--prompts", default="code", metavar="NAME|FILE",
                    help="calibration prompts: code (default), prose, all, or a file (one prompt per line, or JSONL)")
-    p.add_argument("--num-prompts", type=_positive_int, default=4,
+    p.add_argument("--num-prompts", type=A.positive_int, default=4,
                    help="calibration prompts, the set's first N (default 4; repeated when the set has fewer)")
-    p.add_argument("--batch-size", type=_number(int, 1, 256), default=1,
+    p.add_argument("--batch-size", type=A.number(int, 1, 256), default=1,
                    help="prompts decoded together, as you will decode them (default 1)")
-    p.add_argument("--max-new-tokens", type=_number(int, 8, 4096), default=48,
+    p.add_argument("--max-new-tokens", type=A.number(int, 8, 4096), default=48,
                    help="tokens decoded per prompt and candidate (default 48)")
-    p.add_argument("--repeats", type=_positive_int, default=2, help="timed runs per candidate; the best counts "
+    p.add_argument("--repeats", type=A.positive_int, default=2, help="timed runs per candidate; the best counts "
                    "(default 2)")
-    p.add_argument("--temperature", type=_setting("temperature"), default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=_setting("top_k"), default=0, help="sampling top-k (0 = off)")
-    p.add_argument("--top-p", type=_setting("top_p"), default=1.0, help="sampling top-p (1 = off)")
+    p.add_argument("--temperature", type=A.setting("temperature"), default=0.0,
+                   help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=A.setting("top_k"), default=0, help="sampling top-k (0 = off)")
+    p.add_argument("--top-p", type=A.setting("top_p"), default=1.0, help="sampling top-p (1 = off)")
     p.add_argument("--compile", action="store_true",
                    help="measure compiled rounds (compiles every candidate once: minutes on a small CPU)")
     p.add_argument("--refresh", action="store_true", help="measure again even if a cached choice exists")
@@ -381,13 +293,13 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ckpt", help="checkpoint or training run directory")
     p.add_argument("--data", nargs="+", metavar="PATH", help="held-out text files/directories/.jsonl")
     p.add_argument("--glob", default="**/*", help="file pattern inside data directories")
-    p.add_argument("--max-tokens", type=_positive_int, default=65536, help="tokens to score (default 65536)")
-    p.add_argument("--seq-len", type=_positive_int, default=512, help="window length (default 512)")
+    p.add_argument("--max-tokens", type=A.positive_int, default=65536, help="tokens to score (default 65536)")
+    p.add_argument("--seq-len", type=A.positive_int, default=512, help="window length (default 512)")
     p.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
     p.add_argument("--prompts", default="code", metavar="NAME|FILE",
                    help="prompt set for the greedy agreement of `recycle` with `ar`: code (default), prose, all, "
                    "or a file (one prompt per line, or JSONL)")
-    p.add_argument("--agreement-tokens", type=_nonneg_int, default=64, metavar="N",
+    p.add_argument("--agreement-tokens", type=A.nonneg_int, default=64, metavar="N",
                    help="new tokens per prompt for the agreement check (default 64; 0 skips it)")
     add_runtime_args(p)
     p.set_defaults(func=run_eval, dtype="float32")
@@ -411,7 +323,7 @@ def _check_outputs(a: argparse.Namespace, *flags: str) -> None:
 
 def run_eval(a: argparse.Namespace) -> int:
     from .bench.quality import load_eval_tokens, perplexity, run_tokens_val
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
 
     _check_outputs(a, "--json")  # before the long part, not after it
     if a.data:
@@ -489,33 +401,33 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default="code", metavar="NAME|FILE",
                    help="shipped set (code: held-out stdlib functions, prose, all) or a file: one prompt per line, "
                    "or JSONL with a \"prompt\" field per line (default code)")
-    p.add_argument("--num-prompts", type=_nonneg_int, default=8, metavar="N",
+    p.add_argument("--num-prompts", type=A.nonneg_int, default=8, metavar="N",
                    help="use the first N prompts of the set (default 8, to keep a default run short; 0 = all)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="new tokens per prompt (default 128)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default 1)")
-    p.add_argument("--temperature", type=_setting("temperature"), default=0.0,
+    p.add_argument("--max-new-tokens", type=A.positive_int, default=128, help="new tokens per prompt (default 128)")
+    p.add_argument("--batch-size", type=A.positive_int, default=1, help="prompts decoded together (default 1)")
+    p.add_argument("--temperature", type=A.setting("temperature"), default=0.0,
                    help="0 = greedy (default); e.g. 1 to sample")
-    p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
-    p.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds per mode (default 3)")
+    p.add_argument("--seed", type=A.seed, default=0, help="sampling seed (default 0)")
+    p.add_argument("--repeats", type=A.positive_int, default=3, help="timed rounds per mode (default 3)")
     p.add_argument("--modes", type=_mode_list, default=None, metavar="M1,M2",
                    help="modes to run (default all: ar,recycle,verify,hf_generate,hf_assisted)")
-    p.add_argument("--k", type=_draft_k, nargs="+", default=[3], metavar="K",
+    p.add_argument("--k", type=A.draft_k, nargs="+", default=[3], metavar="K",
                    help="verify draft lengths, one lane each (default 3; e.g. --k 1 2 3 4)")
-    p.add_argument("--tree", type=_tree_or_auto, nargs="+", default=[], metavar="N|auto",
+    p.add_argument("--tree", type=A.tree_or_auto, nargs="+", default=[], metavar="N|auto",
                    help="add `verify tree N` lanes: a draft tree of N nodes per round, depth --tree-depth, "
                    "--tree-topk children per node (compiled too under --compile headline/all; e.g. --tree 8 16); "
                    "auto adds a `verify auto` lane: the chain or tree `--tree auto` picks, measured on these prompts "
                    "first (as `recyclegpt tune` does)")
-    p.add_argument("--tree-depth", type=_draft_k, default=None, metavar="D",
+    p.add_argument("--tree-depth", type=A.draft_k, default=None, metavar="D",
                    help="depth of the tree lanes (default: the largest --k)")
-    p.add_argument("--tree-topk", type=_tree_topk, default=2, metavar="C",
+    p.add_argument("--tree-topk", type=A.tree_topk, default=2, metavar="C",
                    help="children per expanded node in the tree lanes (default 2)")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=False,
                    help="add a `verify adaptive` lane: k moves within 1..max(--k) from recent acceptance (default off)")
     p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=False,
                    help="add a `verify hybrid` lane: per row and round, the module's chain or a prompt-lookup match "
                    "of up to --prompt-lookup tokens (default off)")
-    p.add_argument("--prompt-lookup", type=_positive_int, default=10,
+    p.add_argument("--prompt-lookup", type=A.positive_int, default=10,
                    help="hf_assisted: prompt_lookup_num_tokens (default 10)")
     p.add_argument("--hf-cache", default="auto", choices=["auto", "static", "dynamic"],
                    help="hf_generate KV cache; auto measures both once and keeps the faster (default)")
@@ -594,34 +506,34 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "every request in a batch of --slots; requests join and leave between rounds. Needs the serve extra: "
         "pip install -e \".[serve]\".")
     p.add_argument("ckpt", help="checkpoint directory (or a `recyclegpt train` run directory)")
-    p.add_argument("--host", type=_text, default="127.0.0.1",
+    p.add_argument("--host", type=A.text, default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
-    p.add_argument("--model-name", type=_text, default=None,
+    p.add_argument("--port", type=A.port, default=8000, help="port (default 8000)")
+    p.add_argument("--model-name", type=A.text, default=None,
                    help="the model id clients send (default: the checkpoint's name)")
-    p.add_argument("--slots", type=_number(int, 1, 4096), default=8,
+    p.add_argument("--slots", type=A.number(int, 1, 4096), default=8,
                    help="requests decoded together in one batch, 1 to 4096 (default 8)")
-    p.add_argument("--max-k", type=_draft_k, default=3,
+    p.add_argument("--max-k", type=A.draft_k, default=3,
                    help="most drafts per round a request may ask for (`k`); every verify round is this wide "
                    "(default 3)")
-    p.add_argument("--k", type=_draft_k, default=3, help="drafts per round when a request gives no k (default 3)")
-    p.add_argument("--tree", type=_tree_or_auto, default=0, metavar="N|auto",
+    p.add_argument("--k", type=A.draft_k, default=3, help="drafts per round when a request gives no k (default 3)")
+    p.add_argument("--tree", type=A.tree_or_auto, default=0, metavar="N|auto",
                    help="verify requests draft a tree of N nodes, --max-k deep, instead of a chain (default 0: "
                    "chains); N >= --max-k. auto: at start, measure chains and trees with every slot busy (the "
                    "shipped code and prose prompts; cached like `recyclegpt tune`) and serve the fastest; its "
                    "depth replaces --max-k")
-    p.add_argument("--tree-topk", type=_tree_topk, default=2, metavar="C", help="children per tree node (default 2)")
+    p.add_argument("--tree-topk", type=A.tree_topk, default=2, metavar="C", help="children per tree node (default 2)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the decoding rounds at start (default on: /health answers ready once done; "
                    "--no-compile starts at once and decodes eagerly, slower)")
-    p.add_argument("--api-key", type=_text, default=None,
+    p.add_argument("--api-key", type=A.text, default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $RECYCLEGPT_API_KEY if set, else none)")
-    p.add_argument("--max-queue", type=_positive_int, default=256,
+    p.add_argument("--max-queue", type=A.positive_int, default=256,
                    help="requests that may wait for a slot; more get 429 (default 256)")
-    p.add_argument("--max-tokens-limit", type=_positive_int, default=None,
+    p.add_argument("--max-tokens-limit", type=A.positive_int, default=None,
                    help="largest max_tokens a request may ask for (default: the model's context)")
-    p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="request size limit (default 1 MiB)")
-    p.add_argument("--request-timeout", type=_positive_float, default=600.0,
+    p.add_argument("--max-body-bytes", type=A.positive_int, default=1 << 20, help="request size limit (default 1 MiB)")
+    p.add_argument("--request-timeout", type=A.positive_float, default=600.0,
                    help="seconds a request may take, queue included (default 600)")
     add_runtime_args(p)
     p.set_defaults(func=run_serve)
@@ -682,7 +594,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                        "`ar` and `recycle` (and `verify`), and print them side by side with tokens/s, full passes "
                        "per token and speedup. --train reproduces the shipped checkpoint from scratch.")
     p.add_argument("--ckpt", help="use this checkpoint instead of the shipped one")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=48, help="new tokens per prompt (default 48)")
+    p.add_argument("--max-new-tokens", type=A.positive_int, default=48, help="new tokens per prompt (default 48)")
     p.add_argument("--train", action="store_true",
                    help="reproduce the shipped checkpoint by its recorded train command into the cache directory")
     p.add_argument("--out", help="with --train: run directory (default: ~/.cache/recyclegpt/demo-run)")
@@ -719,34 +631,34 @@ def add_attach(sub: argparse._SubParsersAction) -> None:
                    "be a recyclegpt checkpoint) or CKPT's (it must fit the base)")
     p.add_argument("--backend", default="auto", choices=["auto", "native", "generic"],
                    help="auto (default): native for Llama/Mistral/Qwen2 it can express exactly, else transformers")
-    p.add_argument("--max-seq-len", type=_positive_int,
+    p.add_argument("--max-seq-len", type=A.positive_int,
                    help="context for a transformers BASE (default: its own, at most 2048)")
     p.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="precision of the frozen base's weights (bfloat16 halves its memory)")
-    p.add_argument("--max-minutes", type=_positive_float, help="stop (and checkpoint) after this many minutes")
-    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps (default 1000; the schedule's length)")
+    p.add_argument("--max-minutes", type=A.positive_float, help="stop (and checkpoint) after this many minutes")
+    p.add_argument("--max-steps", type=A.positive_int, help="optimizer steps (default 1000; the schedule's length)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--lr", type=_positive_float, help="peak learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=_positive_int, help="sequences per step (default 8)")
-    p.add_argument("--seq-len", type=_positive_int, help="tokens per training window (default 256)")
-    p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step")
-    p.add_argument("--unroll-steps", type=_positive_int,
+    p.add_argument("--lr", type=A.positive_float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=A.positive_int, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=A.positive_int, help="tokens per training window (default 256)")
+    p.add_argument("--grad-accum", type=A.positive_int, help="micro-batches per optimizer step")
+    p.add_argument("--unroll-steps", type=A.positive_int,
                    help="chained module steps trained (default 2: drafts 2+ see the module's own state)")
-    p.add_argument("--module-layers", type=_positive_int, help="blocks in a fresh module (default 1)")
-    p.add_argument("--distill-kl", type=_unit, default=0.0, metavar="W",
+    p.add_argument("--module-layers", type=A.positive_int, help="blocks in a fresh module (default 1)")
+    p.add_argument("--distill-kl", type=A.unit, default=0.0, metavar="W",
                    help="mix the base's full distribution into the target with weight W in [0, 1] (a KL term; "
                    "default 0: its greedy token only)")
-    p.add_argument("--val-prompts", type=_nonneg_int, default=4,
+    p.add_argument("--val-prompts", type=A.nonneg_int, default=4,
                    help="held-out prompts decoded with verify at each validation (default 4; 0: off)")
-    p.add_argument("--eval-every", type=_positive_int, help="steps between validations (default 100)")
-    p.add_argument("--save-every", type=_positive_int, help="steps between checkpoints (default 100)")
-    p.add_argument("--seed", type=_seed, help="random seed")
+    p.add_argument("--eval-every", type=A.positive_int, help="steps between validations (default 100)")
+    p.add_argument("--save-every", type=A.positive_int, help="steps between checkpoints (default 100)")
+    p.add_argument("--seed", type=A.seed, help="random seed")
     p.add_argument("--fp32", action="store_true",
                    help="no bf16 autocast (default: autocast where the CPU has native bf16, or on CUDA)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU exists")
     p.add_argument("--glob", default="**/*", help="file pattern inside data directories (default: all files)")
-    p.add_argument("--text-field", type=_text, default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--val-fraction", type=_fraction, default=0.05,
+    p.add_argument("--text-field", type=A.text, default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--val-fraction", type=A.fraction, default=0.05,
                    help="share of documents held out, in [0, 1) (default 0.05)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_attach)
@@ -794,7 +706,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                    help="precision of the written weights (default float32)")
     p.add_argument("--target", help="with --format eagle: the served full model's directory, for the printed "
                    "command (default: the base for attached checkpoints, else TARGET_HF_DIR)")
-    p.add_argument("--num-speculative-tokens", type=_positive_int, default=3,
+    p.add_argument("--num-speculative-tokens", type=A.positive_int, default=3,
                    help="drafts per step in the printed commands (default 3)")
     p.add_argument("--allow-approximate", action="store_true",
                    help="export a module variant (input/final norms) approximately as EAGLE-1")
@@ -887,7 +799,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_demo, add_ge
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = A.Parser(
         prog="recyclegpt",
         description="RecycleGPT: a language model with a recyclable module (Yang et al., 2023, arXiv 2308.03421) "
         "for faster decoding — the paper's alternating `recycle` mode and a lossless draft-and-`verify` mode.",
@@ -929,13 +841,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["bench", "serve"]:  # load-testing a running server: a parser of its own; `bench CKPT` stays
         from .bench.serve_load import build_parser as build_bench_serve_parser
 
-        parser, argv = build_bench_serve_parser(_Parser), argv[2:]
+        parser, argv = build_bench_serve_parser(A.Parser), argv[2:]
         parser.set_defaults(func=run_bench_serve)
     else:
         parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except _UsageError as e:
+    except A.UsageError as e:
         _say(f"error: {e}")
         return 2
     if not getattr(args, "func", None):

@@ -116,7 +116,7 @@ def print_table(report: dict[str, Any], console=None) -> None:
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
-    from ..checkpoint import atomic_write_text
+    from ..files import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .. import argtypes as A
 from ..errors import RecycleError
 from .report import progress_bar
 
@@ -612,7 +613,7 @@ def report_to_json(report: dict[str, Any], save_texts: bool = False) -> dict[str
 
 
 def write_json(report: dict[str, Any], path: str | Path, save_texts: bool = False) -> None:
-    from ..checkpoint import atomic_write_text
+    from ..files import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -699,21 +700,6 @@ def write_plot(report: dict[str, Any], path: str | Path) -> None:
 
 # ---- command line ----------------------------------------------------------------------------
 
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(s: str) -> Any:
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {s!r}") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-        return v
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def _json_object(s: str) -> dict[str, Any]:
     try:
         v = json.loads(s)
@@ -727,8 +713,6 @@ def _json_object(s: str) -> dict[str, Any]:
 def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `recyclegpt bench serve` parser; the CLI passes its one-line-error parser class and checks text
     and numbers with its own option types."""
-    from ..cli import _number, _text
-
     p = parser_class(
         prog="recyclegpt bench serve",
         description="Load-test a running OpenAI-compatible server (recyclegpt's own, vLLM, SGLang, ...): stream "
@@ -737,11 +721,11 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
         "request. Reports per level: completed/failed requests, req/s, output tokens/s, and TTFT, TPOT and "
         "inter-token latency (mean, p50, p95, p99). Only --url is contacted (no redirects, no proxies).",
     )
-    p.add_argument("--url", required=True, type=_text,
+    p.add_argument("--url", required=True, type=A.text,
                    help="the server's base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)")
-    p.add_argument("--model", type=_text,
+    p.add_argument("--model", type=A.text,
                    help="model name sent in each request (default: the first id GET /v1/models lists)")
-    p.add_argument("--api-key", type=_text,
+    p.add_argument("--api-key", type=A.text,
                    help="sent as `Authorization: Bearer KEY` (default: $RECYCLEGPT_API_KEY, else "
                    "$OPENAI_API_KEY, else no header)")
     p.add_argument("--endpoint", default="completions", choices=list(ENDPOINTS),
@@ -750,10 +734,10 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     p.add_argument("--prompts", default="code", metavar="NAME|FILE",
                    help="shipped set (code, prose, all) or a file: one prompt per line, or JSONL with a \"prompt\" "
                    "field per line; cycled to --num-requests (default code)")
-    p.add_argument("--num-requests", type=_positive(int), default=32, metavar="N",
+    p.add_argument("--num-requests", type=A.positive(int), default=32, metavar="N",
                    help="requests per load level (default 32)")
-    p.add_argument("--max-tokens", type=_positive(int), default=128, help="max_tokens of each request (default 128)")
-    p.add_argument("--temperature", type=_number(float, 0, 2), default=0.0,
+    p.add_argument("--max-tokens", type=A.positive(int), default=128, help="max_tokens of each request (default 128)")
+    p.add_argument("--temperature", type=A.number(float, 0, 2), default=0.0,
                    help="sampling temperature (default 0: greedy)")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="send \"ignore_eos\": true (vLLM and recyclegpt's server accept it) so every request "
@@ -762,17 +746,17 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                    help="a JSON object merged into every request body, e.g. '{\"mode\": \"verify\", \"k\": 3}' "
                    "(a dict value such as stream_options is merged into ours; default none)")
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", type=_positive(int), nargs="+", default=[1], metavar="N",
+    load.add_argument("--concurrency", type=A.positive(int), nargs="+", default=[1], metavar="N",
                       help="closed-loop levels: each keeps N requests in flight until --num-requests are done "
                       "(default 1; e.g. --concurrency 1 4 8 16)")
-    load.add_argument("--request-rate", type=_positive(float), nargs="+", default=None, metavar="R",
+    load.add_argument("--request-rate", type=A.positive(float), nargs="+", default=None, metavar="R",
                       help="open-loop levels instead: requests arrive as a Poisson process of R per second, any "
                       "number in flight")
-    p.add_argument("--duration", type=_positive(float), default=None, metavar="S",
+    p.add_argument("--duration", type=A.positive(float), default=None, metavar="S",
                    help="per level, issue no new request after S seconds (in-flight ones finish; default: no limit)")
-    p.add_argument("--timeout", type=_positive(float), default=600.0, metavar="S",
+    p.add_argument("--timeout", type=A.positive(float), default=600.0, metavar="S",
                    help="give up on a request after S seconds, start to end; it counts as failed (default 600)")
-    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0,
+    p.add_argument("--seed", type=A.number(int, 0, 2**32 - 1), default=0,
                    help="seed of the Poisson arrival times (default 0)")
     p.add_argument("--json", metavar="OUT.json", help="write settings, per-level metrics and per-request records "
                    "(chunk arrival times, token counts, errors) as JSON")

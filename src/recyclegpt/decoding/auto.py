@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write_text
 from ..errors import RecycleError
+from ..files import atomic_write_text
 from ..model import FullModel
 from ..module import RecyclableModule
 from ..runtime import cache_dir, machine_info
@@ -157,6 +157,17 @@ def measure(model: FullModel, module: RecyclableModule, batches: Sequence[Sequen
         row_passes += sum(st.row_passes)
         seconds += st.decode_s
     return Trial(shape, produced / max(row_passes, 1), 1e3 * seconds / max(passes, 1), produced / max(seconds, 1e-9))
+
+
+def resolve_draft(model: FullModel, module: RecyclableModule | None, prompts: Sequence[Sequence[int]],
+                  config: GenerationConfig) -> tuple[GenerationConfig, AutoChoice | None]:
+    """`config` ready to decode `prompts`: with tree="auto", the fastest measured draft shape applied
+    (`choose_draft` on these prompts, or its cached choice) and that choice; any other config as it is."""
+    if config.tree != "auto":
+        return config, None
+    config.validate()
+    choice = choose_draft(model, module, prompts, config)
+    return choice.best.apply(config), choice
 
 
 def choose_draft(model: FullModel, module: RecyclableModule, prompts: Sequence[Sequence[int]],

@@ -291,7 +291,7 @@ class Engine:
             raise RecycleError(f"{what} needs a recyclable module (or use drafter='ngram' / mode='ar')")
         if cfg.tree == "auto":
             raise RecycleError("an engine runs one draft shape per request: resolve tree='auto' first "
-                               "(decoding.auto.choose_draft), or let generate/stream do it")
+                               "(decoding.auto.resolve_draft), or let RecycleGPT.generate/stream do it")
         prompt = self.check_prompt(prompt)
         if cfg.tree and not isinstance(self.model, FullModel):
             raise RecycleError("draft trees need recyclegpt's own model; this one runs through transformers "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,9 +18,6 @@ from ..module import RecyclableModule
 from .engine import Engine, add_by_position, row_configs
 from .options import GenerationConfig
 from .stops import Decodes, StopFn, trim_at_stop
-
-if TYPE_CHECKING:
-    from .auto import AutoChoice
 
 
 @dataclass
@@ -96,12 +92,9 @@ class Generation:
         config.validate()
         if not prompts:
             raise RecycleError("no prompts given")
-        self.auto: AutoChoice | None = None  # the draft shape tree="auto" chose
-        if config.tree == "auto":  # measure the candidates on these prompts (or read the cached choice)
-            from .auto import choose_draft
-
-            self.auto = choose_draft(model, module, prompts, config)
-            config = self.auto.best.apply(config)
+        if config.tree == "auto":  # measuring drafts is the caller's step, before decoding starts
+            raise RecycleError("tree='auto' must be resolved before decoding: RecycleGPT.generate / stream do "
+                               "it, or call decoding.auto.resolve_draft(model, module, prompts, config) first")
         self.config, self.tokenizer = config, tokenizer
         self._configs = row_configs(config, len(prompts))
         self._prompts = prompts

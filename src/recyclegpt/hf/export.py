@@ -50,9 +50,7 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,12 +58,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..checkpoint import clean_stale_temps, load_checkpoint, make_temp_dir, replace_dir, resolve_checkpoint_dir
+from ..checkpoint import load_checkpoint, resolve_checkpoint_dir
 from ..config import Config, ModelConfig
 from ..errors import RecycleError
+from ..files import atomic_dir
 from ..model import FullModel
 from ..module import RecyclableModule
-from ..paths import check_not_overlapping, check_output_dir
+from ..paths import check_not_overlapping
 from ..tokenizer import Tokenizer
 from .convert import _rope_settings, hf_config_dict, hf_config_from_model_config, to_hf_state_dict
 
@@ -84,36 +83,6 @@ APPROXIMATION_NOTE = (
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-@contextmanager
-def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `out_dir` in one rename.
-
-    Only a missing or empty directory, or an earlier export, is replaced (never a run or a checkpoint);
-    temporary directories that killed exports left next to `out_dir` are removed."""
-    check_output_dir(out_dir, None, overwrite=overwrite, overwrite_flag="overwrite=True")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out_dir)
-    tmp = make_temp_dir(out_dir)
-    try:
-        yield tmp
-        _make_shareable(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _make_shareable(root: Path) -> None:
-    """Directories 0755, files 0644, like a `save_pretrained` output or `save_checkpoint`: mkdtemp makes
-    the directory 0700 (and copied files keep their source's mode), so an engine running as another user
-    could not read the export otherwise. Symbolic links are left alone."""
-    root.chmod(0o755)
-    for p in root.rglob("*"):
-        if p.is_symlink():
-            continue
-        p.chmod(0o755 if p.is_dir() else 0o644)
-
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
@@ -231,7 +200,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | torch.d
     torch_dtype = _dtype(dtype)
     eos = _eos(cfg, tokenizer)
     hf_cfg = hf_config_from_model_config(cfg.model, eos_token_id=eos, dtype=torch_dtype)
-    with _atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(hf_cfg), indent=2, sort_keys=True) + "\n")
         _save(to_hf_state_dict(model), tmp / "model.safetensors", torch_dtype)
         (tmp / "generation_config.json").write_text(json.dumps(
@@ -364,7 +333,7 @@ def export_eagle(ckpt_dir: str | Path, out_dir: str | Path, flavour: Flavour = "
                    "input_norms": module.cfg.input_norms, "final_norm": module.cfg.final_norm},
         "serve": serving_command(flavour, draft_path=str(out)),
     }
-    with _atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _save(tensors, tmp / "model.safetensors", torch_dtype)
         (tmp / "recyclegpt_export.json").write_text(json.dumps(note, indent=2) + "\n")

@@ -452,7 +452,7 @@ def load_base_tokenizer(path: str | Path) -> Tokenizer:
 def copy_base_dir(base: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """`export --format hf` for a generic-base checkpoint: its full model is the transformers directory
     it references; copy that (atomically) so the export is self-contained."""
-    from .export import _atomic_dir
+    from ..files import atomic_dir
 
     base, out = Path(base), Path(out_dir)
     if not base.is_dir():
@@ -462,7 +462,7 @@ def copy_base_dir(base: str | Path, out_dir: str | Path, overwrite: bool = False
     from ..paths import check_not_overlapping
 
     check_not_overlapping(out, "export target", [(base, "the base model")])
-    with _atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         for f in sorted(base.iterdir()):
             if f.name.startswith("."):
                 continue

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from ..errors import RecycleError
+from ..files import atomic_dir
 from ..model import FullModel
 from ..tokenizer import Tokenizer
-from .export import _atomic_dir, _dtype, _eos, _load
+from .export import _dtype, _eos, _load
 
 GGUF_FILE = "model.gguf"
 ARCH = "llama"
@@ -152,7 +153,7 @@ def export_gguf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | torch
         raise RecycleError("GGUF export covers recyclegpt's own model; this checkpoint runs a transformers base "
                            "(convert that base with llama.cpp's convert_hf_to_gguf.py)")
     torch_dtype = _dtype(dtype)
-    with _atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         write_gguf(model, tokenizer, tmp / GGUF_FILE, dtype=torch_dtype, eos_id=_eos(cfg, tokenizer),
                    name=Path(ckpt_dir).resolve().name)
     return out / GGUF_FILE

@@ -42,7 +42,6 @@ from tqdm import tqdm
 
 from ..checkpoint import (
     _load_weights,
-    link_or_copy,
     load_checkpoint,
     load_config,
     load_into,
@@ -53,6 +52,7 @@ from ..config import Config, ModelConfig, ModuleConfig, TokenizerConfig, TrainCo
 from ..data import prepare_tokens, resolve_files
 from ..decoding import GenerationConfig, generate
 from ..errors import Interrupted, RecycleError, RecycleWarning
+from ..files import link_or_copy
 from ..hf.convert import SUPPORTED_MODEL_TYPES
 from ..hf.export import check_module_fits
 from ..hf.generic import (

@@ -27,8 +27,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import clean_stale_temps, load_config, old_copy, recover_dir
+from ..checkpoint import load_config
 from ..errors import Interrupted, RecycleError, RecycleWarning
+from ..files import clean_stale_temps, old_copy, recover_dir
 from ..paths import check_output_dir, read_error
 
 START_MARK = ".starting"
