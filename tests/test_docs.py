@@ -27,3 +27,12 @@ def test_no_reference_to_files_outside_the_repository():
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if "DESIGN.md" in line or "../shared" in line]
     assert not offenders, f"references to files outside the repository (use docs/definitions.md): {offenders}"
+
+
+def test_the_all_extra_holds_every_user_extra():
+    """`pip install "recyclegpt[all]"` installs every optional feature (dev's test tools aside)."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    users = sorted(set(extras) - {"all", "dev"})
+    assert extras["all"] == [f"recyclegpt[{','.join(users)}]"], extras["all"]
