@@ -368,8 +368,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except ValueError as e:
         build_parser().error(str(e).replace("_", "-"))
 
-    from recyclegpt.bench.prompts import load_prompts
     from recyclegpt.checkpoint import load_checkpoint
+    from recyclegpt.prompts import load_prompts
     from recyclegpt.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)

@@ -19,9 +19,9 @@ import os
 import torch
 
 from recyclegpt import RecycleGPT
-from recyclegpt.bench.prompts import load_prompts
 from recyclegpt.decoding import GenerationConfig, generate
 from recyclegpt.files import atomic_write_text
+from recyclegpt.prompts import load_prompts
 from recyclegpt.runtime import machine_info, set_threads
 
 LANES = {"verify k=3": dict(mode="verify", k=3), "verify k=5": dict(mode="verify", k=5),

@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from recyclegpt import RecycleGPT
-    from recyclegpt.bench.prompts import load_prompts
     from recyclegpt.bench.report import write_json
     from recyclegpt.decoding import Engine, GenerationConfig, compiled
+    from recyclegpt.prompts import load_prompts
     from recyclegpt.runtime import machine_info, set_threads
 
     set_threads()

@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from recyclegpt.bench.prompts import load_prompts
     from recyclegpt.hf.gguf import export_gguf
+    from recyclegpt.prompts import load_prompts
     from recyclegpt.runtime import machine_info
     from recyclegpt.tokenizer import Tokenizer
 

@@ -19,8 +19,8 @@ import torch
 
 import recyclegpt
 from recyclegpt import RecycleGPT
-from recyclegpt.bench.prompts import load_prompts
 from recyclegpt.decoding.prefill import prefill
+from recyclegpt.prompts import load_prompts
 
 
 def padded_cached_pass(m: RecycleGPT, prompts: list[list[int]]) -> None:

@@ -19,8 +19,8 @@ import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 
 from recyclegpt import RecycleGPT
-from recyclegpt.bench.prompts import load_prompts
 from recyclegpt.decoding import Engine, GenerationConfig
+from recyclegpt.prompts import load_prompts
 from recyclegpt.runtime import set_threads
 
 ROOT = Path(__file__).resolve().parents[1]

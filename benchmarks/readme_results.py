@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from build_prompts import val_sources  # noqa: E402
 
 from recyclegpt.api import RecycleGPT  # noqa: E402
-from recyclegpt.bench.prompts import load_prompts  # noqa: E402
 from recyclegpt.bench.quality import greedy_agreement, load_eval_tokens, perplexity  # noqa: E402
 from recyclegpt.bench.report import print_table, write_json, write_plot  # noqa: E402
 from recyclegpt.bench.speed import BenchOptions, run_bench  # noqa: E402
+from recyclegpt.prompts import load_prompts  # noqa: E402
 from recyclegpt.runtime import set_threads  # noqa: E402
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"

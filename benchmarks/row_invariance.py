@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from recyclegpt import RecycleGPT
-from recyclegpt.bench.prompts import load_prompts
 from recyclegpt.decoding import compiled
 from recyclegpt.files import atomic_write_text
+from recyclegpt.prompts import load_prompts
 from recyclegpt.runtime import machine_info, set_threads
 
 

@@ -24,8 +24,8 @@ import torch
 
 import recyclegpt
 from recyclegpt import RecycleGPT
-from recyclegpt.bench.prompts import load_prompts
 from recyclegpt.decoding import Engine, GenerationConfig
+from recyclegpt.prompts import load_prompts
 
 
 def main() -> int:

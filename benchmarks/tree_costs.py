@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 from recyclegpt import RecycleGPT
-from recyclegpt.bench.prompts import load_prompts
 from recyclegpt.decoding import GenerationConfig, compiled, generate
 from recyclegpt.decoding.auto import DraftShape
 from recyclegpt.decoding.tree import tree_candidates
 from recyclegpt.files import atomic_write_text
+from recyclegpt.prompts import load_prompts
 from recyclegpt.runtime import machine_info, set_threads
 
 

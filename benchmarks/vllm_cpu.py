@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.engine_spec:
         return engine_main(a.engine_spec)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{a.kv_cache_gib:g}")
-    from recyclegpt.bench.prompts import load_prompts
+    from recyclegpt.prompts import load_prompts
 
     ckpt = Path(a.ckpt) if a.ckpt else shipped_checkpoint()
     prompts = load_prompts(a.prompt_set, a.prompts).prompts
@@ -552,7 +552,7 @@ SPEED_LANES = ("vllm_ar", "vllm_eagle", "recyclegpt_ar", "recyclegpt_verify")
 def run_speed(a: argparse.Namespace, tmp: Path, ckpt: Path, spec: dict[str, Any], draft_dir: str
               ) -> dict[str, Any]:
     """Each lane in a fresh process, without and/or with the preload; same prompts, dtype, tokens, threads."""
-    from recyclegpt.bench.prompts import load_prompts
+    from recyclegpt.prompts import load_prompts
 
     libs = preload_libraries()
     if a.preload != "off" and len(libs) < 2:

@@ -10,13 +10,13 @@ import torch
 from conftest import make_checkpoint
 
 from recyclegpt import cli
-from recyclegpt.bench.prompts import load_prompts, read_prompt_file
 from recyclegpt.bench.quality import compare_outputs, greedy_agreement
 from recyclegpt.bench.report import RESULT_KEYS, TOP_KEYS, check_schema
 from recyclegpt.bench.speed import BenchOptions, run_bench
 from recyclegpt.checkpoint import load_checkpoint
 from recyclegpt.decoding import GenerationConfig, generate
 from recyclegpt.errors import RecycleError
+from recyclegpt.prompts import load_prompts, read_prompt_file
 
 PROMPTS = ["def add(a, b):\n    return", "The quick brown fox", "for i in range(10):\n", "In the morning the"]
 

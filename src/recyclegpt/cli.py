@@ -260,7 +260,7 @@ def run_tune(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .bench.prompts import load_prompts
+    from .prompts import load_prompts
 
     ps = load_prompts(a.prompts)  # a bad file fails before the model loads
     m = load_model(a.ckpt, a)
@@ -332,7 +332,7 @@ def run_eval(a: argparse.Namespace) -> int:
         resolve_files(a.data, a.glob)
     prompts = None
     if a.agreement_tokens > 0:
-        from .bench.prompts import load_prompts
+        from .prompts import load_prompts
 
         prompts = load_prompts(a.prompts)  # fail on a bad file before the long part
     m = load_model(a.ckpt, a)
@@ -448,10 +448,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 def run_bench(a: argparse.Namespace) -> int:
     import os
 
-    from .bench.prompts import load_prompts
     from .bench.report import print_table, write_json, write_plot
     from .bench.speed import ALL_MODES, BenchOptions
     from .bench.speed import run_bench as bench
+    from .prompts import load_prompts
 
     prompts = load_prompts(a.prompts, a.num_prompts or None)  # fail on a bad file before loading the model
     _check_outputs(a, "--json", "--plot")  # before the long part, not after it

@@ -1,2 +1,3 @@
 """Measurements: decoding speed (`speed`, `recyclegpt bench`), quality of `recycle` (`quality`,
-`recyclegpt eval`), prompt sets (`prompts`) and report output (`report`)."""
+`recyclegpt eval`), load on a running server (`serve_load`) and report output (`report`). The prompt sets they
+run on are the package's (`recyclegpt.prompts`)."""

@@ -538,7 +538,7 @@ async def _run_level(client, opts: ServeLoadOptions, bodies: list[dict[str, Any]
 
 async def arun_serve_load(opts: ServeLoadOptions) -> dict[str, Any]:
     """Run every level against opts.url; the report (settings, per-level metrics, per-request records)."""
-    from ..bench.prompts import load_prompts
+    from ..prompts import load_prompts
 
     opts.validate()
     base_url = normalize_base_url(opts.url)

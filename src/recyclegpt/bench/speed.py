@@ -48,8 +48,8 @@ import torch
 from ..decoding import GenerationConfig, generate
 from ..decoding.auto import choose_draft
 from ..errors import RecycleError
+from ..prompts import PromptSet
 from ..runtime import machine_info, memory_bandwidth, weight_bytes
-from .prompts import PromptSet
 from .report import progress_bar
 
 NATIVE_MODES = ("ar", "recycle", "verify")

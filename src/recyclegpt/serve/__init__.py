@@ -49,7 +49,7 @@ def choose_server_draft(bundle, opts) -> None:
     """--tree auto: the chain or tree that decodes fastest with every slot busy (the shipped code and prose
     prompts, `slots` at a time, compiled as the server runs), measured here or read from the cache; it
     sets the rounds' width (the draft depth) and the tree size. Requests asking for a larger k are refused."""
-    from ..bench.prompts import load_prompts
+    from ..prompts import load_prompts
 
     ps = load_prompts("all").prompts
     prompts = [ps[i % len(ps)] for i in range(opts.slots)]

@@ -1,4 +1,5 @@
-"""Prompt sets for `bench` and `eval`: the shipped `code` and `prose` sets, or the user's own file.
+"""Prompt sets for `bench`, `eval`, `serve` (warm-up and `--tree auto`) and `bench serve`: the shipped `code`
+and `prose` sets, or the user's own file.
 
 Shipped sets live in `recyclegpt/assets/prompts/NAME.jsonl` (one JSON object per line with a
 `prompt` field). `code` is built by `benchmarks/build_prompts.py` from the Python standard-library
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..errors import RecycleError
+from .errors import RecycleError
 
 BUILTIN_SETS = ("code", "prose")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
