@@ -42,6 +42,7 @@ def _gen(model, module, prompts, **kw):
     return generate(model, module, prompts, GenerationConfig(**kw))
 
 
+@pytest.mark.slow
 def test_inductor_verify_equals_ar_fp32(small_pair, monkeypatch):
     # No autotuning (minutes per graph); the C++ wrapper: one g++ run per graph instead of one per kernel.
     monkeypatch.setitem(compiled.INDUCTOR_OPTIONS, "max_autotune", False)
@@ -155,6 +156,7 @@ def test_exponential_race_and_speculative_rule_distributions():
     assert (freq - p).abs().max() < 0.015
 
 
+@pytest.mark.slow
 def test_compiled_host_drafters_equal_ar(light_backend, monkeypatch):
     """ngram and hybrid drafters through compiled rounds with host drafts: identical to `ar` greedy, on
     text with repeats (so prompt lookup has matches), at batch 1 and with a batch of unequal rows.

@@ -452,6 +452,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path
 
 # ---- class 7: SIGINT / SIGTERM save a checkpoint at the next step boundary ------------------------
 
+@pytest.mark.slow
 def test_sigint_in_a_real_process_saves_then_resume_continues(world, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--data", str(world["data"]), "--out", str(out), "--max-steps", "100000", *TRAIN_ARGS,
@@ -482,6 +483,7 @@ def test_sigint_in_a_real_process_saves_then_resume_continues(world, tmp_path, c
     assert json.loads((out / "checkpoint" / "train_state.json").read_text())["step"] == saved + 2
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_leaves_a_run_that_resumes_bit_identically(world, tmp_path):
     """Killed while saving every step (often inside a checkpoint replacement): --resume recovers the
     checkpoint, cleans up, and gives the weights of an uninterrupted run."""

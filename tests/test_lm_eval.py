@@ -150,6 +150,7 @@ def test_simple_evaluate_with_the_class(ckpt):
     assert res["results"]["recycle_tiny_ppl"]["word_perplexity,none"] == pytest.approx(out["recycle"])
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line(ckpt, capsys, tmp_path):
     rc = cli.main(["lm-eval", "--model", "recyclegpt", "--model_args", f"pretrained={ckpt},mode=recycle",
                    "--tasks", "recycle_tiny_mc,recycle_tiny_gen", "--include_path", str(TASK_DIR),

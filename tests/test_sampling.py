@@ -189,8 +189,14 @@ RUNS = [dict(mode="ar"), dict(mode="verify", k=2), dict(mode="verify", k=1),
         dict(mode="verify", k=2, tree=4, tree_topk=2), dict(mode="verify", k=2, tree=6, tree_topk=3)]
 
 
-@pytest.mark.parametrize("sampling", SETTINGS)
-@pytest.mark.parametrize("run", RUNS)
+# Every run with every setting; the fast suite takes one setting per run (each setting still comes up), the
+# slow marker the other pairings.
+PAIRS = [pytest.param(run, sampling, id=f"run{i}-sampling{j}",
+                      marks=() if j == i % len(SETTINGS) else pytest.mark.slow)
+         for i, run in enumerate(RUNS) for j, sampling in enumerate(SETTINGS)]
+
+
+@pytest.mark.parametrize("run,sampling", PAIRS)
 def test_sampled_distribution_matches_exact(tiny_vocab, sampling, run):
     model, module = tiny_vocab
     R = 3000

@@ -125,6 +125,7 @@ def test_bad_data(tmp_path):
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not os.environ.get("VIRTUAL_ENV"),
                     reason="accelerate launcher missing")
+@pytest.mark.slow
 def test_data_parallel_two_processes_stay_equal(text_dir, tmp_path):
     out = tmp_path / "ddp"
     launcher = Path(sys.executable).with_name("accelerate")

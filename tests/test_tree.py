@@ -54,6 +54,7 @@ def test_tree_accepts_more_than_chain_where_the_chain_stalls():
     assert tree.stats.tau > chain.stats.tau
 
 
+@pytest.mark.slow
 def test_compiled_tree_equals_ar_and_keeps_exact_caches(models):
     """Inductor: the same tokens as eager `ar`, and the compiled round's moves of the accepted path's
     keys/values leave the caches a fresh prefill would."""

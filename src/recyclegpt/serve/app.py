@@ -14,6 +14,7 @@ fails it alone (`worker`); a response is 200 only with a `finish_reason`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -121,11 +122,199 @@ class ChatTemplate:
         return None
 
 
+class _Api:
+    """What the OpenAI routes do with a request: authorize, read and check the body, admit it to the engine,
+    answer from its events (streamed or collected). One per app."""
+
+    def __init__(self, bundle, opts: ServeOptions, engine: Supervisor, chat_template: ChatTemplate | None):
+        self.opts, self.engine, self.chat_template, self.tokenizer = opts, engine, chat_template, bundle.tokenizer
+        self.context = bundle.model.cfg.max_seq_len
+        self.max_tokens_limit = min(opts.max_tokens_limit or self.context, self.context - 1)
+
+    def authorize(self, request: Request) -> None:
+        if self.opts.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {self.opts.api_key}":
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.opts.max_body_bytes:
+            raise ApiError(413, f"request body over {self.opts.max_body_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.opts.max_body_bytes:
+                raise ApiError(413, f"request body over {self.opts.max_body_bytes} bytes")
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as e:  # bad syntax or UTF-8, numbers over 4300 digits, deep nesting
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0] if str(e) else ""
+            raise ApiError(400, f"the request body is not valid JSON ({why})") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return data
+
+    def parse(self, model_cls, data: dict[str, Any]):
+        """The request model, its types checked by pydantic and its settings and texts by `req.check()`
+        (the same table as the Python API's); any refusal is a 400 naming the field."""
+        try:
+            req = model_cls.model_validate(data)
+            req.check()
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            param = ".".join(str(x) for x in err.get("loc", ())) or None
+            msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+            if err.get("type") == "extra_forbidden":
+                msg = f"unrecognized request argument: {param}"
+            elif param:
+                msg = f"{param}: {msg}"
+            raise ApiError(400, _one_line(msg), param) from None
+        except InvalidSetting as e:
+            raise ApiError(400, _one_line(str(e)), e.name) from None
+        return req
+
+    def config_for(self, req, ids: list[int], chat: bool) -> GenerationConfig:
+        opts, context, limit = self.opts, self.context, self.max_tokens_limit
+        max_tokens = getattr(req, "max_completion_tokens", None)
+        if max_tokens is None:
+            max_tokens = req.max_tokens
+        if len(ids) >= context:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; the model's context is {context} tokens, with at "
+                           "least one new token", "messages" if chat else "prompt", code="context_length_exceeded")
+        if max_tokens is None:  # OpenAI's defaults: what the context leaves (chat), 16 (completions); within limits
+            max_tokens = min(context - len(ids) if chat else opts.default_max_tokens, limit)
+        if max_tokens > limit:
+            raise ApiError(400, f"max_tokens must be at most {limit}", "max_tokens")
+        if len(ids) + max_tokens > context:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; with max_tokens {max_tokens} that exceeds the "
+                           f"model's context of {context} tokens", "max_tokens" if len(ids) < context else "prompt",
+                           code="context_length_exceeded")
+        k = req.k if req.k is not None else min(opts.default_k, opts.width)
+        if k > opts.width:
+            raise ApiError(400, f"k must be at most {opts.width} on this server", "k")
+        tree = dict(tree=opts.tree, tree_topk=opts.tree_topk) if opts.tree and req.mode == "verify" else {}
+        cfg = GenerationConfig(mode=req.mode, max_new_tokens=max_tokens, k=k, **tree, temperature=req.temperature,
+                               top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+                               eos_id=None if req.ignore_eos else self.tokenizer.eos_id, stop_strings=req.stops)
+        try:
+            cfg.validate()
+        except InvalidSetting as e:
+            raise ApiError(400, str(e), {"max_new_tokens": "max_tokens", "stop_strings": "stop"}.get(e.name, e.name)
+                           ) from None
+        except RecycleError as e:
+            raise ApiError(400, str(e)) from None
+        return row_configs(cfg, 1)[0]  # the request's seed draws as row 0 of an offline `generate` call
+
+    async def handle(self, request: Request, chat: bool) -> Response:
+        self.authorize(request)
+        req = self.parse(ChatRequest if chat else CompletionRequest, await self.read_json(request))
+        if req.model != self.opts.model_name:
+            raise ApiError(404, f"the model '{req.model}' does not exist; this server has '{self.opts.model_name}'",
+                           "model", "model_not_found")
+        if chat:
+            if self.chat_template is None:
+                raise ApiError(400, "this model has no chat template (chat_template.jinja or tokenizer_config.json "
+                               "next to the checkpoint); use /v1/completions", "messages")
+            text = self.chat_template.render([m.model_dump(exclude_none=True) for m in req.messages])
+        else:
+            text = req.text
+        try:
+            ids = self.tokenizer.encode(text)
+        except Exception as e:  # checked text should always encode; if not, it is this input's problem
+            raise ApiError(400, f"the tokenizer cannot encode this text: {describe(e)}",
+                           "messages" if chat else "prompt") from None
+        if not ids:
+            raise ApiError(400, "the prompt encodes to no tokens", "prompt")
+        cfg = self.config_for(req, ids, chat)
+        job = Job(ids, cfg, asyncio.get_running_loop(), self.tokenizer,
+                  time.monotonic() + self.opts.request_timeout_s)
+        try:
+            self.engine.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, str(e)) from None
+        except EngineDown as e:
+            raise ApiError(503, str(e)) from None
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        # The first event (the prefill's token, or a refusal) comes before any header: a request the engine
+        # refuses or fails at admission gets its own status (400 / 500), streamed or not.
+        try:
+            first = await self.next_event(request, job)
+        except BaseException:
+            self.engine.cancel(job)  # never leave a request decoding for nobody
+            raise
+        if first is None:
+            return Response(status_code=499)
+        if first.finish == "error":
+            raise ApiError(first.status, first.error or "decoding failed")
+        if req.stream:
+            return StreamingResponse(self.stream_events(job, first, rid, chat, include_usage),
+                                     media_type="text/event-stream")
+        return await self.collect(request, job, first, rid, chat)
+
+    async def next_event(self, request: Request, job: Job) -> JobEvent | None:
+        """The job's next event; None when the client went away first (its request is then cancelled)."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.next_event(), timeout=DISCONNECT_POLL_S)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    self.engine.cancel(job)
+                    return None
+
+    async def stream_events(self, job: Job, first: JobEvent, rid: str, chat: bool, include_usage: bool
+                            ) -> AsyncIterator[str]:
+        created = int(time.time())
+        opening = True
+        ev = first
+        try:
+            while True:
+                if ev.finish == "error":
+                    yield f"data: {json.dumps(ApiError(ev.status, ev.error or 'decoding failed').body())}\n\n"
+                    break
+                if ev.text or ev.finish is not None or (chat and opening):
+                    chunk = completion_chunk(rid, self.opts.model_name, created, ev.text, ev.finish, chat, opening)
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    opening = False
+                if ev.finish is not None:
+                    if include_usage:
+                        use = usage(job.prompt_tokens, job.completion_tokens)
+                        yield f"data: {json.dumps(usage_chunk(rid, self.opts.model_name, created, chat, use))}\n\n"
+                    break
+                ev = await job.next_event()  # a client that goes away cancels this, and `finally` frees its slot
+            yield "data: [DONE]\n\n"
+        finally:
+            if job.finish is None:  # the client went away: free its slot now
+                self.engine.cancel(job)
+
+    async def collect(self, request: Request, job: Job, first: JobEvent, rid: str, chat: bool) -> Response:
+        parts: list[str] = []
+        ev: JobEvent | None = first
+        try:
+            while ev is not None:
+                if ev.finish == "error":
+                    raise ApiError(ev.status, ev.error or "decoding failed")
+                parts.append(ev.text)
+                if ev.finish is not None:
+                    break
+                ev = await self.next_event(request, job)
+            if ev is None:
+                return Response(status_code=499)
+        finally:
+            if job.finish is None:
+                self.engine.cancel(job)
+        if job.finish not in ("stop", "length"):  # a 200 always says why the text ended
+            raise ApiError(500, "the request ended without a finish reason")
+        use = usage(job.prompt_tokens, job.completion_tokens)
+        return JSONResponse(completion_response(rid, self.opts.model_name, "".join(parts), job.finish, chat, use))
+
+
+
 def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = None) -> FastAPI:
     """The app for a loaded `RecycleGPT` bundle; its engine thread starts with the app and stops with it."""
     tokenizer = bundle.tokenizer
-    context = bundle.model.cfg.max_seq_len
-    max_tokens_limit = min(opts.max_tokens_limit or context, context - 1)
     metrics = Metrics()
 
     def make_worker(queue: JobQueue) -> Worker:
@@ -153,183 +342,14 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
         return JSONResponse(e.body(), status_code=e.status)
 
     app.add_middleware(_Guard, metrics=metrics)
+    _add_operations_routes(app, engine, metrics)
+    _add_openai_routes(app, _Api(bundle, opts, engine, chat_template))
+    app.openapi = functools.partial(_openapi, app)
+    return app
 
-    def authorize(request: Request) -> None:
-        if opts.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {opts.api_key}":
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
-    async def read_json(request: Request) -> dict[str, Any]:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > opts.max_body_bytes:
-            raise ApiError(413, f"request body over {opts.max_body_bytes} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > opts.max_body_bytes:
-                raise ApiError(413, f"request body over {opts.max_body_bytes} bytes")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as e:  # bad syntax or UTF-8, numbers over 4300 digits, deep nesting
-            why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0] if str(e) else ""
-            raise ApiError(400, f"the request body is not valid JSON ({why})") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return data
-
-    def parse(model_cls, data: dict[str, Any]):
-        """The request model, its types checked by pydantic and its settings and texts by `req.check()`
-        (the same table as the Python API's); any refusal is a 400 naming the field."""
-        try:
-            req = model_cls.model_validate(data)
-            req.check()
-        except ValidationError as e:
-            err = e.errors(include_url=False)[0]
-            param = ".".join(str(x) for x in err.get("loc", ())) or None
-            msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
-            if err.get("type") == "extra_forbidden":
-                msg = f"unrecognized request argument: {param}"
-            elif param:
-                msg = f"{param}: {msg}"
-            raise ApiError(400, _one_line(msg), param) from None
-        except InvalidSetting as e:
-            raise ApiError(400, _one_line(str(e)), e.name) from None
-        return req
-
-    def config_for(req, ids: list[int], chat: bool) -> GenerationConfig:
-        max_tokens = getattr(req, "max_completion_tokens", None)
-        if max_tokens is None:
-            max_tokens = req.max_tokens
-        if len(ids) >= context:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; the model's context is {context} tokens, with at "
-                           "least one new token", "messages" if chat else "prompt", code="context_length_exceeded")
-        if max_tokens is None:  # OpenAI's defaults: what the context leaves (chat), 16 (completions); within limits
-            max_tokens = min(context - len(ids) if chat else opts.default_max_tokens, max_tokens_limit)
-        if max_tokens > max_tokens_limit:
-            raise ApiError(400, f"max_tokens must be at most {max_tokens_limit}", "max_tokens")
-        if len(ids) + max_tokens > context:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; with max_tokens {max_tokens} that exceeds the "
-                           f"model's context of {context} tokens", "max_tokens" if len(ids) < context else "prompt",
-                           code="context_length_exceeded")
-        k = req.k if req.k is not None else min(opts.default_k, opts.width)
-        if k > opts.width:
-            raise ApiError(400, f"k must be at most {opts.width} on this server", "k")
-        tree = dict(tree=opts.tree, tree_topk=opts.tree_topk) if opts.tree and req.mode == "verify" else {}
-        cfg = GenerationConfig(mode=req.mode, max_new_tokens=max_tokens, k=k, **tree, temperature=req.temperature,
-                               top_k=req.top_k, top_p=req.top_p, seed=req.seed,
-                               eos_id=None if req.ignore_eos else tokenizer.eos_id, stop_strings=req.stops)
-        try:
-            cfg.validate()
-        except InvalidSetting as e:
-            raise ApiError(400, str(e), {"max_new_tokens": "max_tokens", "stop_strings": "stop"}.get(e.name, e.name)
-                           ) from None
-        except RecycleError as e:
-            raise ApiError(400, str(e)) from None
-        return row_configs(cfg, 1)[0]  # the request's seed draws as row 0 of an offline `generate` call
-
-    async def handle(request: Request, chat: bool) -> Response:
-        authorize(request)
-        req = parse(ChatRequest if chat else CompletionRequest, await read_json(request))
-        if req.model != opts.model_name:
-            raise ApiError(404, f"the model '{req.model}' does not exist; this server has '{opts.model_name}'",
-                           "model", "model_not_found")
-        if chat:
-            if chat_template is None:
-                raise ApiError(400, "this model has no chat template (chat_template.jinja or tokenizer_config.json "
-                               "next to the checkpoint); use /v1/completions", "messages")
-            text = chat_template.render([m.model_dump(exclude_none=True) for m in req.messages])
-        else:
-            text = req.text
-        try:
-            ids = tokenizer.encode(text)
-        except Exception as e:  # checked text should always encode; if not, it is this input's problem
-            raise ApiError(400, f"the tokenizer cannot encode this text: {describe(e)}",
-                           "messages" if chat else "prompt") from None
-        if not ids:
-            raise ApiError(400, "the prompt encodes to no tokens", "prompt")
-        cfg = config_for(req, ids, chat)
-        job = Job(ids, cfg, asyncio.get_running_loop(), tokenizer, time.monotonic() + opts.request_timeout_s)
-        try:
-            engine.submit(job)
-        except QueueFull as e:
-            raise ApiError(429, str(e)) from None
-        except EngineDown as e:
-            raise ApiError(503, str(e)) from None
-        rid = new_id("chatcmpl" if chat else "cmpl")
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        # The first event (the prefill's token, or a refusal) comes before any header: a request the engine
-        # refuses or fails at admission gets its own status (400 / 500), streamed or not.
-        try:
-            first = await next_event(request, job)
-        except BaseException:
-            engine.cancel(job)  # never leave a request decoding for nobody
-            raise
-        if first is None:
-            return Response(status_code=499)
-        if first.finish == "error":
-            raise ApiError(first.status, first.error or "decoding failed")
-        if req.stream:
-            return StreamingResponse(stream_events(job, first, rid, chat, include_usage),
-                                     media_type="text/event-stream")
-        return await collect(request, job, first, rid, chat)
-
-    async def next_event(request: Request, job: Job) -> JobEvent | None:
-        """The job's next event; None when the client went away first (its request is then cancelled)."""
-        while True:
-            try:
-                return await asyncio.wait_for(job.next_event(), timeout=DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    engine.cancel(job)
-                    return None
-
-    async def stream_events(job: Job, first: JobEvent, rid: str, chat: bool, include_usage: bool
-                            ) -> AsyncIterator[str]:
-        created = int(time.time())
-        opening = True
-        ev = first
-        try:
-            while True:
-                if ev.finish == "error":
-                    yield f"data: {json.dumps(ApiError(ev.status, ev.error or 'decoding failed').body())}\n\n"
-                    break
-                if ev.text or ev.finish is not None or (chat and opening):
-                    chunk = completion_chunk(rid, opts.model_name, created, ev.text, ev.finish, chat, opening)
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                    opening = False
-                if ev.finish is not None:
-                    if include_usage:
-                        use = usage(job.prompt_tokens, job.completion_tokens)
-                        yield f"data: {json.dumps(usage_chunk(rid, opts.model_name, created, chat, use))}\n\n"
-                    break
-                ev = await job.next_event()  # a client that goes away cancels this, and `finally` frees its slot
-            yield "data: [DONE]\n\n"
-        finally:
-            if job.finish is None:  # the client went away: free its slot now
-                engine.cancel(job)
-
-    async def collect(request: Request, job: Job, first: JobEvent, rid: str, chat: bool) -> Response:
-        parts: list[str] = []
-        ev: JobEvent | None = first
-        try:
-            while ev is not None:
-                if ev.finish == "error":
-                    raise ApiError(ev.status, ev.error or "decoding failed")
-                parts.append(ev.text)
-                if ev.finish is not None:
-                    break
-                ev = await next_event(request, job)
-            if ev is None:
-                return Response(status_code=499)
-        finally:
-            if job.finish is None:
-                engine.cancel(job)
-        if job.finish not in ("stop", "length"):  # a 200 always says why the text ended
-            raise ApiError(500, "the request ended without a finish reason")
-        use = usage(job.prompt_tokens, job.completion_tokens)
-        return JSONResponse(completion_response(rid, opts.model_name, "".join(parts), job.finish, chat, use))
+def _add_operations_routes(app: FastAPI, engine: Supervisor, metrics: Metrics) -> None:
+    """GET /health (the engine's state) and GET /metrics (Prometheus)."""
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -349,39 +369,42 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+
+def _add_openai_routes(app: FastAPI, api: _Api) -> None:
+    """GET /v1/models, POST /v1/completions, POST /v1/chat/completions."""
+    opts, context = api.opts, api.context
+
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        authorize(request)
+        api.authorize(request)
         return JSONResponse({"object": "list", "data": [{"id": opts.model_name, "object": "model",
                                                          "created": int(time.time()), "owned_by": "recyclegpt",
                                                          "max_model_len": context}]})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await handle(request, chat=False)
+        return await api.handle(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await handle(request, chat=True)
+        return await api.handle(request, chat=True)
 
-    def openapi() -> dict[str, Any]:
-        """FastAPI's schema with the request bodies the handlers parse themselves (they read the raw body to
-        bound its size and answer parser failures with a 400), from the same pydantic models."""
-        if app.openapi_schema is None:
-            schema = get_openapi(title="recyclegpt", version="1", routes=app.routes,
-                                 description="OpenAI-compatible completions with a recyclable module")
-            bodies = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest}
-            _, defs = models_json_schema([(m, "validation") for m in bodies.values()],
-                                         ref_template="#/components/schemas/{model}")
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
-            for path, model in bodies.items():
-                schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
-            app.openapi_schema = schema
-        return app.openapi_schema
 
-    app.openapi = openapi
-    return app
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema with the request bodies the handlers parse themselves (they read the raw body to
+    bound its size and answer parser failures with a 400), from the same pydantic models."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title="recyclegpt", version="1", routes=app.routes,
+                             description="OpenAI-compatible completions with a recyclable module")
+        bodies = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest}
+        _, defs = models_json_schema([(m, "validation") for m in bodies.values()],
+                                     ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        for path, model in bodies.items():
+            schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 V1_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions")
