@@ -343,24 +343,158 @@ def _run_lane(lane: Lane, batches: list[list[list[int]]], device: torch.device
     return tokens, total, seconds
 
 
+# ------------------------------------------------------------------------------------ native lane registry
+
+@dataclass
+class _Lanes:
+    """What every native lane of one run is built from."""
+
+    model: Any
+    module: Any
+    opts: BenchOptions
+    eos_id: int | None
+    prompt_ids: list[list[int]]
+
+    def eager(self, label: str, mode: str, lane_k: int | None, **gen_kw) -> Lane:
+        return native_lane(self.model, self.module, label, mode, lane_k, self.opts, self.eos_id, **gen_kw)
+
+    def compiled(self, label: str, mode: str, lane_k: int | None, **gen_kw) -> Lane:
+        lane = native_lane(self.model, self.module, f"{label} (compiled)", mode, lane_k, self.opts, self.eos_id,
+                           compile=True, **gen_kw)
+        lane.extra["compiled"] = True
+        lane.note = "torch.compile'd decode step; its compile time is in warm-up, not in tokens/s"
+        return lane
+
+    def both(self, label: str, mode: str, lane_k: int | None, compiled: bool, **gen_kw) -> list[Lane]:
+        """The eager lane, and the compiled one when `compiled`."""
+        return [self.eager(label, mode, lane_k, **gen_kw)] + (
+            [self.compiled(label, mode, lane_k, **gen_kw)] if compiled else [])
+
+
+def _ar_lanes(c: _Lanes) -> list[Lane]:
+    return c.both("ar", "ar", None, c.opts.compile != "none")
+
+
+def _recycle_lanes(c: _Lanes) -> list[Lane]:
+    return c.both("recycle", "recycle", None, c.opts.compile == "all")
+
+
+def _compile_verify(opts: BenchOptions) -> bool:
+    return opts.compile in ("headline", "all")
+
+
+def _chain_lanes(c: _Lanes) -> list[Lane]:
+    eager = [c.eager(f"verify k={k}", "verify", k) for k in c.opts.ks]
+    return eager + ([c.compiled(f"verify k={k}", "verify", k) for k in c.opts.ks] if _compile_verify(c.opts) else [])
+
+
+def _tree_lanes(c: _Lanes) -> list[Lane]:
+    """Draft trees of depth tree_depth (`decoding.tree`), one per node budget."""
+    o, lanes = c.opts, []
+    for nodes in o.trees:
+        note = f"draft tree: {nodes} nodes, depth {o.tree_depth}, top-{o.tree_topk} per node"
+        for lane in c.both(f"verify tree {nodes}", "verify", o.tree_depth, _compile_verify(o), tree=nodes,
+                           tree_topk=o.tree_topk):
+            lane.extra.update(tree=nodes, tree_depth=o.tree_depth, tree_topk=o.tree_topk)
+            lane.note = note + ("; " + lane.note if lane.note else "")
+            lanes.append(lane)
+    return lanes
+
+
+def _auto_lanes(c: _Lanes) -> list[Lane]:
+    """What tree="auto" picks (`decoding.auto`), measured afresh on these prompts, per lane kind."""
+    lanes = []
+    for compiled in [False] + ([True] if _compile_verify(c.opts) else []):
+        choice = choose_draft(c.model, c.module, c.prompt_ids,
+                              GenerationConfig(temperature=c.opts.temperature, compile=compiled),
+                              batch_size=c.opts.batch_size, use_cache=False)
+        best = choice.best
+        label, kw = f"verify auto ({best.label})", dict(tree=best.tree, tree_topk=best.tree_topk)
+        lane = (c.compiled if compiled else c.eager)(label, "verify", best.k, **kw)
+        lane.extra.update(auto=best.label, auto_trials=[dict(draft=t.shape.label, tau=t.tau, round_ms=t.round_ms,
+                                                             tokens_per_s=t.tokens_per_s) for t in choice.trials])
+        lane.note = f"tree=auto chose {best.label} on these prompts" + ("; " + lane.note if lane.note else "")
+        lanes.append(lane)
+    return lanes
+
+
+def _hybrid_lanes(c: _Lanes) -> list[Lane]:
+    """The module chain or a longer prompt-lookup match, per row and round (`decoding.drafters`): the lane to
+    hold against hf_assisted, which drafts up to --prompt-lookup tokens too."""
+    kw = dict(drafter="hybrid", ngram_k=c.opts.prompt_lookup)
+    note = f"module chain (k=3) or an n-gram match of up to {c.opts.prompt_lookup} tokens"
+    lanes = c.both("verify hybrid", "verify", 3, c.opts.compile == "all", **kw)
+    for lane in lanes:
+        lane.extra["drafter"] = "hybrid"
+        lane.note = note + ("; two graphs (module round, host-draft round)" if lane.extra.get("compiled") else "")
+    return lanes
+
+
+def _adaptive_lanes(c: _Lanes) -> list[Lane]:
+    kmax = max(c.opts.ks) if c.opts.ks else 4
+    lane = c.eager("verify adaptive", "verify", None, adaptive_k=True, k=min(3, kmax), k_max=kmax)  # k: start value
+    lane.extra["adaptive_k"], lane.note = True, f"k adapts in 1..{kmax}"
+    return [lane]
+
+
+# (which runs ask for it, how its lanes are built), in report order: adding a lane kind is one entry.
+NATIVE_LANES: list[tuple[Callable[[BenchOptions], bool], Callable[[_Lanes], list[Lane]]]] = [
+    (lambda o: "ar" in o.modes, _ar_lanes),
+    (lambda o: "recycle" in o.modes, _recycle_lanes),
+    (lambda o: "verify" in o.modes, _chain_lanes),
+    (lambda o: "verify" in o.modes and bool(o.trees), _tree_lanes),
+    (lambda o: "verify" in o.modes and o.auto, _auto_lanes),
+    (lambda o: "verify" in o.modes and o.hybrid, _hybrid_lanes),
+    (lambda o: "verify" in o.modes and o.adaptive, _adaptive_lanes),
+]
+
+
+# ------------------------------------------------------------------------------------------ the run
+
 @torch.inference_mode()
 def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions | None = None,
               checkpoint: str = "") -> dict[str, Any]:
-    """Run the benchmark; returns the report as a dict with the `bench --json` keys of docs/definitions.md."""
+    """Run the benchmark; returns the report as a dict with the `bench --json` keys of docs/definitions.md:
+    encode the prompts, build the lanes (`NATIVE_LANES`, then transformers' lanes), warm every lane up, time
+    interleaved rounds, and turn the medians into rows."""
     opts = opts or BenchOptions()
     opts.validate()
     device = model.tok_embeddings.weight.device
-    dtype = model.tok_embeddings.weight.dtype
-    dtype_name = str(dtype).removeprefix("torch.")
-    eos_id = tokenizer.eos_id
-    greedy = opts.temperature == 0
+    prompt_ids, truncated = _encode_prompts(model, tokenizer, prompts, opts)
+    batches = _batches(prompt_ids, opts.batch_size)
+    ctx = _Lanes(model, module, opts, tokenizer.eos_id, prompt_ids)
+    lanes = [lane for wanted, build in NATIVE_LANES if wanted(opts) for lane in build(ctx)]
+    hf_wanted = any(m in opts.modes for m in HF_MODES)
+    probe = opts.hf_cache == "auto" and "hf_generate" in opts.modes
+    n_warm = len(lanes) + (len(HF_MODES) if hf_wanted else 0) + (4 if probe else 0)
+    total_ticks = n_warm + opts.repeats * (len(lanes) + sum(m in opts.modes for m in HF_MODES)) * len(batches)
+    runner = None
+    with progress_bar(opts.progress) as prog:
+        task = prog.add_task("warm-up", total=total_ticks) if prog else None
 
-    prompt_ids = []
+        def tick(desc: str | None = None) -> None:
+            if prog is not None:
+                prog.update(task, advance=1, description=desc or prog.tasks[0].description)
+
+        _warm_up(lanes, prompt_ids, batches, tick)
+        if hf_wanted:
+            runner = HFRunner(model, opts, tokenizer.eos_id)
+            lanes.extend(_hf_lanes_probed(runner, opts, batches, device, probe, tick))
+        timed = _timed_rounds(lanes, batches, opts, device, tick)
+    if runner is not None:
+        runner.counter.remove()
+    floor = weight_floor(model, module, device)
+    results = _result_rows(lanes, timed, opts, floor, model)
+    return _report(model, module, prompts, opts, checkpoint, prompt_ids, truncated, results, floor)
+
+
+def _encode_prompts(model, tokenizer, prompts: PromptSet, opts: BenchOptions) -> tuple[list[list[int]], int]:
+    """Token ids per prompt, each cut from the left to leave room for max_new_tokens; and how many were cut."""
     limit = model.cfg.max_seq_len - opts.max_new_tokens
     if limit < 1:
         raise RecycleError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for a prompt in the model's "
                            f"{model.cfg.max_seq_len}-token window")
-    truncated = 0
+    prompt_ids, truncated = [], 0
     for i, p in enumerate(prompts.prompts):
         ids = tokenizer.encode(p)
         if not ids:
@@ -369,191 +503,130 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
             ids = ids[-limit:]
             truncated += 1
         prompt_ids.append(ids)
-    batches = _batches(prompt_ids, opts.batch_size)
+    return prompt_ids, truncated
 
-    compile_ar = opts.compile != "none"
-    compile_verify = opts.compile in ("headline", "all")
 
-    def compiled_lane(label: str, mode: str, k: int | None, **gen_kw) -> Lane:
-        lane = native_lane(model, module, f"{label} (compiled)", mode, k, opts, eos_id, compile=True, **gen_kw)
-        lane.extra["compiled"] = True
-        lane.note = "torch.compile'd decode step; its compile time is in warm-up, not in tokens/s"
-        return lane
+def _warm_up(lanes: list[Lane], prompt_ids: list[list[int]], batches: list[list[list[int]]],
+             tick: Callable[[str], None]) -> None:
+    """Every lane once on short prompts and few tokens (first calls allocate caches, fill allocator pools,
+    import lazily); compiled lanes compile one graph per batch size (and k), so they warm on every size used."""
+    sizes = sorted({len(b) for b in batches})
+    for lane in lanes:
+        t0 = time.perf_counter()
+        for size in sizes if lane.extra.get("compiled") else sizes[-1:]:
+            lane.warm([p[:32] for p in prompt_ids[:size]], 0)
+        lane.extra["warmup_s"] = round(time.perf_counter() - t0, 2)
+        tick(f"warm-up {lane.label}")
 
-    lanes: list[Lane] = []
-    if "ar" in opts.modes:
-        lanes.append(native_lane(model, module, "ar", "ar", None, opts, eos_id))
-        if compile_ar:
-            lanes.append(compiled_lane("ar", "ar", None))
-    if "recycle" in opts.modes:
-        lanes.append(native_lane(model, module, "recycle", "recycle", None, opts, eos_id))
-        if opts.compile == "all":
-            lanes.append(compiled_lane("recycle", "recycle", None))
-    if "verify" in opts.modes:
-        for k in opts.ks:
-            lanes.append(native_lane(model, module, f"verify k={k}", "verify", k, opts, eos_id))
-        if compile_verify:
-            for k in opts.ks:
-                lanes.append(compiled_lane(f"verify k={k}", "verify", k))
-        for nodes in opts.trees:  # draft trees of depth tree_depth (`decoding.tree`)
-            tree_kw = dict(tree=nodes, tree_topk=opts.tree_topk)
-            label = f"verify tree {nodes}"
-            note = f"draft tree: {nodes} nodes, depth {opts.tree_depth}, top-{opts.tree_topk} per node"
-            for lane in ([native_lane(model, module, label, "verify", opts.tree_depth, opts, eos_id, **tree_kw)]
-                         + ([compiled_lane(label, "verify", opts.tree_depth, **tree_kw)] if compile_verify else [])):
-                lane.extra.update(tree=nodes, tree_depth=opts.tree_depth, tree_topk=opts.tree_topk)
-                lane.note = note + ("; " + lane.note if lane.note else "")
-                lanes.append(lane)
-        if opts.auto:  # what tree="auto" picks (decoding.auto), measured afresh on these prompts, per lane kind
-            for compile_lane in [False] + ([True] if compile_verify else []):
-                choice = choose_draft(model, module, prompt_ids, GenerationConfig(temperature=opts.temperature,
-                                                                                  compile=compile_lane),
-                                      batch_size=opts.batch_size, use_cache=False)
-                best = choice.best
-                label, kw = f"verify auto ({best.label})", dict(tree=best.tree, tree_topk=best.tree_topk)
-                lane = (compiled_lane(label, "verify", best.k, **kw) if compile_lane
-                        else native_lane(model, module, label, "verify", best.k, opts, eos_id, **kw))
-                lane.extra.update(auto=best.label, auto_trials=[dict(draft=t.shape.label, tau=t.tau,
-                                                                     round_ms=t.round_ms, tokens_per_s=t.tokens_per_s)
-                                                                for t in choice.trials])
-                lane.note = f"tree=auto chose {best.label} on these prompts" + ("; " + lane.note if lane.note else "")
-                lanes.append(lane)
-        if opts.hybrid:
-            # The module chain or a longer prompt-lookup match, per row and round (decoding.drafters):
-            # the lane to hold against hf_assisted, which drafts up to --prompt-lookup tokens too.
-            hybrid_kw = dict(drafter="hybrid", ngram_k=opts.prompt_lookup)
-            note = f"module chain (k=3) or an n-gram match of up to {opts.prompt_lookup} tokens"
-            lane = native_lane(model, module, "verify hybrid", "verify", 3, opts, eos_id, **hybrid_kw)
-            lane.extra["drafter"], lane.note = "hybrid", note
-            lanes.append(lane)
-            if opts.compile == "all":
-                lane = compiled_lane("verify hybrid", "verify", 3, **hybrid_kw)
-                lane.extra["drafter"] = "hybrid"
-                lane.note = note + "; two graphs (module round, host-draft round)"
-                lanes.append(lane)
-        if opts.adaptive:
-            kmax = max(opts.ks) if opts.ks else 4
-            lane = native_lane(model, module, "verify adaptive", "verify", None, opts, eos_id,
-                               adaptive_k=True, k=min(3, kmax), k_max=kmax)  # k: the start value
-            lane.extra["adaptive_k"] = True
-            lane.note = f"k adapts in 1..{kmax}"
-            lanes.append(lane)
 
-    runner = None
-    cache_probe: dict[str, float] = {}
-    hf_wanted = any(m in opts.modes for m in HF_MODES)
-    probe = opts.hf_cache == "auto" and "hf_generate" in opts.modes
-    warm_batch = [p[:32] for p in batches[0]]  # HF warm-up
-    warm_opts_tokens = min(16, opts.max_new_tokens)
-    probe_batches = batches[: -(-4 // opts.batch_size)]  # about 4 prompts
-    n_warm = len(lanes) + (len(HF_MODES) if hf_wanted else 0) + (4 if probe else 0)
-    total_ticks = n_warm + opts.repeats * (len(lanes) + sum(m in opts.modes for m in HF_MODES)) * len(batches)
+def _hf_lanes_probed(runner: HFRunner, opts: BenchOptions, batches: list[list[list[int]]], device: torch.device,
+                     probe: bool, tick: Callable[[str], None]) -> list[Lane]:
+    """transformers' lanes, warmed up; with --hf-cache auto, the faster of its static and dynamic caches,
+    measured once on the first prompts at full length."""
+    short = dataclasses.replace(opts, max_new_tokens=min(16, opts.max_new_tokens))
+    warm_batch = [p[:32] for p in batches[0]]
 
-    with progress_bar(opts.progress) as prog:
-        task = prog.add_task("warm-up", total=total_ticks) if prog else None
+    def warm(assisted: bool, cache: str) -> None:
+        saved, runner.opts = runner.opts, short
+        runner.generate_rows(warm_batch, 0, assisted, cache)
+        runner.opts = saved
 
-        def tick(desc: str | None = None) -> None:
-            if prog is not None:
-                prog.update(task, advance=1, description=desc or prog.tasks[0].description)
+    for assisted in (False, True):
+        warm(assisted, "dynamic")
+        tick("warm-up transformers")
+    cache, cache_probe = opts.hf_cache, {}
+    if probe:
+        for c in ("static", "dynamic"):
+            warm(False, c)
+            tick(f"hf cache probe: {c}")
+        probe_batches = batches[: -(-4 // opts.batch_size)]  # about 4 prompts
+        for c in ("static", "dynamic"):
+            lane = Lane(c, "hf_generate", None, lambda b, i, c=c: runner.generate_rows(b, i, False, c))
+            _, cnt, sec = _run_lane(lane, probe_batches, device)
+            cache_probe[c] = cnt.new_tokens / sec
+            tick(f"hf cache probe: {c}")
+        cache = max(cache_probe, key=cache_probe.get)
+    elif cache == "auto":
+        cache = "dynamic"
+    lanes = hf_lanes(runner, opts, cache)
+    for lane in lanes:
+        if cache_probe and lane.mode == "hf_generate":
+            lane.extra["cache_probe_tokens_per_s"] = {k: round(v, 2) for k, v in cache_probe.items()}
+            lane.note += " (faster of static/dynamic, measured once)"
+    return lanes
 
-        # Warm-up: every lane once on short prompts and few tokens (first calls allocate caches,
-        # fill allocator pools, import lazily).
-        # Compiled lanes compile one graph per batch size (and k): warm them on every batch size used.
-        short = dataclasses.replace(opts, max_new_tokens=warm_opts_tokens)
-        sizes = sorted({len(b) for b in batches})
+
+@dataclass
+class _Timed:
+    """Per lane label: tokens/s, decode tokens/s, prefill seconds and seconds per round; the first round's
+    outputs; the counters (pooled over rounds when sampling)."""
+
+    tps: dict[str, list[float]]
+    decode_tps: dict[str, list[float]]
+    prefill_secs: dict[str, list[float]]
+    secs: dict[str, list[float]]
+    outputs: dict[str, list[list[int]]]
+    counters: dict[str, Counters]
+
+
+def _timed_rounds(lanes: list[Lane], batches: list[list[list[int]]], opts: BenchOptions, device: torch.device,
+                  tick: Callable[[str], None]) -> _Timed:
+    """Timed rounds, interleaved per batch: every lane runs batch b before any runs batch b+1 (lane order
+    rotated per batch and round), so a change in machine load hits all lanes alike instead of whichever lane
+    happened to run then. A lane's round = all batches."""
+    t = _Timed(*({lane.label: [] for lane in lanes} for _ in range(4)), {}, {})
+    n = len(lanes)
+    for r in range(opts.repeats):
+        r_toks: dict[str, list[list[int]]] = {lane.label: [] for lane in lanes}
+        r_cnt = {lane.label: Counters() for lane in lanes}
+        r_sec = {lane.label: 0.0 for lane in lanes}
+        for bi, batch in enumerate(batches):
+            shift = (r + bi) % n
+            for lane in lanes[shift:] + lanes[:shift]:
+                toks, cnt, sec = _timed_batch(lane, batch, bi, device)
+                r_toks[lane.label].extend(toks)
+                _merge(r_cnt[lane.label], cnt)
+                r_sec[lane.label] += sec
+                first = bi * opts.batch_size + 1
+                which = f"prompt {first}" if len(batch) == 1 else f"prompts {first}-{first + len(batch) - 1}"
+                tick(f"round {r + 1}/{opts.repeats}, {which}: {lane.label}")
+            gc.collect()
         for lane in lanes:
-            t0 = time.perf_counter()
-            for size in sizes if lane.extra.get("compiled") else sizes[-1:]:
-                lane.warm([p[:32] for p in prompt_ids[:size]], 0)
-            lane.extra["warmup_s"] = round(time.perf_counter() - t0, 2)
-            tick(f"warm-up {lane.label}")
-        if hf_wanted:
-            runner = HFRunner(model, opts, eos_id)
-            for assisted in (False, True):
-                saved = runner.opts
-                runner.opts = short
-                runner.generate_rows(warm_batch, 0, assisted, "dynamic")
-                runner.opts = saved
-                tick("warm-up transformers")
-            cache = opts.hf_cache
-            if probe:
-                # Measure both cache settings once on the first prompts, full length; keep the faster.
-                for c in ("static", "dynamic"):
-                    saved = runner.opts
-                    runner.opts = short
-                    runner.generate_rows(warm_batch, 0, False, c)
-                    runner.opts = saved
-                    tick(f"hf cache probe: {c}")
-                for c in ("static", "dynamic"):
-                    lane = Lane(c, "hf_generate", None, lambda b, i, c=c: runner.generate_rows(b, i, False, c))
-                    _, cnt, sec = _run_lane(lane, probe_batches, device)
-                    cache_probe[c] = cnt.new_tokens / sec
-                    tick(f"hf cache probe: {c}")
-                cache = max(cache_probe, key=cache_probe.get)
-            elif cache == "auto":
-                cache = "dynamic"
-            lanes.extend(hf_lanes(runner, opts, cache))
-            if cache_probe:
-                for lane in lanes:
-                    if lane.mode == "hf_generate":
-                        lane.extra["cache_probe_tokens_per_s"] = {k: round(v, 2) for k, v in cache_probe.items()}
-                        lane.note += " (faster of static/dynamic, measured once)"
+            cnt, sec = r_cnt[lane.label], r_sec[lane.label]
+            t.tps[lane.label].append(cnt.new_tokens / sec if sec > 0 else float("nan"))
+            dsec = sec - cnt.prefill_s
+            t.decode_tps[lane.label].append(cnt.produced / dsec if dsec > 0 else float("nan"))
+            t.prefill_secs[lane.label].append(cnt.prefill_s)
+            t.secs[lane.label].append(sec)
+            if lane.label not in t.outputs:
+                t.outputs[lane.label] = r_toks[lane.label]
+                t.counters[lane.label] = cnt
+            elif opts.temperature != 0:  # sampled runs differ per round: pool the counters
+                _merge(t.counters[lane.label], cnt)
+    return t
 
-        # Timed rounds. Interleaved per batch: every lane runs batch b before any runs batch b+1
-        # (lane order rotated per batch and round), so a change in machine load hits all lanes
-        # alike instead of whichever lane happened to run then. A lane's round = all batches.
-        tps: dict[str, list[float]] = {lane.label: [] for lane in lanes}
-        decode_tps: dict[str, list[float]] = {lane.label: [] for lane in lanes}
-        prefill_secs: dict[str, list[float]] = {lane.label: [] for lane in lanes}
-        secs: dict[str, list[float]] = {lane.label: [] for lane in lanes}
-        outputs: dict[str, list[list[int]]] = {}
-        counters: dict[str, Counters] = {}
-        n = len(lanes)
-        for r in range(opts.repeats):
-            r_toks: dict[str, list[list[int]]] = {lane.label: [] for lane in lanes}
-            r_cnt = {lane.label: Counters() for lane in lanes}
-            r_sec = {lane.label: 0.0 for lane in lanes}
-            for bi, batch in enumerate(batches):
-                shift = (r + bi) % n
-                for lane in lanes[shift:] + lanes[:shift]:
-                    toks, cnt, sec = _timed_batch(lane, batch, bi, device)
-                    r_toks[lane.label].extend(toks)
-                    _merge(r_cnt[lane.label], cnt)
-                    r_sec[lane.label] += sec
-                    first = bi * opts.batch_size + 1
-                    which = f"prompt {first}" if len(batch) == 1 else f"prompts {first}-{first + len(batch) - 1}"
-                    tick(f"round {r + 1}/{opts.repeats}, {which}: {lane.label}")
-                gc.collect()
-            for lane in lanes:
-                cnt, sec = r_cnt[lane.label], r_sec[lane.label]
-                tps[lane.label].append(cnt.new_tokens / sec if sec > 0 else float("nan"))
-                dsec = sec - cnt.prefill_s
-                decode_tps[lane.label].append(cnt.produced / dsec if dsec > 0 else float("nan"))
-                prefill_secs[lane.label].append(cnt.prefill_s)
-                secs[lane.label].append(sec)
-                if lane.label not in outputs:
-                    outputs[lane.label] = r_toks[lane.label]
-                    counters[lane.label] = cnt
-                elif not greedy:  # sampled runs differ per round: pool the counters
-                    _merge(counters[lane.label], cnt)
 
-    if runner is not None:
-        runner.counter.remove()
-    medians = {k: statistics.median(v) for k, v in tps.items()}
-    decode_medians = {k: statistics.median(v) for k, v in decode_tps.items()}
+def _result_rows(lanes: list[Lane], t: _Timed, opts: BenchOptions, floor: dict[str, float] | None,
+                 model) -> list[dict[str, Any]]:
+    """One report row per lane: medians over rounds, speedups against the fastest `ar` lane, acceptance,
+    identity with `ar`, the floor share."""
+    greedy = opts.temperature == 0
+    device = model.tok_embeddings.weight.device
+    dtype_name = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    medians = {k: statistics.median(v) for k, v in t.tps.items()}
+    decode_medians = {k: statistics.median(v) for k, v in t.decode_tps.items()}
     base_lanes = [lane for lane in lanes if lane.baseline_candidate]
     baseline = max(base_lanes, key=lambda ln: medians[ln.label]) if base_lanes else None
-    floor = weight_floor(model, module, device)
     # Identical-to-ar compares with the `ar` of the same kernels: compiled lanes with the compiled
     # `ar` (bf16 rounding differs between eager and compiled graphs; docs/definitions.md, "lossless").
-    refs = {False: "ar" if "ar" in outputs else None,
-            True: "ar (compiled)" if "ar (compiled)" in outputs else ("ar" if "ar" in outputs else None)}
+    refs = {False: "ar" if "ar" in t.outputs else None,
+            True: "ar (compiled)" if "ar (compiled)" in t.outputs else ("ar" if "ar" in t.outputs else None)}
     results = []
     for lane in lanes:
-        c = counters[lane.label]
+        c = t.counters[lane.label]
         tp = medians[lane.label]
         ref_label = refs[bool(lane.extra.get("compiled"))]
-        ar_ref = outputs.get(ref_label) if ref_label else None
+        ar_ref = t.outputs.get(ref_label) if ref_label else None
         row: dict[str, Any] = {
             "mode": lane.mode,
             "k": lane.k,
@@ -563,18 +636,18 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
             "mean_accepted": round(c.produced / c.row_passes, 4) if c.row_passes else None,
             "acceptance_by_position": ([round(a / p, 4) for a, p in zip(c.accepted, c.proposed, strict=True) if p]
                                        if lane.mode == "verify" else None),
-            "identical_to_ar": (outputs[lane.label] == ar_ref) if (greedy and ar_ref is not None) else None,
+            "identical_to_ar": (t.outputs[lane.label] == ar_ref) if (greedy and ar_ref is not None) else None,
             # extras
             "label": lane.label,
             "dtype": dtype_name,
             "device": str(device),
             "new_tokens": c.new_tokens,
-            "tokens_per_s_rounds": [round(x, 3) for x in tps[lane.label]],
-            "seconds_median": round(statistics.median(secs[lane.label]), 4),
+            "tokens_per_s_rounds": [round(x, 3) for x in t.tps[lane.label]],
+            "seconds_median": round(statistics.median(t.secs[lane.label]), 4),
             "decode_tokens_per_s": round(decode_medians[lane.label], 3),
             "decode_speedup_vs_ar": (round(decode_medians[lane.label] / decode_medians[baseline.label], 4)
                                      if baseline else None),
-            "prefill_s_median": round(statistics.median(prefill_secs[lane.label]), 4),
+            "prefill_s_median": round(statistics.median(t.prefill_secs[lane.label]), 4),
             "module_passes_per_token": (round(c.module_passes / c.new_tokens, 4) if c.new_tokens else None)
             if lane.mode in NATIVE_MODES else None,
             "bandwidth_share": (round(tp * _bytes_per_token(c, floor, opts.batch_size) / floor["bandwidth"], 4)
@@ -584,19 +657,24 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
             **lane.extra,
         }
         if greedy and ar_ref is not None:
-            same = sum(a == b for a, b in zip(outputs[lane.label], ar_ref, strict=True))
-            row["prompts_identical_to_ar"] = same
+            row["prompts_identical_to_ar"] = sum(a == b for a, b in zip(t.outputs[lane.label], ar_ref, strict=True))
             row["identical_reference"] = ref_label
         if c.k_used:
             row["k_mean"] = round(sum(c.k_used) / len(c.k_used), 3)
         results.append(row)
+    return results
 
+
+def _report(model, module, prompts: PromptSet, opts: BenchOptions, checkpoint: str, prompt_ids: list[list[int]],
+            truncated: int, results: list[dict[str, Any]], floor: dict[str, float] | None) -> dict[str, Any]:
     import transformers
 
+    device = model.tok_embeddings.weight.device
+    baseline = next((r["label"] for r in results if r["baseline"]), None)
     return {
         "model": checkpoint or "(in memory)",
         "device": str(device),
-        "dtype": dtype_name,
+        "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
         "batch_size": opts.batch_size,
         "prompts": len(prompt_ids),
         "max_new_tokens": opts.max_new_tokens,
@@ -610,7 +688,7 @@ def run_bench(model, module, tokenizer, prompts: PromptSet, opts: BenchOptions |
         "repeats": opts.repeats,
         "ignore_eos": opts.ignore_eos,
         "compile": opts.compile,
-        "baseline": baseline.label if baseline else None,
+        "baseline": baseline,
         "params": {"model": sum(p.numel() for p in model.parameters()),
                    "module": sum(p.numel() for p in module.parameters()) if module is not None else 0},
         "torch": torch.__version__,
