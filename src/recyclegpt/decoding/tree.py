@@ -88,6 +88,20 @@ def ancestors_of(parents: Tensor, depth: int) -> Tensor:
     return anc
 
 
+def _children(logits: Tensor, expo: Tensor | None, c: int, settings: Settings | None
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A node's c children: logits [B, m, V] -> (scores [B, m, c], tokens [B, m, c], q [B, m, V] | None).
+    Greedy (settings None): the top c; sampled: the first c of the Gumbel race with noise `expo`."""
+    if settings is None:
+        score, tok = logits.float().log_softmax(-1).topk(c, -1)
+        return score, tok, None
+    temperature, top_k, top_p = settings
+    q = logits_to_probs(logits, torch.where(temperature > 0, temperature, 1.0), top_k, top_p)
+    expo = torch.where((temperature > 0).view(-1, 1, 1), expo, 1.0)  # greedy rows: the top c
+    tok = (q / expo.clamp_min(1e-20)).topk(c, -1).indices  # the race's first c: draws w/o replacement
+    return q.gather(-1, tok).log().cummin(-1).values, tok, q
+
+
 def draft_tree(model: FullModel, module: RecyclableModule, depth: int, topk: int, nodes: int, mlogits: Tensor,
                g: Tensor, n: Tensor, settings: Settings | None = None,
                noise: Tensor | None = None) -> Tree:
@@ -105,19 +119,7 @@ def draft_tree(model: FullModel, module: RecyclableModule, depth: int, topk: int
     catch-up overwrites, or that stays past what any later query reads)."""
     B, d = g.shape
     c, dev = topk, n.device
-
-    def children(logits: Tensor, expo: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """logits [B, m, V] -> (scores [B, m, c], tokens [B, m, c], q [B, m, V] | None)."""
-        if settings is None:
-            score, tok = logits.float().log_softmax(-1).topk(c, -1)
-            return score, tok, None
-        temperature, top_k, top_p = settings
-        q = logits_to_probs(logits, torch.where(temperature > 0, temperature, 1.0), top_k, top_p)
-        expo = torch.where((temperature > 0).view(-1, 1, 1), expo, 1.0)  # greedy rows: the top c
-        tok = (q / expo.clamp_min(1e-20)).topk(c, -1).indices  # the race's first c: draws w/o replacement
-        return q.gather(-1, tok).log().cummin(-1).values, tok, q
-
-    s1, t1, q1 = children(mlogits[:, None], None if noise is None else noise[:, :1])
+    s1, t1, q1 = _children(mlogits[:, None], None if noise is None else noise[:, :1], c, settings)
     score, tok = s1[:, 0], t1[:, 0]  # [B, c]
     first = (torch.arange(c, device=dev) == 0).expand(B, c)  # each parent's first child
     pool_tok, pool_score, pool_chain = [tok], [score], [first]  # chain: the module's own chain
@@ -140,7 +142,7 @@ def draft_tree(model: FullModel, module: RecyclableModule, depth: int, topk: int
         pos = (n + level - 2).clamp(max=model.cfg.max_seq_len - 1)[:, None].expand(B, c)
         where = placement(n, rows, model.key_pos, first=e0)
         logits, states = module(model, front_tok, front_state, pos, tree=where)  # [B, c, V], [B, c, d]
-        s2, t2, q2 = children(logits, None if noise is None else noise[:, 1 + e0:1 + e0 + c])  # [B, c, c]
+        s2, t2, q2 = _children(logits, None if noise is None else noise[:, 1 + e0:1 + e0 + c], c, settings)
         if q2 is not None:
             qs.append(q2)
         entry_pool.append(front)
