@@ -22,6 +22,7 @@ from conftest import CORPUS_LINES, load_benchmark, make_checkpoint
 
 from recyclegpt import cli
 from recyclegpt.checkpoint import load_checkpoint
+from recyclegpt.errors import RecycleError
 from recyclegpt.hf.gguf import GGUF_FILE, export_gguf, interleave_rope_rows
 
 gguf = pytest.importorskip("gguf")
@@ -147,6 +148,30 @@ def test_the_declared_pre_tokenizer_and_merges_give_our_ids(exported):
     tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
     for text in TEXTS + CORPUS_LINES:
         assert gpt2_bpe(text, tokens, merges) == tok.encode(text), text
+
+
+@pytest.mark.parametrize("pre,normalizer", [
+    ({"type": "Whitespace"}, None),
+    ({"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}, None),
+    ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}, None),
+    ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}, {"type": "NFC"}),
+])
+def test_a_tokenizer_that_splits_otherwise_is_refused(exported, pre, normalizer):
+    """The file declares GPT-2's pre-tokenizer: a tokenizer that splits text another way is refused, never
+    written with a declaration llama.cpp would follow to other token ids."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from recyclegpt.hf.gguf import vocabulary
+    from recyclegpt.tokenizer import Tokenizer
+
+    ckpt, _ = exported
+    _, _, _, tok = load_checkpoint(ckpt, torch.device("cpu"), torch.float32)
+    assert vocabulary(tok, tok.vocab_size)[0]  # the checkpoint's own tokenizer passes
+    spec = json.loads(tok.tok.to_str())
+    spec["pre_tokenizer"], spec["normalizer"] = pre, normalizer
+    other = Tokenizer(HFTokenizer.from_str(json.dumps(spec)))
+    with pytest.raises(RecycleError, match="convert_hf_to_gguf"):
+        vocabulary(other, tok.vocab_size)
 
 
 def test_metadata_and_vocabulary(exported):

@@ -71,6 +71,15 @@ def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[i
     spec = json.loads(tokenizer.tok.to_str())
     if spec.get("model", {}).get("type") != "BPE":
         raise RecycleError("GGUF export needs a byte-level BPE tokenizer (recyclegpt's own)")
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space") \
+            or spec.get("normalizer"):
+        # The file declares GPT-2's pre-tokenizer ("gpt-2"): any other split, prefix space or normalizer would
+        # make llama.cpp cut text differently from this tokenizer.
+        raise RecycleError("GGUF export declares GPT-2's byte-level pre-tokenizer, and this tokenizer splits text "
+                           f"another way (pre-tokenizer {pre.get('type')!r}, normalizer "
+                           f"{(spec.get('normalizer') or {}).get('type')!r}); convert its model with llama.cpp's "
+                           "convert_hf_to_gguf.py instead")
     vocab = tokenizer.tok.get_vocab(with_added_tokens=True)
     if len(vocab) > vocab_size:
         raise RecycleError(f"the tokenizer has {len(vocab)} tokens, more than the model's {vocab_size}")
