@@ -105,24 +105,29 @@ def _copy_ck(w: dict[str, Path], d: Path) -> Path:
     return Path(shutil.copytree(w["ck"], d / "ck"))
 
 
+DELETE = object()
+
+
+def set_field(cfg: dict, dotted: str, value: object) -> None:
+    """Set the `dotted` field ("model.n_head") of a config dict to `value`; DELETE removes it
+    (tests/test_validation.py breaks configs the same way)."""
+    *parents, key = dotted.split(".")
+    for p in parents:
+        cfg = cfg[p]
+    if value is DELETE:
+        del cfg[key]
+    else:
+        cfg[key] = value
+
+
 def edit_config(dotted: str, value: object) -> Setup:
     """A copy of the checkpoint with config.json's `dotted` field set to `value` (DELETE removes it)."""
     def setup(w: dict[str, Path], d: Path) -> None:
         ck = _copy_ck(w, d)
         cfg = json.loads((ck / "config.json").read_text())
-        *parents, key = dotted.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        if value is DELETE:
-            del node[key]
-        else:
-            node[key] = value
+        set_field(cfg, dotted, value)
         (ck / "config.json").write_text(json.dumps(cfg))  # NaN / Infinity as Python's json writes them
     return setup
-
-
-DELETE = object()
 
 
 def write_file(name: str, data: bytes | str) -> Setup:
@@ -177,51 +182,56 @@ def big_tokenizer(w: dict[str, Path], d: Path) -> None:
     shutil.copy(w["big_tokenizer"], ck / "tokenizer.json")
 
 
+def break_run(run: Path, how: str) -> None:
+    """Break a training run directory's resume state in one way (`how`: one of the names below;
+    tests/test_faults.py breaks runs the same way)."""
+    ck, old = run / "checkpoint", run / ".checkpoint.old"
+    if how == "no train_state.json":
+        (ck / "train_state.json").unlink()
+    elif how == "train_state.json corrupt":
+        (ck / "train_state.json").write_text("{")
+    elif how == "train_state.json without step":
+        (ck / "train_state.json").write_text('{"tokens_seen": 3}')
+    elif how == "train_state.json step negative":
+        (ck / "train_state.json").write_text('{"step": -4, "tokens_seen": 3}')
+    elif how == "train_state.json a list":
+        (ck / "train_state.json").write_text("[]")
+    elif how == "train_state.safetensors corrupt":
+        (ck / "train_state.safetensors").write_bytes(b"garbage")
+    elif how == "no train_state.safetensors":
+        (ck / "train_state.safetensors").unlink()
+    elif how == "no model.safetensors":
+        (ck / "model.safetensors").unlink()
+    elif how == "model.safetensors is a directory":
+        (ck / "model.safetensors").unlink()
+        (ck / "model.safetensors").mkdir()
+    elif how == "model.safetensors truncated":
+        raw = (ck / "model.safetensors").read_bytes()
+        (ck / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    elif how == "checkpoint config.json corrupt":
+        (ck / "config.json").write_text("{")
+    elif how == "no checkpoint":
+        shutil.rmtree(ck)
+    elif how == "checkpoint is a file":
+        shutil.rmtree(ck)
+        ck.write_text("x")
+    elif how == "only an incomplete old copy":
+        os.replace(ck, old)
+        (old / "train_state.json").unlink()
+    elif how == "run.json corrupt":
+        (run / "run.json").write_text("[1,")
+    elif how == "run.json a list":
+        (run / "run.json").write_text("[]")
+    elif how == "no run.json":
+        (run / "run.json").unlink()
+    else:
+        raise ValueError(how)
+
+
 def broken_run(how: str) -> Setup:
-    """A copy of the training run with its resume state broken in one way."""
+    """A copy of the training run with its resume state broken in one way (`break_run`)."""
     def setup(w: dict[str, Path], d: Path) -> None:
-        run = Path(shutil.copytree(w["run"], d / "run"))
-        ck, old = run / "checkpoint", run / ".checkpoint.old"
-        if how == "no train_state.json":
-            (ck / "train_state.json").unlink()
-        elif how == "train_state.json corrupt":
-            (ck / "train_state.json").write_text("{")
-        elif how == "train_state.json without step":
-            (ck / "train_state.json").write_text('{"tokens_seen": 3}')
-        elif how == "train_state.json step negative":
-            (ck / "train_state.json").write_text('{"step": -4, "tokens_seen": 3}')
-        elif how == "train_state.json a list":
-            (ck / "train_state.json").write_text("[]")
-        elif how == "train_state.safetensors corrupt":
-            (ck / "train_state.safetensors").write_bytes(b"garbage")
-        elif how == "no train_state.safetensors":
-            (ck / "train_state.safetensors").unlink()
-        elif how == "no model.safetensors":
-            (ck / "model.safetensors").unlink()
-        elif how == "model.safetensors is a directory":
-            (ck / "model.safetensors").unlink()
-            (ck / "model.safetensors").mkdir()
-        elif how == "model.safetensors truncated":
-            raw = (ck / "model.safetensors").read_bytes()
-            (ck / "model.safetensors").write_bytes(raw[: len(raw) // 2])
-        elif how == "checkpoint config.json corrupt":
-            (ck / "config.json").write_text("{")
-        elif how == "no checkpoint":
-            shutil.rmtree(ck)
-        elif how == "checkpoint is a file":
-            shutil.rmtree(ck)
-            ck.write_text("x")
-        elif how == "only an incomplete old copy":
-            os.replace(ck, old)
-            (old / "train_state.json").unlink()
-        elif how == "run.json corrupt":
-            (run / "run.json").write_text("[1,")
-        elif how == "run.json a list":
-            (run / "run.json").write_text("[]")
-        elif how == "no run.json":
-            (run / "run.json").unlink()
-        else:
-            raise ValueError(how)
+        break_run(Path(shutil.copytree(w["run"], d / "run")), how)
     return setup
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CORPUS_LINES
+from conftest import CORPUS_LINES, load_benchmark
 from safetensors.torch import load_file
 
 import recyclegpt.checkpoint as checkpoint_mod
@@ -254,32 +254,7 @@ def _resume_argv(data: Path, out: Path, steps: int) -> list[str]:
     return ["train", "--data", str(data), "--out", str(out), "--max-steps", str(steps), "--resume", *TRAIN_ARGS]
 
 
-def _break_state(ck: Path, how: str) -> None:
-    old = ck.with_name(".checkpoint.old")
-    if how == "no train_state.json":
-        (ck / "train_state.json").unlink()
-    elif how == "train_state.json corrupt":
-        (ck / "train_state.json").write_text("{")
-    elif how == "train_state.json without step":
-        (ck / "train_state.json").write_text('{"tokens_seen": 3}')
-    elif how == "train_state.safetensors corrupt":
-        (ck / "train_state.safetensors").write_bytes(b"garbage")
-    elif how == "no train_state.safetensors":
-        (ck / "train_state.safetensors").unlink()
-    elif how == "no model.safetensors":
-        (ck / "model.safetensors").unlink()
-    elif how == "model.safetensors is a directory":
-        (ck / "model.safetensors").unlink()
-        (ck / "model.safetensors").mkdir()
-    elif how == "no checkpoint":
-        shutil.rmtree(ck)
-    elif how == "only an incomplete old copy":
-        os.replace(ck, old)
-        (old / "train_state.json").unlink()
-    elif how == "run.json corrupt":
-        (ck.parent / "run.json").write_text("[1,")
-    elif how == "run.json a list":
-        (ck.parent / "run.json").write_text("[]")
+FAULTS = load_benchmark("faults")  # benchmarks/faults.py: its fault helpers are the one copy
 
 
 @pytest.mark.parametrize("how", ["no train_state.json", "train_state.json corrupt", "train_state.json without step",
@@ -289,7 +264,7 @@ def _break_state(ck: Path, how: str) -> None:
 def test_resume_refuses_a_run_whose_state_is_missing_or_corrupt(world, tmp_path, capsys, how):
     out = tmp_path / "run"
     shutil.copytree(world["run"], out)
-    _break_state(out / "checkpoint", how)
+    FAULTS.break_run(out, how)
     before = tree(tmp_path)
     assert main(_resume_argv(world["data"], out, 5)) == 2
     line = one_error_line(capsys)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CORPUS_LINES, tiny_pair
+from conftest import CORPUS_LINES, load_benchmark, tiny_pair
 from safetensors.torch import load_file, save_file
 
 from recyclegpt import RecycleGPT
@@ -109,7 +109,8 @@ def copy_ckpt(ckpt: Path, dst: Path) -> Path:
 
 # ---- 1. checkpoint config values --------------------------------------------------------------
 
-DELETE = object()
+FAULTS = load_benchmark("faults")  # benchmarks/faults.py breaks configs the same way
+DELETE = FAULTS.DELETE
 
 CONFIG_CASES = [  # (path in config.json, bad value or DELETE, field the message must name)
     ("model.n_kv_head", 0, "model.n_kv_head"),
@@ -172,22 +173,12 @@ CONFIG_CASES = [  # (path in config.json, bad value or DELETE, field the message
 ]
 
 
-def _edit(cfg: dict, dotted: str, value) -> None:
-    *parents, key = dotted.split(".")
-    for p in parents:
-        cfg = cfg[p]
-    if value is DELETE:
-        del cfg[key]
-    else:
-        cfg[key] = value
-
-
 @pytest.mark.parametrize("dotted, value, field", CONFIG_CASES,
                          ids=[f"{d}={'DELETE' if v is DELETE else v!r}"[:40] for d, v, _ in CONFIG_CASES])
 def test_bad_config_value_is_one_line(ckpt, tmp_path, capsys, dotted, value, field):
     ck = copy_ckpt(ckpt, tmp_path / "ck")
     cfg = json.loads((ck / "config.json").read_text())
-    _edit(cfg, dotted, value)
+    FAULTS.set_field(cfg, dotted, value)
     (ck / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RecycleError) as e:
         load_checkpoint(ck)
