@@ -7,7 +7,7 @@ tree of 12 nodes 5 deep (all compiled with --compile, all eager without), EOS ig
 prompts whose output equals `ar`'s, with the first differing token of the others. The tests check identity
 in float32 on tiny models; this checks a real checkpoint in the dtype you serve. In bfloat16 a difference
 means the passes of different widths rounded a logit differently and a near tie went the other way
-(README, "Exactness in bfloat16"). `RECYCLEGPT_COMPILE_MODE` chooses the compiled GEMMs (decoding/compiled.py).
+(docs/results.md, "Exactness in bfloat16"). `RECYCLEGPT_COMPILE_MODE` chooses the compiled GEMMs (decoding/compiled.py).
 """
 
 from __future__ import annotations

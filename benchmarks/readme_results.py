@@ -1,7 +1,7 @@
-"""Reproduce every number in the README's results section.
+"""Reproduce every number in docs/results.md (the README quotes its headline).
 
     python benchmarks/readme_results.py [--ckpt DIR] [--size-ckpt DIR ...] [--only S1,S2] [--render]
-                                        [--out benchmarks/results] [--readme README.md] [--quick]
+                                        [--out benchmarks/results] [--readme docs/results.md] [--quick]
 
 Sections (each writes OUT/<section>.json, the raw report, and can run on its own with --only, so a
 long measurement is done in pieces and a stopped run loses one section at most):

@@ -3,7 +3,7 @@
     python benchmarks/row_invariance.py CKPT [--layers 0] [--prompt 3] [--json OUT]
 
 Greedy `verify` equals `ar` bit for bit only if every kernel computes a token's row the same way
-whatever the pass's width (README, "Exactness in bfloat16"). This takes each linear layer of the
+whatever the pass's width (docs/results.md, "Exactness in bfloat16"). This takes each linear layer of the
 chosen blocks of the full model (and the LM head), compiled as decoding compiles a round (bf16,
 `decoding.compiled.compile_pass`), and feeds it the real
 inputs it sees on one code prompt (captured from an eager pass): at every position t, one call over

@@ -27,7 +27,7 @@ SHIPPED_DISTILL_ARGS = ["--init-from-checkpoint", "--data", "stdlib", "--unroll-
 # Third phase: soft targets (0.2 * the model's greedy token + 0.8 * its distribution), starting from the
 # distilled module. Hard targets alone made the module overconfident: when sampling at T=1 far fewer of
 # its drafts were accepted than with these targets, while greedy acceptance did not drop (the numbers are
-# in the README's "Notes on the results" and the shipped MODEL_CARD.md).
+# in docs/results.md, "Notes on the results", and the shipped MODEL_CARD.md).
 SHIPPED_SOFT_ARGS = ["--data", "stdlib", "--unroll-steps", "3", "--distill-kl", "0.8", "--max-steps", "300",
                      "--max-minutes", "14", "--eval-every", "100", "--save-every", "50"]
 

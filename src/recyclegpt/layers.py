@@ -49,7 +49,7 @@ class Linear(nn.Linear):
     many (the last row repeated: a stride-0 view for one row) and the extra rows dropped. Shapes that need
     nothing pay nothing. Compiled graphs skip this: with inductor's GEMM templates every row is computed alike;
     with oneDNN's (larger models) a one-token pass can still round a row differently, and this trick inside a
-    graph did not cure it (README, "Exactness in bfloat16").
+    graph did not cure it (docs/results.md, "Exactness in bfloat16").
     """
 
     def forward(self, x: Tensor) -> Tensor:

@@ -48,10 +48,10 @@ from .rounds import RoundShape, decode_round
 # - and only for a full model of at most AUTOTUNE_MAX_WEIGHT_BYTES: on the 17.3M model (35 MB in bf16) the
 #   templates won; on the 44.8M one (90 MB, more than the 32 MB L3 of the AMD EPYC measured) they lost at
 #   every round width, compiled `verify` k=3 at 218 against 296 tokens/s with ATen's GEMMs and a tree of
-#   8 nodes at 133 against 244 (README, "Draft trees"). Sizes in between were not measured. The price: in
+#   8 nodes at 133 against 244 (docs/results.md, "Draft trees"). Sizes in between were not measured. The price: in
 #   bf16, oneDNN's GEMMs round a row differently in a one-token pass than in a wider one, so at a near tie
 #   compiled `verify` can pick another token than compiled `ar`; the templates round a row the same way at
-#   every width (benchmarks/identity.py; README, "Exactness in bfloat16").
+#   every width (benchmarks/identity.py; docs/results.md, "Exactness in bfloat16").
 # - cpp.enable_concat_linear: linears that read the same input (q/k/v, gate/up) run as one GEMM over their
 #   concatenated frozen weights: fewer, larger calls (faster compiled `ar` and `verify` on the shipped model in
 #   float32 on an AVX-512 Xeon; benchmarks/identity.py still finds verify = ar).
