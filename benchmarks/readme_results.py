@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from recyclegpt.prompts import load_prompts  # noqa: E402
 from recyclegpt.runtime import set_threads  # noqa: E402
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+PLOT = "bench.png"  # the headline plot, in OUT; a --readme file elsewhere links it by its path from there
 
 
 def default_ckpt() -> str:
@@ -273,7 +275,7 @@ def render(out: Path, quick: bool) -> str:
             "",
             headline_table(head),
             "",
-            "![tokens/s by mode and acceptance by draft position](benchmarks/results/bench.png)",
+            f"![tokens/s by mode and acceptance by draft position]({PLOT})",  # relative to OUT (RESULTS.md)
             "",
         ]
     if reports:
@@ -333,7 +335,9 @@ def main() -> None:
         if START in text and END in text:
             pre, rest = text.split(START, 1)
             _, post = rest.split(END, 1)
-            path.write_text(f"{pre}{START}\n{md}{END}{post}")
+            plot = Path(os.path.relpath(out / PLOT, path.resolve().parent)).as_posix()
+            block = md.replace(f"]({PLOT})", f"]({plot})")
+            path.write_text(f"{pre}{START}\n{block}{END}{post}")
             print(f"updated {path}", file=sys.stderr)
         else:
             print(f"{path} has no {START} ... {END} block; tables are in {out / 'RESULTS.md'}", file=sys.stderr)
