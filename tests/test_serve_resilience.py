@@ -387,9 +387,9 @@ def test_api_cli_and_server_accept_the_same_values(server, bundle, setting, fiel
         assert api == command_line == served, (setting, v, api, command_line, r.text)
 
 
-def test_the_readme_table_says_what_the_settings_table_holds():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("### The server: no request can stop it")[1].split("What the server does")[0]
+def test_the_docs_table_says_what_the_settings_table_holds():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "reliability.md").read_text()
+    section = doc.split("## The server: no request can stop it")[1].split("What the server does")[0]
     for setting, field, flag in SHARED:
         row = next(line for line in section.splitlines() if line.startswith("|") and f"`{flag}`" in line)
         assert SETTINGS[setting].allowed in row and f"`{field}`" in row, (setting, row)
