@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config
 from .errors import RecycleError
-from .files import make_temp_dir, replace_dir
+from .files import replacing_dir
 from .model import FullModel
 from .module import RecyclableModule
 from .paths import read_error
@@ -52,10 +51,7 @@ def save_checkpoint(path: str | Path, cfg: Config, model: FullModel | None, modu
     `write_extra` puts the file in place (e.g. a hard link to an unchanged frozen model).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(path)
-    tmp.chmod(0o755)  # mkdtemp makes 0700; a checkpoint is meant to be shared
-    try:
+    with replacing_dir(path) as tmp:  # a checkpoint is meant to be shared: 0755 / 0644, as an export
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if model is not None:
             save_file(_state_for_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -63,12 +59,6 @@ def save_checkpoint(path: str | Path, cfg: Config, model: FullModel | None, modu
         tokenizer.save(tmp / "tokenizer.json")
         if write_extra is not None:
             write_extra(tmp)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

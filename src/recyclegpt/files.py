@@ -110,6 +110,22 @@ def replace_dir(tmp: Path, path: Path) -> None:
 
 
 @contextmanager
+def replacing_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to build its next version in; on success it is made readable by
+    others (`make_shareable`) and replaces `path` with renames only (`replace_dir`), on failure it is removed.
+    Checkpoints are saved through this; `atomic_dir` adds the checks an export needs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(path)
+    try:
+        yield tmp
+        make_shareable(tmp)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
 def atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out_dir` in one rename.
 
@@ -118,14 +134,8 @@ def atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     check_output_dir(out_dir, None, overwrite=overwrite, overwrite_flag="overwrite=True")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out_dir)
-    tmp = make_temp_dir(out_dir)
-    try:
+    with replacing_dir(out_dir) as tmp:
         yield tmp
-        make_shareable(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def make_shareable(root: Path) -> None:

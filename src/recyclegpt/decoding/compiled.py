@@ -53,8 +53,9 @@ from .rounds import RoundShape, decode_round
 #   compiled `verify` can pick another token than compiled `ar`; the templates round a row the same way at
 #   every width (benchmarks/identity.py; docs/results.md, "Exactness in bfloat16").
 # - cpp.enable_concat_linear: linears that read the same input (q/k/v, gate/up) run as one GEMM over their
-#   concatenated frozen weights: fewer, larger calls (faster compiled `ar` and `verify` on the shipped model in
-#   float32 on an AVX-512 Xeon; benchmarks/identity.py still finds verify = ar).
+#   concatenated frozen weights: fewer, larger calls. On the shipped model in float32 on an AVX-512 Xeon it
+#   measured within run noise of the unfused graphs, for `ar` and `verify` alike (benchmarks/inductor_options.py,
+#   docs/llama_cpp.md); benchmarks/identity.py still finds verify = ar.
 # RECYCLEGPT_COMPILE_MODE: auto (the above), max-autotune (every batch size and model), default (no
 # autotuning: compiles faster, runs slower at batch 1 on the small model).
 _MODE = os.environ.get("RECYCLEGPT_COMPILE_MODE", "auto")
@@ -115,10 +116,9 @@ def weights_version(*nets: torch.nn.Module) -> tuple:
     """The nets' parameters' storage addresses and in-place version counters: changes when a weight is
     changed in place, loaded into, or replaced by another tensor (`module.weight = ...`).
 
-    Runs once per decoding round, so the walk over the module tree (`parameters()`, about a millisecond
-    per round on a 10-layer model) is done once per net: the net keeps its modules' parameter dicts and
-    names, and each call only reads the current tensor in each. Replacing a whole submodule after a
-    compile is not seen: call `clear_cache` then."""
+    Runs once per decoding round, so the walk over the module tree (`parameters()`) is done once per net:
+    the net keeps its modules' parameter dicts and names, and each call only reads the current tensor in
+    each. Replacing a whole submodule after a compile is not seen: call `clear_cache` then."""
     out = []
     for net in nets:
         slots = net.__dict__.get(_SLOTS_ATTR)
@@ -215,8 +215,11 @@ def shape_label(shape: RoundShape, batch: int, dtype: torch.dtype) -> str:
     return f"{kind} B={batch} {str(dtype).removeprefix('torch.')}{sampling}"
 
 
-def clear_cache(model: FullModel) -> None:
-    """Drop the model's compiled rounds (inductor's on-disk cache stays)."""
+def clear_cache(model: FullModel, module: RecyclableModule | None = None) -> None:
+    """Drop the model's compiled rounds (inductor's on-disk cache stays) and the parameter slots
+    `weights_version` keeps on the model (and on `module`, when given)."""
     with _LOCK:
         model.__dict__.pop(_ATTR, None)
-        model.__dict__.pop(_SLOTS_ATTR, None)
+        for net in (model, module):
+            if net is not None:
+                net.__dict__.pop(_SLOTS_ATTR, None)
