@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import ModelConfig
 
 # (out, in, dtype, threads) -> the fewest rows a call needs for each of its rows to round as in a larger call;
@@ -39,21 +40,26 @@ def _rows_needed(weight: Tensor) -> int:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose result for a row does not depend on how many rows the call has (CPU, bf16).
+    """nn.Linear whose result for a row does not depend on how many rows the call has (CPU).
 
-    oneDNN's bf16 kernels take other paths for calls of few rows: a single row (seen on AVX-512-BF16 CPUs at
-    1536 -> 576 and 2048 -> 576), and with two threads on an AVX-512 CPU without bf16 arithmetic anything under
-    four rows at most shapes. The one-token `ar` pass then rounds differently from the same row inside a
-    (k+1)-token verify pass, and greedy `verify` drifts from `ar`. A one-time probe per shape and thread count
-    finds the fewest rows that round like a large call (1, 2, 4, ...); a call with fewer rows is padded to that
-    many (the last row repeated: a stride-0 view for one row) and the extra rows dropped. Shapes that need
-    nothing pay nothing. Compiled graphs skip this: with inductor's GEMM templates every row is computed alike;
-    with oneDNN's (larger models) a one-token pass can still round a row differently, and this trick inside a
-    graph did not cure it (docs/results.md, "Exactness in bfloat16").
+    float32 inference calls on the CPU go to recyclegpt's own kernel once it is loaded (`kernels`): it
+    computes each row alike at every row count and streams the weights once for all rows.
+
+    bfloat16 calls go to torch. oneDNN's bf16 kernels take other paths for calls of few rows: a single row
+    (seen on AVX-512-BF16 CPUs at 1536 -> 576 and 2048 -> 576), and with two threads on an AVX-512 CPU without
+    bf16 arithmetic anything under four rows at most shapes. The one-token `ar` pass then rounds differently
+    from the same row inside a (k+1)-token verify pass, and greedy `verify` drifts from `ar`. A one-time probe
+    per shape and thread count finds the fewest rows that round like a large call (1, 2, 4, ...); a call with
+    fewer rows is padded to that many (the last row repeated: a stride-0 view for one row) and the extra rows
+    dropped. Shapes that need nothing pay nothing. Compiled graphs skip this: with inductor's GEMM templates
+    every row is computed alike; with oneDNN's (larger models) a one-token pass can still round a row
+    differently, and this trick inside a graph did not cure it (docs/results.md, "Exactness in bfloat16").
     """
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.numel() // x.shape[-1]
+        if kernels.applies(x, self.weight):
+            return kernels.skinny_linear(x, [self.weight], [self.bias])[0]  # row-stable and fast at few rows
         if n < _PROBE_ROWS and x.dtype is torch.bfloat16 and x.device.type == "cpu" \
                 and not torch.compiler.is_compiling():  # a call of _PROBE_ROWS rows or more never needs padding
             need = _rows_needed(self.weight)
@@ -63,6 +69,15 @@ class Linear(nn.Linear):
                 y = F.linear(flat.expand(need, -1) if n == 1 else torch.cat([flat, pad]), self.weight, self.bias)
                 return y[:n].reshape(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
+
+
+def linears(x: Tensor, *layers: Linear) -> list[Tensor]:
+    """Several linear layers over the same input (q/k/v, gate/up): on the kernel's path one call streams all
+    their weights (one parallel region, not one per layer); elsewhere one call each. Same results either way
+    as calling each layer."""
+    if kernels.applies(x, layers[0].weight):
+        return kernels.skinny_linear(x, [m.weight for m in layers], [m.bias for m in layers])
+    return [m(x) for m in layers]
 
 
 class KVStore(Protocol):
@@ -134,13 +149,6 @@ class Attention(nn.Module):
         self.wv = Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
 
-    def keys_values(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """x [B, T, dim] -> this layer's keys (RoPE applied) and values, [B, Hkv, T, D] each."""
-        B, T, _ = x.shape
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
-        return k.transpose(1, 2), v.transpose(1, 2)
-
     def forward(
         self,
         x: Tensor,  # [B, T, dim]
@@ -151,8 +159,10 @@ class Attention(nn.Module):
         input_pos: Tensor | None,  # [B, T]
     ) -> Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)  # [B, H, T, D]
-        k, v = self.keys_values(x, cos, sin)
+        q, k, v = linears(x, self.wq, self.wk, self.wv)
+        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)  # [B, H, T, D]
+        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         rep = self.n_head // self.n_kv_head
         if kv is not None:
             k, v = kv.update(input_pos, k, v)  # [B, Hkv, S, D]
@@ -180,7 +190,8 @@ class FeedForward(nn.Module):
         self.w2 = Linear(hidden, dim, bias=False)  # down
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = linears(x, self.w1, self.w3)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -194,5 +205,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor | None,
                 kv: KVStore | None, input_pos: Tensor | None) -> Tensor:
+        if kernels.block_applies(x, kv, bias) and kernels.applies(x, self.attention.wq.weight):
+            # A decoding pass on the CPU in float32: the whole block in one kernel call (`kernels`).
+            return kernels.decode_block(self, x, cos, sin, bias, kv, input_pos)
         x = x + self.attention(self.attention_norm(x), cos, sin, bias, kv, input_pos)
         return x + self.feed_forward(self.ffn_norm(x))

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .cache import CacheRows, KVCache
 from .config import ModelConfig
 from .layers import Block, KVStore, Linear, RMSNorm, attention_bias, rope_tables
@@ -87,6 +88,8 @@ class FullModel(nn.Module):
 
     def setup_caches(self, batch: int, dtype: torch.dtype | None = None) -> None:
         p = self.tok_embeddings.weight
+        if p.device.type == "cpu":
+            kernels.load()  # decoding's float32 linear kernel (`layers.Linear`), built on first use
         self.caches = nn.ModuleList(
             KVCache(batch, self.cfg.max_seq_len, self.cfg.n_kv_head, self.cfg.head_dim, dtype or p.dtype, p.device)
             for _ in self.layers

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .cache import CacheRows, KVCache, UnrollKV, unroll_mask
 from .config import ModelConfig, ModuleConfig
 from .layers import Block, Linear, RMSNorm, attention_bias
@@ -37,6 +38,8 @@ class RecyclableModule(nn.Module):
 
     def setup_caches(self, batch: int, dtype: torch.dtype | None = None) -> None:
         p = self.fc.weight
+        if p.device.type == "cpu":
+            kernels.load()  # decoding's float32 linear kernel (`layers.Linear`), built on first use
         mc = self.model_cfg
         self.caches = nn.ModuleList(
             KVCache(batch, mc.max_seq_len, mc.n_kv_head, mc.head_dim, dtype or p.dtype, p.device)

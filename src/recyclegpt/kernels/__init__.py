@@ -1,0 +1,165 @@
+"""recyclegpt's own CPU kernel: `torch.ops.recyclegpt.skinny_linear`, the float32 linear layer of decoding.
+
+Why: a decoding pass multiplies a few rows (1 for `ar`, k+1 for `verify`, times the batch) by every weight
+matrix. BLAS libraries are tuned for many rows: MKL's float32 GEMM for 4 rows takes about as long as 4 GEMVs
+on a 2-core CPU, and its kernels change with the row count, so a row's bits in a one-token pass need not be
+its bits in a wider pass. `skinny_linear.cpp` streams each weight once for all of a call's rows and computes
+every output by the same arithmetic whatever the row count (`verify` stays identical to `ar`).
+
+How: the C++ source ships with the package and is built on first use with the system's C++ compiler and
+torch's headers, for this CPU (`-march=native`: AVX-512, AVX2, ... whatever it has), into
+`cache_dir()/kernels/<hash>/` (the hash covers the source, torch, the compiler and the CPU's flags), then
+loaded into torch. Building takes about 10 seconds, once per machine. Without a compiler, or with
+RECYCLEGPT_KERNELS=0, decoding runs on torch's own kernels, as before (a warning says so once).
+
+`layers.Linear` and `layers.linears` use the kernel for float32 inference calls on the CPU of at most
+MAX_ROWS rows once it is loaded (`applies`). `load()` is called by `FullModel.setup_caches` and
+`RecyclableModule.setup_caches` (every decoding path sets up caches before its first pass), so that the
+eager and compiled passes of one process agree on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..runtime import cache_dir, cpu_flags
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode.cpp")
+# Calls of more rows (long prefills, evaluation batches) go to torch's GEMMs, which are faster there. No
+# decoding pass on a CPU comes near it (rows = batch x tokens per pass), so every pass of a decoding run uses
+# the same kernel.
+MAX_ROWS = 1024
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
+
+_lock = threading.Lock()
+_state: dict[str, bool] = {}  # "loaded": the op is registered in this process; "tried": load() ran
+
+
+def enabled() -> bool:
+    """Whether `layers.Linear` may call the kernel: it is loaded in this process (`load`)."""
+    return _state.get("loaded", False)
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn the kernel on (loading it if needed) or off for this process's later calls; returns whether it is
+    on. Graphs compiled before keep what they were traced with (the compile key holds `enabled()`)."""
+    if not on:
+        _state["loaded"] = False
+        return False
+    _state.pop("tried", None)
+    return load()
+
+
+def load() -> bool:
+    """Build (first time on this machine) and load the kernel; True when it is usable. Never raises: a
+    failed build warns once and decoding keeps torch's kernels."""
+    if _state.get("tried"):
+        return enabled()
+    with _lock:
+        if _state.get("tried"):
+            return enabled()
+        _state["tried"] = True
+        if os.environ.get("RECYCLEGPT_KERNELS", "1") == "0" or sys.platform != "linux":
+            return False
+        try:
+            torch.ops.load_library(str(_build()))
+            _register_fake()
+        except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+            warnings.warn(f"recyclegpt: CPU kernel not built ({str(e).strip().splitlines()[-1][:200]}); decoding "
+                          "uses torch's kernels (slower at few rows). Install g++ to enable it, or set "
+                          "RECYCLEGPT_KERNELS=0 to silence this.", stacklevel=2)
+            return False
+        _state["loaded"] = True
+        return True
+
+
+def applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether a linear layer's call x @ weight.T goes to the kernel: loaded, float32 on the CPU, inference
+    (no autograd), at most MAX_ROWS rows."""
+    return (x.dtype is torch.float32 and enabled() and x.numel() <= MAX_ROWS * x.shape[-1]
+            and x.device.type == "cpu" and weight.dtype is torch.float32 and not torch.is_grad_enabled())
+
+
+def skinny_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> list[Tensor]:
+    """x [..., K] @ weights[i].T + biases[i] -> [..., N_i] for each i, in one call (float32, CPU, no autograd)."""
+    return torch.ops.recyclegpt.skinny_linear(x.contiguous(), list(weights), list(biases))
+
+
+def block_applies(x: Tensor, kv: object, bias: Tensor | None) -> bool:
+    """Whether a block's pass goes to `decode_block`: a cache pass (a KVCache and an attention bias) of a float32
+    model on the CPU, under the same conditions as the linear layers (`applies`)."""
+    return (bias is not None and kv is not None and getattr(kv, "k_cache", None) is not None
+            and kv.k_cache.dtype is torch.float32 and x.dim() == 3)
+
+
+def decode_block(block: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, kv: torch.nn.Module,
+                 slots: Tensor) -> Tensor:
+    """`layers.Block.forward` over a static KV cache in one call: x [B, T, d] -> [B, T, d]; the new keys and
+    values go into kv's k_cache/v_cache [B, Hkv, S, D] at slots [B, T]; cos, sin [B, T, D]; bias float32
+    [B or 1, 1, T, S]."""
+    a, f = block.attention, block.feed_forward
+    norm = getattr(block.attention_norm, "weight", None)  # None: an Identity (the module's first block)
+    return torch.ops.recyclegpt.decode_block(
+        x.contiguous(), norm, block.ffn_norm.weight, block.ffn_norm.eps, [a.wq.weight, a.wk.weight, a.wv.weight,
+        a.wo.weight], [a.wq.bias, a.wk.bias, a.wv.bias], [f.w1.weight, f.w3.weight, f.w2.weight], cos.contiguous(),
+        sin.contiguous(), bias.contiguous(), kv.k_cache, kv.v_cache, slots.contiguous(), a.n_head)
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise OSError("no C++ compiler found (g++ or $CXX)")
+    return cxx
+
+
+def _build() -> Path:
+    """The shared library for this source, torch, compiler and CPU: built into the cache unless there."""
+    from torch.utils import cpp_extension
+
+    cxx = _compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, version, abi, *_FLAGS,
+                                    " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / key / "recyclegpt_kernels.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building recyclegpt's CPU kernel into %s (once per machine, about 10 s)", out.parent)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libs = [f"-L{p}" for p in cpp_extension.library_paths()]
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        part = Path(tmp) / out.name
+        cmd = [cxx, *_FLAGS, abi, *includes, str(SOURCE), "-o", str(part), *libs, "-lc10", "-ltorch_cpu"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
+        os.replace(part, out)  # atomic: a concurrent builder's identical file may land first; either is whole
+    return out
+
+
+def _register_fake() -> None:
+    """Shapes for torch.compile's tracing (the op itself runs in the compiled graph as an extern call)."""
+
+    @torch.library.register_fake("recyclegpt::skinny_linear")
+    def _(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> list[Tensor]:
+        return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+
+    @torch.library.register_fake("recyclegpt::decode_block")
+    def _(x: Tensor, *args: object) -> Tensor:
+        return torch.empty_like(x)
