@@ -9,9 +9,10 @@ runs says little: here every variant compiles its own graph of the same round (s
 prompt, one slot), then the variants take turns, `--turns` times `--rounds` rounds each, and each variant's
 median and best milliseconds per round are reported, with the ratio to the first variant. A variant is a
 name and a JSON object of inductor options laid over the defaults (`decoding.compiled.INDUCTOR_OPTIONS`);
-`"kernels": false` turns recyclegpt's CPU linear kernel off (`recyclegpt.kernels`: torch's GEMMs then, as
-inductor picks them); `"max_autotune": true` also lifts the defaults' limits on batch and weight size (AUTOTUNE_MAX_*), so the
-C++ GEMM templates are tried whatever the model's size. Not a test: numbers depend on the machine.
+`"kernels": false` turns recyclegpt's CPU kernels off (`recyclegpt.kernels`: torch's ops then, as inductor
+picks them); `"max_autotune": true` also lifts the defaults' limits on batch and weight size
+(AUTOTUNE_MAX_*), so the C++ GEMM templates are tried whatever the model's size. Not a test: numbers depend on
+the machine.
 """
 
 from __future__ import annotations

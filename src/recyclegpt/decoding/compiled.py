@@ -7,7 +7,8 @@ module drafts) runs through the same graph, and slots joining and leaving compil
 first row with top-k or top-p switches to the `filtered` graph, which sorts every distribution.)
 
 Caching: compiled callables live per (model, module, shape, batch, dtype, threads, cache tensors,
-inductor options, whether recyclegpt's CPU kernel is on, weights' versions) in this process (`compiled_round`); each gets its own code
+inductor options, whether recyclegpt's CPU kernels are on, weights' versions) in this process
+(`compiled_round`); each gets its own code
 object, so dynamo's per-function recompile limit and guard chain never mix keys, and after the
 first call dynamo's guards are skipped (see `_CompiledRound`). The first call of each compiles
 (`COMPILE_STATS` records the seconds). A new process compiles again: inductor's FX graph cache is

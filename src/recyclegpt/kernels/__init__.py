@@ -47,7 +47,7 @@ MAX_ROWS = 1024
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 
 _lock = threading.Lock()
-_state: dict[str, bool] = {}  # "loaded": the op is registered in this process; "tried": load() ran
+_state: dict[str, bool] = {}  # "registered": the ops are in torch; "loaded": on; "tried": load() ran
 
 
 def enabled() -> bool:
@@ -73,12 +73,14 @@ def load() -> bool:
     with _lock:
         if _state.get("tried"):
             return enabled()
-        _state["tried"] = True
+        _state["tried"], _state["loaded"] = True, False
         if os.environ.get("RECYCLEGPT_KERNELS", "1") == "0" or sys.platform != "linux":
             return False
         try:
-            torch.ops.load_library(str(_build()))
-            _register_fake()
+            if not _state.get("registered"):  # a library and its fake kernels are registered once per process
+                torch.ops.load_library(str(_build()))
+                _register_fake()
+                _state["registered"] = True
         except (OSError, subprocess.SubprocessError, RuntimeError) as e:
             warnings.warn(f"recyclegpt: CPU kernel not built ({str(e).strip().splitlines()[-1][:200]}); decoding "
                           "uses torch's kernels (slower at few rows). Install g++ to enable it, or set "

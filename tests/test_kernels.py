@@ -1,0 +1,166 @@
+"""recyclegpt's CPU kernels (`recyclegpt.kernels`): parity with the torch code they replace, every row computed
+alike at every row count, decoding routed through them, and the fallback when they cannot be built."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recyclegpt import kernels
+from recyclegpt.config import ModelConfig, ModuleConfig
+from recyclegpt.decoding import GenerationConfig, generate
+from recyclegpt.decoding.testing import random_models
+from recyclegpt.layers import Linear, linears
+from recyclegpt.model import FullModel, TreePlacement
+from recyclegpt.module import RecyclableModule
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler: the kernels cannot be built")
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    assert kernels.set_enabled(True), "the kernel did not build"
+    yield
+    kernels.set_enabled(True)
+
+
+def test_linears_match_torch_and_every_row_is_computed_alike():
+    torch.manual_seed(0)
+    # K not a multiple of 16 (the tail), N not a multiple of 4 (the last block), a bias.
+    layers = [Linear(40, 129, bias=True), Linear(40, 8), Linear(40, 3)]
+    with torch.no_grad():
+        for rows in (1, 2, 3, 4, 5, 9):
+            x = torch.randn(2, rows, 40)
+            together = linears(x, *layers)
+            for i, layer in enumerate(layers):
+                ref = F.linear(x, layer.weight, layer.bias)
+                torch.testing.assert_close(together[i], ref, rtol=1e-5, atol=1e-5)
+                assert torch.equal(layer(x), together[i])  # one weight or several: same arithmetic
+                for r in range(rows):  # the row alone, bit for bit
+                    assert torch.equal(layer(x[:, r:r + 1]), together[i][:, r:r + 1])
+
+
+def test_linears_leave_training_to_torch():
+    layer = Linear(16, 8)
+    x = torch.randn(3, 16, requires_grad=True)
+    assert not kernels.applies(x, layer.weight)  # autograd on: torch's linear, which has a backward
+    layer(x).sum().backward()
+    assert x.grad is not None
+    with torch.no_grad():
+        assert kernels.applies(x, layer.weight)
+        assert not kernels.applies(x.double(), layer.weight.double())
+
+
+def _cfg() -> ModelConfig:
+    # Grouped-query attention (3 query heads per kv head), q/k/v biases, head_dim 8 (not a multiple of 16).
+    return ModelConfig(vocab_size=64, dim=48, n_layer=2, n_head=6, n_kv_head=2, ffn_dim=80, max_seq_len=40,
+                       qkv_bias=True, tie_embeddings=False)
+
+
+def _randomised(net: torch.nn.Module) -> torch.nn.Module:
+    for p in net.parameters():
+        p.data.normal_(0, 0.3)
+    return net.eval()
+
+
+def _both_ways(run):
+    """run() with the kernels off, then on; both results."""
+    kernels.set_enabled(False)
+    ref = run()
+    kernels.set_enabled(True)
+    return ref, run()
+
+
+def test_decode_block_matches_the_torch_block_chain_and_tree():
+    torch.manual_seed(0)
+    model = _randomised(FullModel(_cfg()))
+    module = _randomised(RecyclableModule(model.cfg, ModuleConfig(n_layer=2)))  # block 0 reads fc's output unnormed
+    prompt = torch.randint(0, 64, (2, 10))
+    pos = torch.tensor([[10, 11, 12], [10, 11, 12]])
+    nxt = torch.randint(0, 64, (2, 3))
+    # A tree: token 1 and 2 are both children of token 0 (one depth, two slots).
+    tree_pos = torch.tensor([[10, 11, 11]] * 2)
+    visible = torch.zeros(2, 1, 3, 40, dtype=torch.bool)
+    visible[..., :10] = True
+    visible[:, 0, 0, 10] = visible[:, 0, 1, [10, 11]] = visible[:, 0, 2, [10, 12]] = True
+    tree = TreePlacement(slots=pos, bias=torch.where(visible, 0.0, float("-inf")))
+
+    def run(t: TreePlacement | None):
+        def go():
+            with torch.inference_mode():
+                model.setup_caches(2)
+                module.setup_caches(2)
+                h = model.prefill(prompt, torch.arange(2))
+                module.prefill(model, torch.cat([prompt[:, 1:], nxt[:, :1]], 1), h, torch.arange(2))
+                logits, h = model(nxt, tree_pos if t else pos, tree=t)
+                mlogits, _ = module(model, nxt, h, tree_pos if t else pos, tree=t)
+                return logits, mlogits, [c.k_cache.clone() for c in model.caches + module.caches]
+        return go
+
+    for t in (None, tree):
+        (ref, mref, kref), (got, mgot, kgot) = _both_ways(run(t))
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mgot, mref, rtol=1e-4, atol=1e-4)
+        for a, b in zip(kgot, kref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_block_rows_alone_equal_rows_together():
+    torch.manual_seed(1)
+    model = _randomised(FullModel(_cfg()))
+    prompt = torch.randint(0, 64, (3, 7))
+    nxt = torch.randint(0, 64, (3, 4))
+    pos = torch.arange(7, 11).expand(3, 4)
+    with torch.inference_mode():
+        model.setup_caches(3)
+        model.prefill(prompt, torch.arange(3))
+        together, _ = model(nxt, pos)  # a verify-like pass: 4 tokens per row
+        alone = torch.cat([model(nxt[:, i:i + 1], pos[:, i:i + 1])[0] for i in range(4)], 1)  # ar-like passes
+    assert torch.equal(alone, together)
+
+
+def test_decoding_runs_through_the_kernels_and_verify_equals_ar(monkeypatch):
+    model, module = random_models(seed=3)
+    calls = []
+    real = kernels.decode_block
+    monkeypatch.setattr(kernels, "decode_block", lambda *a: calls.append(1) or real(*a))
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    ar = generate(model, module, prompts, GenerationConfig(mode="ar", max_new_tokens=16))
+    assert calls, "decoding passes did not reach the kernel"
+    for k in (1, 3):
+        assert generate(model, module, prompts, GenerationConfig(mode="verify", k=k, max_new_tokens=16)).tokens \
+            == ar.tokens
+    tree = generate(model, module, prompts, GenerationConfig(mode="verify", tree=6, max_new_tokens=16))
+    assert tree.tokens == ar.tokens
+
+
+def test_off_by_environment(monkeypatch):
+    monkeypatch.setenv("RECYCLEGPT_KERNELS", "0")
+    assert not kernels.set_enabled(True) and not kernels.enabled()
+    model, module = random_models(seed=0)
+    calls = []
+    monkeypatch.setattr(kernels, "decode_block", lambda *a: calls.append(1))
+    out = generate(model, module, [[1, 2, 3]], GenerationConfig(mode="verify", k=2, max_new_tokens=6))
+    assert len(out.tokens[0]) == 6 and not calls  # torch's kernels did the work
+
+
+def test_a_failed_build_warns_once_and_decoding_goes_on(tmp_path):
+    # A fresh process whose cache holds no built library and whose "compiler" fails.
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from recyclegpt import kernels\n"
+            "from recyclegpt.decoding import GenerationConfig, generate\n"
+            "from recyclegpt.decoding.testing import random_models\n"
+            "m, mod = random_models(seed=0)\n"
+            "out = generate(m, mod, [[1, 2, 3]], GenerationConfig(mode='verify', k=2, max_new_tokens=6))\n"
+            "print(kernels.enabled(), len(out.tokens[0]))\n")
+    env = {**os.environ, "RECYCLEGPT_CACHE": str(tmp_path), "CXX": "/bin/false"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "6"]
+    assert done.stderr.count("CPU kernel not built") == 1
