@@ -10,13 +10,12 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from recyclegpt import kernels
 from recyclegpt.config import ModelConfig, ModuleConfig
 from recyclegpt.decoding import GenerationConfig, generate
 from recyclegpt.decoding.testing import random_models
-from recyclegpt.layers import Linear, linears
+from recyclegpt.layers import Linear
 from recyclegpt.model import FullModel, TreePlacement
 from recyclegpt.module import RecyclableModule
 
@@ -34,27 +33,28 @@ def test_linears_match_torch_and_every_row_is_computed_alike():
     torch.manual_seed(0)
     # K not a multiple of 16 (the tail), N not a multiple of 4 (the last block), a bias.
     layers = [Linear(40, 129, bias=True), Linear(40, 8), Linear(40, 3)]
+    weights, biases = [m.weight for m in layers], [m.bias for m in layers]
     with torch.no_grad():
         for rows in (1, 2, 3, 4, 5, 9):
             x = torch.randn(2, rows, 40)
-            together = linears(x, *layers)
+            together = kernels.skinny_linear(x, weights, biases)  # several weights in one call
             for i, layer in enumerate(layers):
-                ref = F.linear(x, layer.weight, layer.bias)
-                torch.testing.assert_close(together[i], ref, rtol=1e-5, atol=1e-5)
-                assert torch.equal(layer(x), together[i])  # one weight or several: same arithmetic
+                torch.testing.assert_close(together[i], layer(x), rtol=1e-5, atol=1e-5)  # torch's linear
+                assert torch.equal(layer.decode(x), together[i])  # one weight or several: same arithmetic
                 for r in range(rows):  # the row alone, bit for bit
-                    assert torch.equal(layer(x[:, r:r + 1]), together[i][:, r:r + 1])
+                    assert torch.equal(layer.decode(x[:, r:r + 1]), together[i][:, r:r + 1])
 
 
-def test_linears_leave_training_to_torch():
+def test_training_and_other_dtypes_stay_on_torch():
     layer = Linear(16, 8)
     x = torch.randn(3, 16, requires_grad=True)
     assert not kernels.applies(x, layer.weight)  # autograd on: torch's linear, which has a backward
-    layer(x).sum().backward()
+    layer.decode(x).sum().backward()
     assert x.grad is not None
     with torch.no_grad():
         assert kernels.applies(x, layer.weight)
         assert not kernels.applies(x.double(), layer.weight.double())
+        assert not kernels.applies(x.bfloat16(), layer.weight.bfloat16())
 
 
 def _cfg() -> ModelConfig:
@@ -164,3 +164,15 @@ def test_a_failed_build_warns_once_and_decoding_goes_on(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "6"]
     assert done.stderr.count("CPU kernel not built") == 1
+
+
+def test_compiled_rounds_keep_torchs_code(monkeypatch):
+    from recyclegpt.decoding import compiled
+    monkeypatch.setattr(compiled, "BACKEND", "eager")  # dynamo's capture, run op by op: what inductor would get
+    model, module = random_models(seed=2)
+    calls = []
+    real = kernels.decode_block
+    monkeypatch.setattr(kernels, "decode_block", lambda *a: calls.append(1) or real(*a))
+    cfg = GenerationConfig(mode="ar", max_new_tokens=6, compile=True)
+    generate(model, module, [[1, 2, 3]], cfg)
+    assert not calls  # the prefill is a causal pass (torch); every decoding round ran in the captured graph

@@ -42,8 +42,8 @@ def _rows_needed(weight: Tensor) -> int:
 class Linear(nn.Linear):
     """nn.Linear whose result for a row does not depend on how many rows the call has (CPU).
 
-    float32 inference calls on the CPU go to recyclegpt's own kernel once it is loaded (`kernels`): it
-    computes each row alike at every row count and streams the weights once for all rows.
+    In a float32 decoding pass on the CPU, `decode` (and `Block`'s decoding path) run recyclegpt's own kernels
+    (`kernels`), which compute each row alike at every row count and stream the weights once for all rows.
 
     bfloat16 calls go to torch. oneDNN's bf16 kernels take other paths for calls of few rows: a single row
     (seen on AVX-512-BF16 CPUs at 1536 -> 576 and 2048 -> 576), and with two threads on an AVX-512 CPU without
@@ -58,8 +58,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.numel() // x.shape[-1]
-        if kernels.applies(x, self.weight):
-            return kernels.skinny_linear(x, [self.weight], [self.bias])[0]  # row-stable and fast at few rows
         if n < _PROBE_ROWS and x.dtype is torch.bfloat16 and x.device.type == "cpu" \
                 and not torch.compiler.is_compiling():  # a call of _PROBE_ROWS rows or more never needs padding
             need = _rows_needed(self.weight)
@@ -70,14 +68,12 @@ class Linear(nn.Linear):
                 return y[:n].reshape(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
-
-def linears(x: Tensor, *layers: Linear) -> list[Tensor]:
-    """Several linear layers over the same input (q/k/v, gate/up): on the kernel's path one call streams all
-    their weights (one parallel region, not one per layer); elsewhere one call each. Same results either way
-    as calling each layer."""
-    if kernels.applies(x, layers[0].weight):
-        return kernels.skinny_linear(x, [m.weight for m in layers], [m.bias for m in layers])
-    return [m(x) for m in layers]
+    def decode(self, x: Tensor) -> Tensor:
+        """The call of a decoding pass, whose rows must not depend on the pass's row count: recyclegpt's float32
+        CPU kernel where it applies (`kernels`), else `forward`."""
+        if kernels.applies(x, self.weight):
+            return kernels.skinny_linear(x, [self.weight], [self.bias])[0]
+        return self(x)
 
 
 class KVStore(Protocol):
@@ -159,7 +155,7 @@ class Attention(nn.Module):
         input_pos: Tensor | None,  # [B, T]
     ) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = linears(x, self.wq, self.wk, self.wv)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = apply_rope(q.view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)  # [B, H, T, D]
         k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin).transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -190,8 +186,7 @@ class FeedForward(nn.Module):
         self.w2 = Linear(hidden, dim, bias=False)  # down
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = linears(x, self.w1, self.w3)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):

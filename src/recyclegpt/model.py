@@ -111,7 +111,11 @@ class FullModel(nn.Module):
         x = run_blocks(self.layers, None if input_pos is None else self.caches, self.tok_embeddings(idx),
                        self.rope_cos, self.rope_sin, self.key_pos, input_pos, tree)
         h = self.norm(x)
-        return (self.output(h) if logits else None), h
+        if not logits:
+            return None, h
+        # A cache pass is a decoding pass: its logits row for a token must not depend on how many tokens the
+        # pass holds (`verify` against `ar`), which `Linear.decode` guarantees on recyclegpt's kernel.
+        return (self.output(h) if input_pos is None else self.output.decode(h)), h
 
     def prefill(self, idx: Tensor, rows: Tensor) -> Tensor:
         """Prompts from position 0: idx [G, T] into cache rows `rows` [G]. A causal pass over the prompts

@@ -12,10 +12,12 @@ torch's headers, for this CPU (`-march=native`: AVX-512, AVX2, ... whatever it h
 loaded into torch. Building takes about 10 seconds, once per machine. Without a compiler, or with
 RECYCLEGPT_KERNELS=0, decoding runs on torch's own kernels, as before (a warning says so once).
 
-`layers.Linear` and `layers.linears` use the kernel for float32 inference calls on the CPU of at most
-MAX_ROWS rows once it is loaded (`applies`). `load()` is called by `FullModel.setup_caches` and
-`RecyclableModule.setup_caches` (every decoding path sets up caches before its first pass), so that the
-eager and compiled passes of one process agree on it.
+Where they run: eager decoding passes only (passes over the static KV cache), in float32 on the CPU, without
+autograd: `layers.Block` sends such a pass to `decode_block`, and the full model's head goes through
+`Linear.decode` (`skinny_linear`). Prompts' prefills, training and evaluation keep torch's kernels (BLAS is faster
+at many rows; those passes need no row-stability). `load()` is called by `FullModel.setup_caches` and
+`RecyclableModule.setup_caches` (every decoding path sets up caches before its first pass). Compiled rounds
+(`decoding.compiled`) do not use them: inductor's prepacked BLAS calls were faster at a few rows.
 """
 
 from __future__ import annotations
@@ -40,10 +42,6 @@ from ..runtime import cache_dir, cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.cpp")
-# Calls of more rows (long prefills, evaluation batches) go to torch's GEMMs, which are faster there. No
-# decoding pass on a CPU comes near it (rows = batch x tokens per pass), so every pass of a decoding run uses
-# the same kernel.
-MAX_ROWS = 1024
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 
 _lock = threading.Lock()
@@ -56,8 +54,8 @@ def enabled() -> bool:
 
 
 def set_enabled(on: bool) -> bool:
-    """Turn the kernel on (loading it if needed) or off for this process's later calls; returns whether it is
-    on. Graphs compiled before keep what they were traced with (the compile key holds `enabled()`)."""
+    """Turn the kernels on (loading them if needed) or off for this process's later eager passes; returns
+    whether they are on."""
     if not on:
         _state["loaded"] = False
         return False
@@ -77,9 +75,8 @@ def load() -> bool:
         if os.environ.get("RECYCLEGPT_KERNELS", "1") == "0" or sys.platform != "linux":
             return False
         try:
-            if not _state.get("registered"):  # a library and its fake kernels are registered once per process
+            if not _state.get("registered"):  # a library is loaded once per process
                 torch.ops.load_library(str(_build()))
-                _register_fake()
                 _state["registered"] = True
         except (OSError, subprocess.SubprocessError, RuntimeError) as e:
             warnings.warn(f"recyclegpt: CPU kernel not built ({str(e).strip().splitlines()[-1][:200]}); decoding "
@@ -91,10 +88,11 @@ def load() -> bool:
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether a linear layer's call x @ weight.T goes to the kernel: loaded, float32 on the CPU, inference
-    (no autograd), at most MAX_ROWS rows."""
-    return (x.dtype is torch.float32 and enabled() and x.numel() <= MAX_ROWS * x.shape[-1]
-            and x.device.type == "cpu" and weight.dtype is torch.float32 and not torch.is_grad_enabled())
+    """Whether a decoding pass's call x @ weight.T may go to the kernels: loaded, float32 on the CPU, inference
+    (no autograd), eager. Compiled rounds keep inductor's code: its prepacked BLAS weights ran a pass of a few
+    rows faster than these kernels (docs/llama_cpp.md)."""
+    return (x.dtype is torch.float32 and enabled() and x.device.type == "cpu" and weight.dtype is torch.float32
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 
 def skinny_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> list[Tensor]:
@@ -154,14 +152,3 @@ def _build() -> Path:
         os.replace(part, out)  # atomic: a concurrent builder's identical file may land first; either is whole
     return out
 
-
-def _register_fake() -> None:
-    """Shapes for torch.compile's tracing (the op itself runs in the compiled graph as an extern call)."""
-
-    @torch.library.register_fake("recyclegpt::skinny_linear")
-    def _(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> list[Tensor]:
-        return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
-
-    @torch.library.register_fake("recyclegpt::decode_block")
-    def _(x: Tensor, *args: object) -> Tensor:
-        return torch.empty_like(x)
