@@ -9,8 +9,10 @@ runs says little: here every variant compiles its own graph of the same round (s
 prompt, one slot), then the variants take turns, `--turns` times `--rounds` rounds each, and each variant's
 median and best milliseconds per round are reported, with the ratio to the first variant. A variant is a
 name and a JSON object of inductor options laid over the defaults (`decoding.compiled.INDUCTOR_OPTIONS`);
-`"max_autotune": true` also lifts the defaults' limits on batch and weight size (AUTOTUNE_MAX_*), so the
-C++ GEMM templates are tried whatever the model's size. Not a test: numbers depend on the machine.
+`"kernels": false` turns recyclegpt's CPU kernels off (`recyclegpt.kernels`: torch's ops then, as inductor
+picks them); `"max_autotune": true` also lifts the defaults' limits on batch and weight size
+(AUTOTUNE_MAX_*), so the C++ GEMM templates are tried whatever the model's size. Not a test: numbers depend on
+the machine.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "default": {},
+    "torch-gemms": {"kernels": False},
     "cpp-wrapper": {"cpp_wrapper": True},
     "max-autotune": {"max_autotune": True},
     "no-concat-linear": {"cpp.enable_concat_linear": False},
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from recyclegpt import RecycleGPT
+    from recyclegpt import RecycleGPT, kernels
     from recyclegpt.bench.report import write_json
     from recyclegpt.decoding import Engine, GenerationConfig, compiled
     from recyclegpt.prompts import load_prompts
@@ -70,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     config = GenerationConfig(max_new_tokens=(a.rounds + 5) * 4 + 1, eos_id=None, **kw)
 
     engines, compile_s = {}, {}
-    for name, opts in variants.items():
+    for name, variant in variants.items():
+        opts = {k: v for k, v in variant.items() if k != "kernels"}
+        kernels.set_enabled(variant.get("kernels", True))
         compiled.INDUCTOR_OPTIONS = {**defaults[0], **opts}
         if opts.get("max_autotune"):
             compiled.AUTOTUNE_MAX_BATCH = compiled.AUTOTUNE_MAX_WEIGHT_BYTES = 1 << 62
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ms: dict[str, list[float]] = {n: [] for n in variants}
     for _ in range(a.turns):
         for name, eng in engines.items():
+            kernels.set_enabled(variants[name].get("kernels", True))  # the compile key holds it: its own graph
             eng.release(0)
             eng.admit(0, prompt, config)
             t0 = time.perf_counter()

@@ -7,7 +7,8 @@ module drafts) runs through the same graph, and slots joining and leaving compil
 first row with top-k or top-p switches to the `filtered` graph, which sorts every distribution.)
 
 Caching: compiled callables live per (model, module, shape, batch, dtype, threads, cache tensors,
-inductor options, weights' versions) in this process (`compiled_round`); each gets its own code
+inductor options, whether recyclegpt's CPU kernels are on, weights' versions) in this process
+(`compiled_round`); each gets its own code
 object, so dynamo's per-function recompile limit and guard chain never mix keys, and after the
 first call dynamo's guards are skipped (see `_CompiledRound`). The first call of each compiles
 (`COMPILE_STATS` records the seconds). A new process compiles again: inductor's FX graph cache is
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import kernels
 from ..model import FullModel
 from ..module import RecyclableModule
 from ..runtime import weight_bytes
@@ -173,7 +175,7 @@ def compiled_round(model: FullModel, module: RecyclableModule | None, shape: Rou
     options = ((tuple(sorted(INDUCTOR_OPTIONS.items())), AUTOTUNE_MAX_BATCH, AUTOTUNE_MAX_WEIGHT_BYTES)
                if inductor else ())
     key = (shape, id(nets[-1]), batch, dtype, torch.get_num_threads(), BACKEND, caches, options,
-           weights_version(*nets))
+           kernels.enabled(), weights_version(*nets))
     with _LOCK:
         per_model = model.__dict__.setdefault(_ATTR, {})
         fn = per_model.get(key)

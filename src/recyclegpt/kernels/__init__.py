@@ -1,10 +1,13 @@
-"""recyclegpt's own CPU kernel: `torch.ops.recyclegpt.skinny_linear`, the float32 linear layer of decoding.
+"""recyclegpt's own CPU kernels for float32 decoding passes (`decode.cpp`, ops `torch.ops.recyclegpt.*`).
+
+- `decode_block`: a whole transformer block (`layers.Block`) over the static KV cache in one call, one OpenMP
+  parallel region, where torch runs some twenty ops, each with its own dispatch and fork/join.
+- `skinny_linear`: linear layers over a decoding pass's few rows (the full model's head).
 
 Why: a decoding pass multiplies a few rows (1 for `ar`, k+1 for `verify`, times the batch) by every weight
-matrix. BLAS libraries are tuned for many rows: MKL's float32 GEMM for 4 rows takes about as long as 4 GEMVs
-on a 2-core CPU, and its kernels change with the row count, so a row's bits in a one-token pass need not be
-its bits in a wider pass. `skinny_linear.cpp` streams each weight once for all of a call's rows and computes
-every output by the same arithmetic whatever the row count (`verify` stays identical to `ar`).
+matrix, so it is bound by reading the weights. The kernels stream packed weights (`pack`) once for all of a
+pass's rows, and compute every output by the same arithmetic whatever the row count, which BLAS libraries do
+not promise: a row's bits in a one-token pass are its bits in a wider pass, so `verify` stays identical to `ar`.
 
 How: the C++ source ships with the package and is built on first use with the system's C++ compiler and
 torch's headers, for this CPU (`-march=native`: AVX-512, AVX2, ... whatever it has), into
@@ -12,12 +15,13 @@ torch's headers, for this CPU (`-march=native`: AVX-512, AVX2, ... whatever it h
 loaded into torch. Building takes about 10 seconds, once per machine. Without a compiler, or with
 RECYCLEGPT_KERNELS=0, decoding runs on torch's own kernels, as before (a warning says so once).
 
-Where they run: eager decoding passes only (passes over the static KV cache), in float32 on the CPU, without
-autograd: `layers.Block` sends such a pass to `decode_block`, and the full model's head goes through
+Where they run: decoding passes (passes over the static KV cache), eager or compiled, in float32 on the CPU,
+without autograd: `layers.Block` sends such a pass to `decode_block`, and the full model's head goes through
 `Linear.decode` (`skinny_linear`). Prompts' prefills, training and evaluation keep torch's kernels (BLAS is faster
 at many rows; those passes need no row-stability). `load()` is called by `FullModel.setup_caches` and
-`RecyclableModule.setup_caches` (every decoding path sets up caches before its first pass). Compiled rounds
-(`decoding.compiled`) do not use them: inductor's prepacked BLAS calls were faster at a few rows.
+`RecyclableModule.setup_caches` (every decoding path sets up caches before its first pass), so the eager and
+compiled passes of one process agree on it. The kernels read weights packed (`pack`): eagerly a copy kept on
+each layer, in a compiled round a constant inductor's freezing folds once.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..runtime import cache_dir, cpu_flags
@@ -42,6 +47,8 @@ from ..runtime import cache_dir, cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.cpp")
+PANEL = 16  # outputs per packed panel (`pack`; decode.cpp's PANEL)
+_PACKED_ATTR = "_recyclegpt_packed"  # a layer's packed weight and the key it was made for (`packed`)
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 
 _lock = threading.Lock()
@@ -54,8 +61,8 @@ def enabled() -> bool:
 
 
 def set_enabled(on: bool) -> bool:
-    """Turn the kernels on (loading them if needed) or off for this process's later eager passes; returns
-    whether they are on."""
+    """Turn the kernels on (loading them if needed) or off for this process's later passes; returns whether they
+    are on. Graphs compiled before keep what they were traced with (the compile key holds `enabled()`)."""
     if not on:
         _state["loaded"] = False
         return False
@@ -77,6 +84,7 @@ def load() -> bool:
         try:
             if not _state.get("registered"):  # a library is loaded once per process
                 torch.ops.load_library(str(_build()))
+                _register_fake()
                 _state["registered"] = True
         except (OSError, subprocess.SubprocessError, RuntimeError) as e:
             warnings.warn(f"recyclegpt: CPU kernel not built ({str(e).strip().splitlines()[-1][:200]}); decoding "
@@ -89,15 +97,38 @@ def load() -> bool:
 
 def applies(x: Tensor, weight: Tensor) -> bool:
     """Whether a decoding pass's call x @ weight.T may go to the kernels: loaded, float32 on the CPU, inference
-    (no autograd), eager. Compiled rounds keep inductor's code: its prepacked BLAS weights ran a pass of a few
-    rows faster than these kernels (docs/llama_cpp.md)."""
+    (no autograd)."""
     return (x.dtype is torch.float32 and enabled() and x.device.type == "cpu" and weight.dtype is torch.float32
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+            and not torch.is_grad_enabled())
 
 
-def skinny_linear(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> list[Tensor]:
-    """x [..., K] @ weights[i].T + biases[i] -> [..., N_i] for each i, in one call (float32, CPU, no autograd)."""
-    return torch.ops.recyclegpt.skinny_linear(x.contiguous(), list(weights), list(biases))
+def pack(weight: Tensor) -> Tensor:
+    """[N, K] -> [ceil(N / PANEL), K, PANEL]: panel j holds outputs j*PANEL.. for each k in turn (zero rows pad N),
+    the layout the kernels stream (`decode.cpp`)."""
+    N, K = weight.shape
+    return F.pad(weight, (0, 0, 0, -N % PANEL)).view(-1, PANEL, K).transpose(1, 2).contiguous()
+
+
+def packed(layer: torch.nn.Linear) -> Tensor:
+    """The layer's weight packed (`pack`). In a compiled graph the expression itself: inductor's freezing folds it
+    into a constant once. Eagerly, a copy kept on the layer, made again when the weight changes (its storage or
+    its in-place version counter)."""
+    w = layer.weight
+    if torch.compiler.is_compiling():
+        return pack(w)
+    # Inference tensors keep no version counter (in-place changes to them go unseen; replacing them is seen).
+    key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.shape)
+    cached = layer.__dict__.get(_PACKED_ATTR)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = layer.__dict__[_PACKED_ATTR] = (key, pack(w.detach()))
+    return cached[1]
+
+
+def skinny_linear(x: Tensor, layers: Sequence[torch.nn.Linear]) -> list[Tensor]:
+    """x [..., K] -> layer(x) [..., N_i] for each layer, in one call (float32, CPU, no autograd)."""
+    return torch.ops.recyclegpt.skinny_linear(x.contiguous(), [packed(m) for m in layers],
+                                              [m.out_features for m in layers], [m.bias for m in layers])
 
 
 def block_applies(x: Tensor, kv: object, bias: Tensor | None) -> bool:
@@ -115,9 +146,10 @@ def decode_block(block: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor, bi
     a, f = block.attention, block.feed_forward
     norm = getattr(block.attention_norm, "weight", None)  # None: an Identity (the module's first block)
     return torch.ops.recyclegpt.decode_block(
-        x.contiguous(), norm, block.ffn_norm.weight, block.ffn_norm.eps, [a.wq.weight, a.wk.weight, a.wv.weight,
-        a.wo.weight], [a.wq.bias, a.wk.bias, a.wv.bias], [f.w1.weight, f.w3.weight, f.w2.weight], cos.contiguous(),
-        sin.contiguous(), bias.contiguous(), kv.k_cache, kv.v_cache, slots.contiguous(), a.n_head)
+        x.contiguous(), norm, block.ffn_norm.weight, block.ffn_norm.eps,
+        [packed(a.wq), packed(a.wk), packed(a.wv), packed(a.wo)], [a.wq.bias, a.wk.bias, a.wv.bias],
+        [packed(f.w1), packed(f.w3), packed(f.w2)], cos.contiguous(), sin.contiguous(), bias.contiguous(),
+        kv.k_cache, kv.v_cache, slots.contiguous(), a.n_head)
 
 
 def _compiler() -> str:
@@ -152,3 +184,14 @@ def _build() -> Path:
         os.replace(part, out)  # atomic: a concurrent builder's identical file may land first; either is whole
     return out
 
+
+def _register_fake() -> None:
+    """Shapes for torch.compile's tracing (in a compiled round the ops run as extern calls)."""
+
+    @torch.library.register_fake("recyclegpt::skinny_linear")
+    def _(x: Tensor, weights: list[Tensor], ns: list[int], biases: list[Tensor | None]) -> list[Tensor]:
+        return [x.new_empty((*x.shape[:-1], n)) for n in ns]
+
+    @torch.library.register_fake("recyclegpt::decode_block")
+    def _(x: Tensor, *args: object) -> Tensor:
+        return torch.empty_like(x)

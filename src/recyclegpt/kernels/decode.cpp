@@ -4,18 +4,16 @@
 // skinny_linear: y = x @ w.T (+ b) for one or several weights that read the same x.
 // decode_block:  one transformer block of the model (`layers.Block`) over a static KV cache, in one call.
 //
-// Exactness: every output y[m, n] of a linear layer is computed by the same arithmetic whatever the call's
-// row count, its place in the call and the thread that computes it: 16-lane partial sums over k in order
-// (one fused multiply-add per step), the lanes added pairwise in a fixed order, the tail of k (k % 16) added
-// in order, then the bias. Norms, RoPE and attention are computed per row in a fixed order too. So a row
-// decoded alone (`ar`, one token a pass) gets exactly the bits it gets inside a wider pass (`verify`), which
-// BLAS libraries do not promise (their kernels and blockings change with the shape).
+// Weights come packed (`kernels.pack`): [ceil(N / 16), K, 16], panel j holding outputs 16j..16j+15 for each k in
+// turn, zero rows padding N. A tile of 4 panels (64 outputs) reads one contiguous stretch of memory per k and
+// needs no horizontal sums: y[m, 16j + i] accumulates x[m, k] * P[j, k, i] over k in order, one fused
+// multiply-add per k, then adds the bias. That arithmetic is the same whatever the call's row count, the row's
+// place in it and the thread that computes it, so a row decoded alone (`ar`, one token a pass) gets exactly the
+// bits it gets inside a wider pass (`verify`), which BLAS libraries do not promise.
 //
-// Speed: a linear layer's weights stream once per call whatever the row count (a block of 4 outputs x up to
-// 4 rows shares each load), split over the threads by output columns; decode_block runs a whole block in one
-// OpenMP parallel region, phases separated by barriers, where separate ops would pay a fork/join and a
-// dispatch each. Built with -march=native: the 16-lane vector type becomes one AVX-512 register, two AVX2
-// ones or four SSE ones.
+// decode_block runs a whole block in one OpenMP parallel region, phases separated by barriers, where separate
+// ops would pay a fork/join and a dispatch each. Built with -march=native: the 16-lane vector type becomes one
+// AVX-512 register, two AVX2 ones or four SSE ones.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -32,6 +30,8 @@
 namespace {
 
 typedef float vec16 __attribute__((vector_size(64)));
+constexpr int64_t PANEL = 16;  // outputs per panel (`kernels.PANEL`)
+constexpr int64_t TILE = 4;    // panels per tile: 64 outputs, 4 accumulators per row
 
 inline vec16 load16(const float* p) {
   vec16 v;
@@ -39,130 +39,116 @@ inline vec16 load16(const float* p) {
   return v;
 }
 
-inline float finish(vec16 acc, const float* x, const float* w, int64_t k0, int64_t K, float bias) {
-  // Lanes summed pairwise in a fixed order (a tree of vector adds; a left-to-right chain of 15 scalar adds
-  // dominated calls of many rows).
-  typedef float vec8 __attribute__((vector_size(32)));
-  typedef float vec4 __attribute__((vector_size(16)));
-  vec8 a8 = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
-            __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
-  vec4 a4 = __builtin_shufflevector(a8, a8, 0, 1, 2, 3) + __builtin_shufflevector(a8, a8, 4, 5, 6, 7);
-  float s = (a4[0] + a4[2]) + (a4[1] + a4[3]);
-  for (int64_t k = k0; k < K; ++k) s = __builtin_fmaf(x[k], w[k], s);
-  return s + bias;
-}
-
-// Rows [m0, m0 + MB) x outputs [n0, n0 + NB).
+// Rows [m0, m0 + MB) x panels [p0, p0 + NB) of packed P (K values per panel row).
 template <int MB, int NB>
-inline void block(const float* X, const float* W, const float* B, float* Y, int64_t K, int64_t N,
-                  int64_t m0, int64_t n0) {
+inline void tile(const float* X, const float* P, const float* B, float* Y, int64_t K, int64_t N, int64_t m0,
+                 int64_t p0) {
   vec16 acc[MB][NB];
+#pragma GCC unroll 16
   for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 16
     for (int c = 0; c < NB; ++c) acc[r][c] = vec16{};
-  const int64_t K16 = K - K % 16;
-  for (int64_t k = 0; k < K16; k += 16) {
-    vec16 xv[MB], wv[NB];
-    for (int r = 0; r < MB; ++r) xv[r] = load16(X + (m0 + r) * K + k);
-    for (int c = 0; c < NB; ++c) wv[c] = load16(W + (n0 + c) * K + k);
-    for (int r = 0; r < MB; ++r)
-      for (int c = 0; c < NB; ++c) acc[r][c] += xv[r] * wv[c];  // contracted to one FMA (-ffp-contract=fast)
+  const float* base = P + p0 * K * PANEL;
+  for (int64_t k = 0; k < K; ++k) {
+    vec16 wv[NB];
+#pragma GCC unroll 16
+    for (int c = 0; c < NB; ++c) wv[c] = load16(base + (c * K + k) * PANEL);
+#pragma GCC unroll 16
+    for (int r = 0; r < MB; ++r) {
+      const float xs = X[(m0 + r) * K + k];
+#pragma GCC unroll 16
+      for (int c = 0; c < NB; ++c) acc[r][c] += xs * wv[c];  // one FMA (-ffp-contract=fast)
+    }
   }
   for (int r = 0; r < MB; ++r)
-    for (int c = 0; c < NB; ++c)
-      Y[(m0 + r) * N + n0 + c] = finish(acc[r][c], X + (m0 + r) * K, W + (n0 + c) * K, K16, K,
-                                        B ? B[n0 + c] : 0.f);
+    for (int c = 0; c < NB; ++c) {
+      float out[PANEL];
+      std::memcpy(out, &acc[r][c], sizeof(out));
+      const int64_t n0 = (p0 + c) * PANEL;
+      for (int64_t i = 0; i < PANEL && n0 + i < N; ++i) Y[(m0 + r) * N + n0 + i] = out[i] + (B ? B[n0 + i] : 0.f);
+    }
 }
 
-// Outputs [n0, n0 + NB) for every row, 4 rows at a time: the NB weight rows are read from memory once and
-// stay in L1 across the row blocks.
+// Panels [p0, p0 + NB) for every row, 4 rows at a time (the tile's weights stay in L1 across row blocks).
 template <int NB>
-inline void columns(const float* X, const float* W, const float* B, float* Y, int64_t M, int64_t K, int64_t N,
-                    int64_t n0) {
+inline void rows(const float* X, const float* P, const float* B, float* Y, int64_t M, int64_t K, int64_t N,
+                 int64_t p0) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) block<4, NB>(X, W, B, Y, K, N, m, n0);
-  for (; m < M; ++m) block<1, NB>(X, W, B, Y, K, N, m, n0);
+  for (; m + 4 <= M; m += 4) tile<4, NB>(X, P, B, Y, K, N, m, p0);
+  for (; m < M; ++m) tile<1, NB>(X, P, B, Y, K, N, m, p0);
 }
 
-// One call for several weights that read the same x (q/k/v, gate/up): their blocks of 4 outputs are split
-// over the threads together, one parallel region for all.
-std::vector<at::Tensor> skinny_linear(const at::Tensor& x, at::TensorList ws,
+// One linear layer's share of a phase: packed weight, bias, output [M, N], and its first tile among the phase's.
+struct Part {
+  const float* P;
+  const float* B;
+  float* Y;
+  int64_t N, first_tile;
+};
+
+int64_t panels_of(int64_t N) { return (N + PANEL - 1) / PANEL; }
+
+// Numbers the parts' tiles one after the other; returns the total.
+int64_t total_tiles(std::vector<Part>& parts) {
+  int64_t tiles = 0;
+  for (Part& part : parts) {
+    part.first_tile = tiles;
+    tiles += (panels_of(part.N) + TILE - 1) / TILE;
+  }
+  return tiles;
+}
+
+// Tiles [begin, end) over `parts` (in order), for all M rows of X [M, K].
+void linear_tiles(const std::vector<Part>& parts, const float* X, int64_t M, int64_t K, int64_t begin, int64_t end) {
+  size_t p = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    while (p + 1 < parts.size() && i >= parts[p + 1].first_tile) ++p;
+    const Part& part = parts[p];
+    const int64_t p0 = (i - part.first_tile) * TILE, np = panels_of(part.N);
+    if (p0 + TILE <= np) {
+      rows<TILE>(X, part.P, part.B, part.Y, M, K, part.N, p0);
+    } else {
+      for (int64_t q = p0; q < np; ++q) rows<1>(X, part.P, part.B, part.Y, M, K, part.N, q);
+    }
+  }
+}
+
+const float* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
+}
+
+void check_packed(const at::Tensor& p, int64_t N, int64_t K, const char* op) {
+  TORCH_CHECK(p.scalar_type() == at::kFloat && p.is_contiguous() && p.dim() == 3 && p.size(0) == panels_of(N) &&
+              p.size(1) == K && p.size(2) == PANEL, op, ": a weight is not packed for N=", N, ", K=", K,
+              " (kernels.pack)");
+}
+
+// x [..., K] -> [..., N_i] for each packed weight ws[i] (outputs ns[i]) and bias bs[i]: one parallel region.
+std::vector<at::Tensor> skinny_linear(const at::Tensor& x, at::TensorList ws, at::IntArrayRef ns,
                                       const c10::List<std::optional<at::Tensor>>& bs) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1, "skinny_linear: x float32, contiguous");
-  TORCH_CHECK(bs.size() == ws.size(), "skinny_linear: one bias (or None) per weight");
+  TORCH_CHECK(bs.size() == ws.size() && ns.size() == ws.size(), "skinny_linear: one N and one bias per weight");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0;
-  const float* X = x.data_ptr<float>();
-  struct Part { const float* W; const float* B; float* Y; int64_t N, first_block; };
   std::vector<Part> parts;
   std::vector<at::Tensor> ys;
-  int64_t blocks = 0;
   for (size_t i = 0; i < ws.size(); ++i) {
-    const at::Tensor& w = ws[i];
-    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) == K,
-                "skinny_linear: each weight float32 [N, K], contiguous, K = x.size(-1)");
-    const int64_t N = w.size(0);
-    const float* B = nullptr;
-    std::optional<at::Tensor> b = bs.get(i);
-    if (b.has_value() && b->defined()) {
-      TORCH_CHECK(b->scalar_type() == at::kFloat && b->is_contiguous() && b->numel() == N, "skinny_linear: bias [N]");
-      B = b->data_ptr<float>();
-    }
+    const int64_t N = ns[i];
+    check_packed(ws[i], N, K, "skinny_linear");
+    const float* B = opt_ptr(bs.get(i));
+    TORCH_CHECK(!B || (bs.get(i)->is_contiguous() && bs.get(i)->numel() == N), "skinny_linear: bias [N]");
     auto sizes = x.sizes().vec();
     sizes.back() = N;
     ys.push_back(at::empty(sizes, x.options()));
-    parts.push_back({w.data_ptr<float>(), B, ys.back().data_ptr<float>(), N, blocks});
-    blocks += (N + 3) / 4;
+    parts.push_back({ws[i].data_ptr<float>(), B, ys.back().data_ptr<float>(), N, 0});
   }
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    size_t p = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      while (p + 1 < parts.size() && i >= parts[p + 1].first_block) ++p;
-      const Part& part = parts[p];
-      const int64_t n0 = (i - part.first_block) * 4;
-      if (n0 + 4 <= part.N) {
-        columns<4>(X, part.W, part.B, part.Y, M, K, part.N, n0);
-      } else {
-        for (int64_t n = n0; n < part.N; ++n) columns<1>(X, part.W, part.B, part.Y, M, K, part.N, n);
-      }
-    }
-  });
+  const int64_t tiles = total_tiles(parts);
+  const float* X = x.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { linear_tiles(parts, X, M, K, begin, end); });
   return ys;
 }
 
 
 // ------------------------------------------------------------------------------------------- decode_block
-
-// One linear layer's share of a phase: its weight, bias, output, and its first block index among the phase's.
-struct Part {
-  const float* W;
-  const float* B;
-  float* Y;
-  int64_t N, first_block;
-};
-
-// Blocks [begin, end) of 4 outputs over `parts` (in order), for all M rows of X [M, K].
-void linear_blocks(const std::vector<Part>& parts, const float* X, int64_t M, int64_t K, int64_t begin,
-                   int64_t end) {
-  size_t p = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    while (p + 1 < parts.size() && i >= parts[p + 1].first_block) ++p;
-    const Part& part = parts[p];
-    const int64_t n0 = (i - part.first_block) * 4;
-    if (n0 + 4 <= part.N) {
-      columns<4>(X, part.W, part.B, part.Y, M, K, part.N, n0);
-    } else {
-      for (int64_t n = n0; n < part.N; ++n) columns<1>(X, part.W, part.B, part.Y, M, K, part.N, n);
-    }
-  }
-}
-
-int64_t total_blocks(std::vector<Part>& parts) {
-  int64_t blocks = 0;
-  for (Part& part : parts) {
-    part.first_block = blocks;
-    blocks += (part.N + 3) / 4;
-  }
-  return blocks;
-}
 
 // This thread's contiguous share [begin, end) of n items.
 inline void share(int64_t n, int tid, int nt, int64_t& begin, int64_t& end) {
@@ -196,7 +182,14 @@ inline float dot(const float* a, const float* b, int64_t n) {
   vec16 acc{};
   const int64_t n16 = n - n % 16;
   for (int64_t i = 0; i < n16; i += 16) acc += load16(a + i) * load16(b + i);
-  return finish(acc, a, b, n16, n, 0.f);
+  typedef float vec8 __attribute__((vector_size(32)));
+  typedef float vec4 __attribute__((vector_size(16)));
+  vec8 a8 = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
+            __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+  vec4 a4 = __builtin_shufflevector(a8, a8, 0, 1, 2, 3) + __builtin_shufflevector(a8, a8, 4, 5, 6, 7);
+  float s = (a4[0] + a4[2]) + (a4[1] + a4[3]);  // lanes summed in a fixed order
+  for (int64_t i = n16; i < n; ++i) s = __builtin_fmaf(a[i], b[i], s);
+  return s;
 }
 
 // One query row against the cache (`layers.cache_attention`): softmax(q.k * scale + bias) @ v. Slots whose bias
@@ -227,10 +220,6 @@ inline void attend(const float* q, const float* kc, const float* vc, const float
   }
 }
 
-const float* opt_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
-}
-
 void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "decode_block: ", name, " float32, contiguous");
 }
@@ -238,7 +227,7 @@ void check_f32(const at::Tensor& t, const char* name) {
 // x [B, T, d] -> the block's output [B, T, d]; writes the T new keys/values of each row b into k_cache and
 // v_cache [B, Hkv, S, D] at slots[b] ([B, T]); cos, sin [B, T, D]: each token's RoPE angles; bias [B or 1, 1,
 // T, S] float32: 0 where a token sees a slot, -inf elsewhere (`model.cache_bias`, or a draft tree's).
-// attn = (wq, wk, wv, wo), qkv_bias = (bq, bk, bv) or Nones, ffn = (w1 gate, w3 up, w2 down).
+// attn = (wq, wk, wv, wo), qkv_bias = (bq, bk, bv) or Nones, ffn = (w1 gate, w3 up, w2 down), all packed.
 at::Tensor decode_block(const at::Tensor& x, const std::optional<at::Tensor>& attn_norm, const at::Tensor& ffn_norm,
                         double eps, at::TensorList attn, const c10::List<std::optional<at::Tensor>>& qkv_bias,
                         at::TensorList ffn, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
@@ -246,16 +235,20 @@ at::Tensor decode_block(const at::Tensor& x, const std::optional<at::Tensor>& at
   TORCH_CHECK(attn.size() == 4 && qkv_bias.size() == 3 && ffn.size() == 3, "decode_block: 4 attention weights, "
               "3 q/k/v biases, 3 feed-forward weights");
   for (const at::Tensor& t : {x, ffn_norm, cos, sin, bias, k_cache, v_cache}) check_f32(t, "tensors");
-  for (const at::Tensor& t : attn) check_f32(t, "weights");
-  for (const at::Tensor& t : ffn) check_f32(t, "weights");
   TORCH_CHECK(x.dim() == 3 && slots.dim() == 2 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
               "decode_block: x [B, T, d], slots [B, T] int64");
   const int64_t Bt = x.size(0), T = x.size(1), d = x.size(2), M = Bt * T;
   const int64_t D = k_cache.size(3), Hkv = k_cache.size(1), S = k_cache.size(2), H = n_head, rep = H / Hkv;
-  const int64_t F = ffn[0].size(0);
-  TORCH_CHECK(D <= 512 && H % Hkv == 0 && attn[0].size(0) == H * D && attn[1].size(0) == Hkv * D &&
-              k_cache.size(0) >= Bt && bias.size(-1) == S && bias.size(-2) == T && cos.size(-1) == D,
-              "decode_block: shapes do not match");
+  const int64_t F = ffn[2].size(1);  // w2 packed [panels(d), F, 16]
+  TORCH_CHECK(D <= 512 && H % Hkv == 0 && k_cache.size(0) >= Bt && bias.size(-1) == S && bias.size(-2) == T &&
+              cos.size(-1) == D && slots.size(0) == Bt && slots.size(1) == T, "decode_block: shapes do not match");
+  check_packed(attn[0], H * D, d, "decode_block");
+  check_packed(attn[1], Hkv * D, d, "decode_block");
+  check_packed(attn[2], Hkv * D, d, "decode_block");
+  check_packed(attn[3], d, H * D, "decode_block");
+  check_packed(ffn[0], F, d, "decode_block");
+  check_packed(ffn[1], F, d, "decode_block");
+  check_packed(ffn[2], d, F, "decode_block");
   auto opts = x.options();
   at::Tensor xn = at::empty({M, d}, opts), q = at::empty({M, H * D}, opts), k = at::empty({M, Hkv * D}, opts),
              v = at::empty({M, Hkv * D}, opts), att = at::empty({M, H * D}, opts), x1 = at::empty({M, d}, opts),
@@ -275,8 +268,8 @@ at::Tensor decode_block(const at::Tensor& x, const std::optional<at::Tensor>& at
   std::vector<Part> wo = {{attn[3].data_ptr<float>(), nullptr, X1, d, 0}};
   std::vector<Part> gu = {{ffn[0].data_ptr<float>(), nullptr, G, F, 0}, {ffn[1].data_ptr<float>(), nullptr, U, F, 0}};
   std::vector<Part> down = {{ffn[2].data_ptr<float>(), nullptr, O, d, 0}};
-  const int64_t qkv_blocks = total_blocks(qkv), wo_blocks = total_blocks(wo), gu_blocks = total_blocks(gu),
-                down_blocks = total_blocks(down);
+  const int64_t qkv_tiles = total_tiles(qkv), wo_tiles = total_tiles(wo), gu_tiles = total_tiles(gu),
+                down_tiles = total_tiles(down);
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t bias_rows = bias.size(0) == 1 ? 0 : T * S;  // a [1, 1, T, S] bias is shared by every row
 
@@ -287,8 +280,8 @@ at::Tensor decode_block(const at::Tensor& x, const std::optional<at::Tensor>& at
     share(M, tid, n, b0, b1);
     for (int64_t m = b0; m < b1; ++m) rms_norm(X + m * d, an, static_cast<float>(eps), d, XN + m * d);
 #pragma omp barrier
-    share(qkv_blocks, tid, n, b0, b1);
-    linear_blocks(qkv, XN, M, d, b0, b1);
+    share(qkv_tiles, tid, n, b0, b1);
+    linear_tiles(qkv, XN, M, d, b0, b1);
 #pragma omp barrier
     // RoPE on q and k; the new keys/values into the cache at their slots.
     share(M * (H + Hkv), tid, n, b0, b1);
@@ -314,8 +307,8 @@ at::Tensor decode_block(const at::Tensor& x, const std::optional<at::Tensor>& at
              Bias + b * bias_rows + t * S, S, D, scale, sc, A + m * H * D + h * D);
     }
 #pragma omp barrier
-    share(wo_blocks, tid, n, b0, b1);
-    linear_blocks(wo, A, M, H * D, b0, b1);
+    share(wo_tiles, tid, n, b0, b1);
+    linear_tiles(wo, A, M, H * D, b0, b1);
 #pragma omp barrier
     share(M, tid, n, b0, b1);
     for (int64_t m = b0; m < b1; ++m) {
@@ -323,14 +316,14 @@ at::Tensor decode_block(const at::Tensor& x, const std::optional<at::Tensor>& at
       rms_norm(X1 + m * d, fn, static_cast<float>(eps), d, XN + m * d);
     }
 #pragma omp barrier
-    share(gu_blocks, tid, n, b0, b1);
-    linear_blocks(gu, XN, M, d, b0, b1);
+    share(gu_tiles, tid, n, b0, b1);
+    linear_tiles(gu, XN, M, d, b0, b1);
 #pragma omp barrier
     share(M * F, tid, n, b0, b1);
     for (int64_t i = b0; i < b1; ++i) G[i] = G[i] / (1.f + std::exp(-G[i])) * U[i];  // silu(gate) * up
 #pragma omp barrier
-    share(down_blocks, tid, n, b0, b1);
-    linear_blocks(down, G, M, F, b0, b1);
+    share(down_tiles, tid, n, b0, b1);
+    linear_tiles(down, G, M, F, b0, b1);
 #pragma omp barrier
     share(M * d, tid, n, b0, b1);
     for (int64_t i = b0; i < b1; ++i) O[i] += X1[i];  // the feed-forward's residual
@@ -341,7 +334,7 @@ at::Tensor decode_block(const at::Tensor& x, const std::optional<at::Tensor>& at
 }  // namespace
 
 TORCH_LIBRARY(recyclegpt, m) {
-  m.def("skinny_linear(Tensor x, Tensor[] ws, Tensor?[] bs) -> Tensor[]");
+  m.def("skinny_linear(Tensor x, Tensor[] ws, int[] ns, Tensor?[] bs) -> Tensor[]");
   m.def("decode_block(Tensor x, Tensor? attn_norm, Tensor ffn_norm, float eps, Tensor[] attn, Tensor?[] qkv_bias, "
         "Tensor[] ffn, Tensor cos, Tensor sin, Tensor bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
         "int n_head) -> Tensor");
