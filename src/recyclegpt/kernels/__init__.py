@@ -1,4 +1,4 @@
-"""recyclegpt's own CPU kernels for float32 decoding passes (`decode.cpp`, ops `torch.ops.recyclegpt.*`).
+"""recyclegpt's own CPU kernels for decoding passes (`decode.cpp`, ops `torch.ops.recyclegpt.*`).
 
 - `decode_block`: a whole transformer block (`layers.Block`) over the static KV cache in one call, one OpenMP
   parallel region, where torch runs some twenty ops, each with its own dispatch and fork/join.
@@ -15,8 +15,10 @@ torch's headers, for this CPU (`-march=native`: AVX-512, AVX2, ... whatever it h
 loaded into torch. Building takes about 10 seconds, once per machine. Without a compiler, or with
 RECYCLEGPT_KERNELS=0, decoding runs on torch's own kernels, as before (a warning says so once).
 
-Where they run: decoding passes (passes over the static KV cache), eager or compiled, in float32 on the CPU,
-without autograd: `layers.Block` sends such a pass to `decode_block`, and the full model's head goes through
+Where they run: decoding passes (passes over the static KV cache), eager or compiled, on the CPU, without
+autograd, for float32 and bfloat16 models (bfloat16 weights and caches are read as they are and the arithmetic is
+float32: on CPUs without bf16 instructions too, and more precise than torch's bf16 path, which rounds after
+every op): `layers.Block` sends such a pass to `decode_block`, and the full model's head goes through
 `Linear.decode` (`skinny_linear`). Prompts' prefills, training and evaluation keep torch's kernels (BLAS is faster
 at many rows; those passes need no row-stability). `load()` is called by `FullModel.setup_caches` and
 `RecyclableModule.setup_caches` (every decoding path sets up caches before its first pass), so the eager and
@@ -47,6 +49,7 @@ from ..runtime import cache_dir, cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.cpp")
+_DTYPES = (torch.float32, torch.bfloat16)
 PANEL = 16  # outputs per packed panel (`pack`; decode.cpp's PANEL)
 _PACKED_ATTR = "_recyclegpt_packed"  # a layer's packed weight and the key it was made for (`packed`)
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
@@ -96,9 +99,9 @@ def load() -> bool:
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether a decoding pass's call x @ weight.T may go to the kernels: loaded, float32 on the CPU, inference
-    (no autograd)."""
-    return (x.dtype is torch.float32 and enabled() and x.device.type == "cpu" and weight.dtype is torch.float32
+    """Whether a decoding pass's call x @ weight.T may go to the kernels: loaded, float32 or bfloat16 (x and the
+    weight alike) on the CPU, inference (no autograd)."""
+    return (x.dtype in _DTYPES and enabled() and x.device.type == "cpu" and weight.dtype is x.dtype
             and not torch.is_grad_enabled())
 
 
@@ -126,16 +129,16 @@ def packed(layer: torch.nn.Linear) -> Tensor:
 
 
 def skinny_linear(x: Tensor, layers: Sequence[torch.nn.Linear]) -> list[Tensor]:
-    """x [..., K] -> layer(x) [..., N_i] for each layer, in one call (float32, CPU, no autograd)."""
+    """x [..., K] -> layer(x) [..., N_i] for each layer, in one call (CPU, no autograd)."""
     return torch.ops.recyclegpt.skinny_linear(x.contiguous(), [packed(m) for m in layers],
                                               [m.out_features for m in layers], [m.bias for m in layers])
 
 
 def block_applies(x: Tensor, kv: object, bias: Tensor | None) -> bool:
-    """Whether a block's pass goes to `decode_block`: a cache pass (a KVCache and an attention bias) of a float32
-    model on the CPU, under the same conditions as the linear layers (`applies`)."""
+    """Whether a block's pass goes to `decode_block`: a cache pass (a KVCache in x's dtype and an attention bias),
+    under the same conditions as the linear layers (`applies`)."""
     return (bias is not None and kv is not None and getattr(kv, "k_cache", None) is not None
-            and kv.k_cache.dtype is torch.float32 and x.dim() == 3)
+            and kv.k_cache.dtype is x.dtype and x.dim() == 3)
 
 
 def decode_block(block: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, kv: torch.nn.Module,
@@ -148,7 +151,8 @@ def decode_block(block: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor, bi
     return torch.ops.recyclegpt.decode_block(
         x.contiguous(), norm, block.ffn_norm.weight, block.ffn_norm.eps,
         [packed(a.wq), packed(a.wk), packed(a.wv), packed(a.wo)], [a.wq.bias, a.wk.bias, a.wv.bias],
-        [packed(f.w1), packed(f.w3), packed(f.w2)], cos.contiguous(), sin.contiguous(), bias.contiguous(),
+        [packed(f.w1), packed(f.w3), packed(f.w2)], cos.to(x.dtype).contiguous(), sin.to(x.dtype).contiguous(),
+        bias.contiguous(),
         kv.k_cache, kv.v_cache, slots.contiguous(), a.n_head)
 
 
