@@ -99,7 +99,9 @@ class FullModel(nn.Module):
         return self.tok_embeddings(idx)
 
     def lm_head(self, h: Tensor) -> Tensor:
-        return self.output(h)
+        """Logits of states h [..., dim], the call decoding makes (the module's drafts, the first token after a
+        prompt): recyclegpt's CPU kernel where it applies (`Linear.decode`), torch's linear elsewhere (training)."""
+        return self.output.decode(h)
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, logits: bool = True,
                 tree: TreePlacement | None = None) -> tuple[Tensor | None, Tensor]:

@@ -46,10 +46,11 @@ class RecyclableModule(nn.Module):
             for _ in self.layers
         )
 
-    def _fuse(self, emb: Tensor, h: Tensor) -> Tensor:
+    def _fuse(self, emb: Tensor, h: Tensor, decoding: bool = False) -> Tensor:
         if self.cfg.input_norms:
             emb, h = self.enorm(emb), self.hnorm(h)
-        return self.fc(torch.cat([emb, h], dim=-1))
+        x = torch.cat([emb, h], dim=-1)
+        return self.fc.decode(x) if decoding else self.fc(x)  # a decoding pass's few rows: the CPU kernel
 
     def forward(self, model: FullModel, idx: Tensor, h: Tensor, input_pos: Tensor | None = None,
                 logits: bool = True, tree: TreePlacement | None = None) -> tuple[Tensor | None, Tensor]:
@@ -61,7 +62,8 @@ class RecyclableModule(nn.Module):
         Returns logits [B, T, V] for x_{t+2} and the output state [B, T, dim] the head reads.
         `model` supplies the shared embedding and LM head.
         """
-        x = run_blocks(self.layers, None if input_pos is None else self.caches, self._fuse(model.embed(idx), h),
+        x = run_blocks(self.layers, None if input_pos is None else self.caches,
+                       self._fuse(model.embed(idx), h, decoding=input_pos is not None),
                        model.rope_cos, model.rope_sin, model.key_pos, input_pos, tree)
         g = self.norm(x)
         return (model.lm_head(g) if logits else None), g
