@@ -37,7 +37,6 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -128,10 +127,9 @@ def packed(layer: torch.nn.Linear) -> Tensor:
     return cached[1]
 
 
-def skinny_linear(x: Tensor, layers: Sequence[torch.nn.Linear]) -> list[Tensor]:
-    """x [..., K] -> layer(x) [..., N_i] for each layer, in one call (CPU, no autograd)."""
-    return torch.ops.recyclegpt.skinny_linear(x.contiguous(), [packed(m) for m in layers],
-                                              [m.out_features for m in layers], [m.bias for m in layers])
+def skinny_linear(x: Tensor, layer: torch.nn.Linear) -> Tensor:
+    """layer(x): x [..., K] -> [..., N] (CPU, no autograd)."""
+    return torch.ops.recyclegpt.skinny_linear(x.contiguous(), packed(layer), layer.out_features, layer.bias)
 
 
 def block_applies(x: Tensor, kv: object, bias: Tensor | None) -> bool:
@@ -193,8 +191,8 @@ def _register_fake() -> None:
     """Shapes for torch.compile's tracing (in a compiled round the ops run as extern calls)."""
 
     @torch.library.register_fake("recyclegpt::skinny_linear")
-    def _(x: Tensor, weights: list[Tensor], ns: list[int], biases: list[Tensor | None]) -> list[Tensor]:
-        return [x.new_empty((*x.shape[:-1], n)) for n in ns]
+    def _(x: Tensor, weight: Tensor, n: int, bias: Tensor | None) -> Tensor:
+        return x.new_empty((*x.shape[:-1], n))
 
     @torch.library.register_fake("recyclegpt::decode_block")
     def _(x: Tensor, *args: object) -> Tensor:

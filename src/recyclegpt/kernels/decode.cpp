@@ -1,7 +1,7 @@
 // recyclegpt's CPU kernels for decoding passes: few rows, weights streamed once, every row computed alike
 // whatever the pass's row count.
 //
-// skinny_linear: y = x @ w.T (+ b) for one or several weights that read the same x.
+// skinny_linear: y = x @ w.T (+ b), a linear layer over a decoding pass's few rows.
 // decode_block:  one transformer block of the model (`layers.Block`) over a static KV cache, in one call.
 //
 // Values are float32 or bfloat16 (the model's dtype); arithmetic is float32 in both. Weights come packed
@@ -154,42 +154,29 @@ void to_float(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_f(src[i]);
 }
 
-// x [..., K] -> [..., N_i] for each packed weight ws[i] (outputs ns[i]) and bias bs[i]: one parallel region.
+// x [..., K] -> [..., N] for packed weight w (N outputs) and bias b, in x's dtype.
 template <typename T>
-std::vector<at::Tensor> skinny_linear_t(const at::Tensor& x, at::TensorList ws, at::IntArrayRef ns,
-                                        const c10::List<std::optional<at::Tensor>>& bs) {
+at::Tensor skinny_linear_t(const at::Tensor& x, const at::Tensor& w, int64_t N, const std::optional<at::Tensor>& b) {
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0;
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  std::vector<Part<T>> parts;
-  std::vector<at::Tensor> outs;
-  for (size_t i = 0; i < ws.size(); ++i) {
-    const int64_t N = ns[i];
-    check_packed(ws[i], N, K, x.scalar_type(), "skinny_linear");
-    const T* B = opt_ptr<T>(bs.get(i));
-    TORCH_CHECK(!B || (bs.get(i)->is_contiguous() && bs.get(i)->numel() == N), "skinny_linear: bias [N]");
-    outs.push_back(at::empty({M, N}, f32));
-    parts.push_back({ws[i].data_ptr<T>(), B, outs.back().data_ptr<float>(), N, 0});
-  }
+  check_packed(w, N, K, x.scalar_type(), "skinny_linear");
+  const T* B = opt_ptr<T>(b);
+  TORCH_CHECK(!B || (b->is_contiguous() && b->numel() == N), "skinny_linear: bias [N] in x's dtype");
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  std::vector<Part<T>> parts = {{w.data_ptr<T>(), B, y.data_ptr<float>(), N, 0}};
   const int64_t tiles = total_tiles(parts);
   const float* X = xf.data_ptr<float>();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { linear_tiles(parts, X, M, K, begin, end); });
-  std::vector<at::Tensor> ys;
-  for (size_t i = 0; i < outs.size(); ++i) {
-    auto sizes = x.sizes().vec();
-    sizes.back() = ns[i];
-    ys.push_back(outs[i].to(x.scalar_type()).view(sizes));
-  }
-  return ys;
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  return (x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type())).view(sizes);
 }
 
-std::vector<at::Tensor> skinny_linear(const at::Tensor& x, at::TensorList ws, at::IntArrayRef ns,
-                                      const c10::List<std::optional<at::Tensor>>& bs) {
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& b) {
   TORCH_CHECK(x.is_contiguous() && x.dim() >= 1, "skinny_linear: x contiguous");
-  TORCH_CHECK(bs.size() == ws.size() && ns.size() == ws.size(), "skinny_linear: one N and one bias per weight");
-  if (x.scalar_type() == at::kFloat) return skinny_linear_t<float>(x, ws, ns, bs);
+  if (x.scalar_type() == at::kFloat) return skinny_linear_t<float>(x, w, n, b);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "skinny_linear: float32 or bfloat16");
-  return skinny_linear_t<bf16>(x, ws, ns, bs);
+  return skinny_linear_t<bf16>(x, w, n, b);
 }
 
 
@@ -408,7 +395,7 @@ at::Tensor decode_block(const at::Tensor& x, const std::optional<at::Tensor>& at
 }  // namespace
 
 TORCH_LIBRARY(recyclegpt, m) {
-  m.def("skinny_linear(Tensor x, Tensor[] ws, int[] ns, Tensor?[] bs) -> Tensor[]");
+  m.def("skinny_linear(Tensor x, Tensor w, int n, Tensor? b) -> Tensor");
   m.def("decode_block(Tensor x, Tensor? attn_norm, Tensor ffn_norm, float eps, Tensor[] attn, Tensor?[] qkv_bias, "
         "Tensor[] ffn, Tensor cos, Tensor sin, Tensor bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
         "int n_head) -> Tensor");
