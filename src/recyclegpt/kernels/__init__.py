@@ -58,7 +58,7 @@ _state: dict[str, bool] = {}  # "registered": the ops are in torch; "loaded": on
 
 
 def enabled() -> bool:
-    """Whether `layers.Linear` may call the kernel: it is loaded in this process (`load`)."""
+    """Whether the kernels are loaded and on in this process (`load`, `set_enabled`)."""
     return _state.get("loaded", False)
 
 
@@ -73,7 +73,7 @@ def set_enabled(on: bool) -> bool:
 
 
 def load() -> bool:
-    """Build (first time on this machine) and load the kernel; True when it is usable. Never raises: a
+    """Build (first time on this machine) and load the kernels; True when they are usable. Never raises: a
     failed build warns once and decoding keeps torch's kernels."""
     if _state.get("tried"):
         return enabled()
@@ -150,8 +150,7 @@ def decode_block(block: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor, bi
         x.contiguous(), norm, block.ffn_norm.weight, block.ffn_norm.eps,
         [packed(a.wq), packed(a.wk), packed(a.wv), packed(a.wo)], [a.wq.bias, a.wk.bias, a.wv.bias],
         [packed(f.w1), packed(f.w3), packed(f.w2)], cos.to(x.dtype).contiguous(), sin.to(x.dtype).contiguous(),
-        bias.contiguous(),
-        kv.k_cache, kv.v_cache, slots.contiguous(), a.n_head)
+        bias.contiguous(), kv.k_cache, kv.v_cache, slots.contiguous(), a.n_head)
 
 
 def _compiler() -> str:
