@@ -42,10 +42,11 @@ def _rows_needed(weight: Tensor) -> int:
 class Linear(nn.Linear):
     """nn.Linear whose result for a row does not depend on how many rows the call has (CPU).
 
-    In a float32 decoding pass on the CPU, `decode` (and `Block`'s decoding path) run recyclegpt's own kernels
-    (`kernels`), which compute each row alike at every row count and stream the weights once for all rows.
+    In a decoding pass on the CPU (float32 or bfloat16), `decode` (and `Block`'s decoding path) run recyclegpt's
+    own kernels (`kernels`), which compute each row alike at every row count and stream the weights once for
+    all rows.
 
-    bfloat16 calls go to torch. oneDNN's bf16 kernels take other paths for calls of few rows: a single row
+    Elsewhere bfloat16 calls go to torch. oneDNN's bf16 kernels take other paths for calls of few rows: a single row
     (seen on AVX-512-BF16 CPUs at 1536 -> 576 and 2048 -> 576), and with two threads on an AVX-512 CPU without
     bf16 arithmetic anything under four rows at most shapes. The one-token `ar` pass then rounds differently
     from the same row inside a (k+1)-token verify pass, and greedy `verify` drifts from `ar`. A one-time probe
@@ -69,8 +70,8 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def decode(self, x: Tensor) -> Tensor:
-        """The call of a decoding pass, whose rows must not depend on the pass's row count: recyclegpt's float32
-        CPU kernel where it applies (`kernels`), else `forward`."""
+        """The call of a decoding pass, whose rows must not depend on the pass's row count: recyclegpt's CPU
+        kernel where it applies (`kernels.applies`), else `forward`."""
         if kernels.applies(x, self.weight):
             return kernels.skinny_linear(x, self)
         return self(x)
@@ -145,6 +146,13 @@ class Attention(nn.Module):
         self.wv = Linear(cfg.dim, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
 
+    def keys_values(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, T, dim] -> this layer's keys (RoPE applied) and values, [B, Hkv, T, D] each."""
+        B, T, _ = x.shape
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
     def forward(
         self,
         x: Tensor,  # [B, T, dim]
@@ -155,10 +163,8 @@ class Attention(nn.Module):
         input_pos: Tensor | None,  # [B, T]
     ) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)  # [B, H, T, D]
-        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)  # [B, H, T, D]
+        k, v = self.keys_values(x, cos, sin)
         rep = self.n_head // self.n_kv_head
         if kv is not None:
             k, v = kv.update(input_pos, k, v)  # [B, Hkv, S, D]
@@ -200,8 +206,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor | None,
                 kv: KVStore | None, input_pos: Tensor | None) -> Tensor:
-        if kernels.block_applies(x, kv, bias) and kernels.applies(x, self.attention.wq.weight):
-            # A decoding pass on the CPU in float32: the whole block in one kernel call (`kernels`).
+        if kernels.block_applies(self, x, kv, bias):
+            # A decoding pass on the CPU: the whole block in one kernel call (`kernels`).
             return kernels.decode_block(self, x, cos, sin, bias, kv, input_pos)
         x = x + self.attention(self.attention_norm(x), cos, sin, bias, kv, input_pos)
         return x + self.feed_forward(self.ffn_norm(x))

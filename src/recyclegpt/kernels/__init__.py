@@ -132,11 +132,11 @@ def skinny_linear(x: Tensor, layer: torch.nn.Linear) -> Tensor:
     return torch.ops.recyclegpt.skinny_linear(x.contiguous(), packed(layer), layer.out_features, layer.bias)
 
 
-def block_applies(x: Tensor, kv: object, bias: Tensor | None) -> bool:
-    """Whether a block's pass goes to `decode_block`: a cache pass (a KVCache in x's dtype and an attention bias),
-    under the same conditions as the linear layers (`applies`)."""
+def block_applies(block: torch.nn.Module, x: Tensor, kv: object, bias: Tensor | None) -> bool:
+    """Whether a block's pass goes to `decode_block`: a cache pass (a KVCache in x's dtype and an attention bias)
+    under the linear layers' conditions (`applies`)."""
     return (bias is not None and kv is not None and getattr(kv, "k_cache", None) is not None
-            and kv.k_cache.dtype is x.dtype and x.dim() == 3)
+            and kv.k_cache.dtype is x.dtype and x.dim() == 3 and applies(x, block.attention.wq.weight))
 
 
 def decode_block(block: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, kv: torch.nn.Module,
