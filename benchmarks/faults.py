@@ -182,50 +182,71 @@ def big_tokenizer(w: dict[str, Path], d: Path) -> None:
     shutil.copy(w["big_tokenizer"], ck / "tokenizer.json")
 
 
+def _write(rel: str, data: str | bytes) -> Callable[[Path], None]:
+    def apply(run: Path) -> None:
+        p = run / rel
+        p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data)
+    return apply
+
+
+def _remove(rel: str) -> Callable[[Path], None]:
+    return lambda run: (run / rel).unlink()
+
+
+def _dir_in_place_of(rel: str) -> Callable[[Path], None]:
+    def apply(run: Path) -> None:
+        (run / rel).unlink()
+        (run / rel).mkdir()
+    return apply
+
+
+def _truncated(rel: str) -> Callable[[Path], None]:
+    def apply(run: Path) -> None:
+        raw = (run / rel).read_bytes()
+        (run / rel).write_bytes(raw[: len(raw) // 2])
+    return apply
+
+
+def _checkpoint_a_file(run: Path) -> None:
+    shutil.rmtree(run / "checkpoint")
+    (run / "checkpoint").write_text("x")
+
+
+def _only_incomplete_old_copy(run: Path) -> None:
+    old = run / ".checkpoint.old"
+    os.replace(run / "checkpoint", old)
+    (old / "train_state.json").unlink()
+
+
+# The ways `break_run` breaks a training run directory's resume state, in the order the resume cases run.
+STATE, MODEL = "checkpoint/train_state", "checkpoint/model.safetensors"
+RUN_BREAKS: dict[str, Callable[[Path], None]] = {
+    "no train_state.json": _remove(f"{STATE}.json"),
+    "train_state.json corrupt": _write(f"{STATE}.json", "{"),
+    "train_state.json without step": _write(f"{STATE}.json", '{"tokens_seen": 3}'),
+    "train_state.json step negative": _write(f"{STATE}.json", '{"step": -4, "tokens_seen": 3}'),
+    "train_state.json a list": _write(f"{STATE}.json", "[]"),
+    "train_state.safetensors corrupt": _write(f"{STATE}.safetensors", b"garbage"),
+    "no train_state.safetensors": _remove(f"{STATE}.safetensors"),
+    "no model.safetensors": _remove(MODEL),
+    "model.safetensors is a directory": _dir_in_place_of(MODEL),
+    "model.safetensors truncated": _truncated(MODEL),
+    "checkpoint config.json corrupt": _write("checkpoint/config.json", "{"),
+    "no checkpoint": lambda run: shutil.rmtree(run / "checkpoint"),
+    "checkpoint is a file": _checkpoint_a_file,
+    "only an incomplete old copy": _only_incomplete_old_copy,
+    "run.json corrupt": _write("run.json", "[1,"),
+    "run.json a list": _write("run.json", "[]"),
+    "no run.json": _remove("run.json"),
+}
+
+
 def break_run(run: Path, how: str) -> None:
-    """Break a training run directory's resume state in one way (`how`: one of the names below;
+    """Break a training run directory's resume state in one way (`how`: a key of RUN_BREAKS;
     tests/test_faults.py breaks runs the same way)."""
-    ck, old = run / "checkpoint", run / ".checkpoint.old"
-    if how == "no train_state.json":
-        (ck / "train_state.json").unlink()
-    elif how == "train_state.json corrupt":
-        (ck / "train_state.json").write_text("{")
-    elif how == "train_state.json without step":
-        (ck / "train_state.json").write_text('{"tokens_seen": 3}')
-    elif how == "train_state.json step negative":
-        (ck / "train_state.json").write_text('{"step": -4, "tokens_seen": 3}')
-    elif how == "train_state.json a list":
-        (ck / "train_state.json").write_text("[]")
-    elif how == "train_state.safetensors corrupt":
-        (ck / "train_state.safetensors").write_bytes(b"garbage")
-    elif how == "no train_state.safetensors":
-        (ck / "train_state.safetensors").unlink()
-    elif how == "no model.safetensors":
-        (ck / "model.safetensors").unlink()
-    elif how == "model.safetensors is a directory":
-        (ck / "model.safetensors").unlink()
-        (ck / "model.safetensors").mkdir()
-    elif how == "model.safetensors truncated":
-        raw = (ck / "model.safetensors").read_bytes()
-        (ck / "model.safetensors").write_bytes(raw[: len(raw) // 2])
-    elif how == "checkpoint config.json corrupt":
-        (ck / "config.json").write_text("{")
-    elif how == "no checkpoint":
-        shutil.rmtree(ck)
-    elif how == "checkpoint is a file":
-        shutil.rmtree(ck)
-        ck.write_text("x")
-    elif how == "only an incomplete old copy":
-        os.replace(ck, old)
-        (old / "train_state.json").unlink()
-    elif how == "run.json corrupt":
-        (run / "run.json").write_text("[1,")
-    elif how == "run.json a list":
-        (run / "run.json").write_text("[]")
-    elif how == "no run.json":
-        (run / "run.json").unlink()
-    else:
+    if how not in RUN_BREAKS:
         raise ValueError(how)
+    RUN_BREAKS[how](run)
 
 
 def broken_run(how: str) -> Setup:
@@ -385,12 +406,7 @@ def _build_cases() -> None:  # noqa: C901 (a long list, read top to bottom)
     ]:
         case("train", what, [*train, *args], expect)
     # --- train --resume on broken runs ---
-    for how in ["no train_state.json", "train_state.json corrupt", "train_state.json without step",
-                "train_state.json step negative", "train_state.json a list", "train_state.safetensors corrupt",
-                "no train_state.safetensors", "no model.safetensors", "model.safetensors is a directory",
-                "model.safetensors truncated", "checkpoint config.json corrupt", "no checkpoint",
-                "checkpoint is a file", "only an incomplete old copy", "run.json corrupt", "run.json a list",
-                "no run.json"]:
+    for how in RUN_BREAKS:
         case("resume", how, ["train", "--data", "{data}", "--out", "{case}/run", *TRAIN_ARGS[:-1], "3",
                              "--resume"], "corrupt" if how == "model.safetensors truncated" else "resume",
              broken_run(how))
