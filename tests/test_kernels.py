@@ -77,7 +77,7 @@ def _both_ways(run):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_block_matches_the_torch_block_chain_and_tree(dtype):
+def test_decode_blocks_match_the_torch_blocks_chain_and_tree(dtype):
     torch.manual_seed(0)
     model = _randomised(FullModel(_cfg())).to(dtype)
     module = _randomised(RecyclableModule(model.cfg, ModuleConfig(n_layer=2))).to(dtype)  # block 0: fc's output
@@ -119,7 +119,7 @@ def test_decode_block_matches_the_torch_block_chain_and_tree(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_block_rows_alone_equal_rows_together(dtype):
+def test_decode_blocks_rows_alone_equal_rows_together(dtype):
     torch.manual_seed(1)
     model = _randomised(FullModel(_cfg())).to(dtype)
     prompt = torch.randint(0, 64, (3, 7))
@@ -137,8 +137,8 @@ def test_decode_block_rows_alone_equal_rows_together(dtype):
 def test_decoding_runs_through_the_kernels_and_verify_equals_ar(monkeypatch, dtype):
     model, module = random_models(seed=3, dtype=dtype)
     calls = []
-    real = kernels.decode_block
-    monkeypatch.setattr(kernels, "decode_block", lambda *a: calls.append(1) or real(*a))
+    real = kernels.decode_blocks
+    monkeypatch.setattr(kernels, "decode_blocks", lambda *a: calls.append(1) or real(*a))
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
     ar = generate(model, module, prompts, GenerationConfig(mode="ar", max_new_tokens=16))
     assert calls, "decoding passes did not reach the kernel"
@@ -154,7 +154,7 @@ def test_off_by_environment(monkeypatch):
     assert not kernels.set_enabled(True) and not kernels.enabled()
     model, module = random_models(seed=0)
     calls = []
-    monkeypatch.setattr(kernels, "decode_block", lambda *a: calls.append(1))
+    monkeypatch.setattr(kernels, "decode_blocks", lambda *a: calls.append(1))
     out = generate(model, module, [[1, 2, 3]], GenerationConfig(mode="verify", k=2, max_new_tokens=6))
     assert len(out.tokens[0]) == 6 and not calls  # torch's kernels did the work
 
@@ -184,6 +184,31 @@ def test_packed_weights_follow_weight_changes():
         torch.testing.assert_close(layer.decode(x), 2 * before)
         layer.weight = torch.nn.Parameter(torch.zeros(20, 32))  # replaced
         assert torch.equal(layer.decode(x), torch.zeros(2, 20))
+
+
+def test_a_stack_of_blocks_follows_weight_changes():
+    torch.manual_seed(4)
+    model = _randomised(FullModel(_cfg()))
+    prompt, nxt, pos = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 2)), torch.tensor([[6, 7]])
+
+    def logits():
+        with torch.inference_mode():
+            model.setup_caches(1)
+            model.prefill(prompt, torch.arange(1))
+            return model(nxt, pos)[0]
+
+    def kernel_equals_torch() -> torch.Tensor:
+        ref, got = _both_ways(logits)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        return got
+
+    before = kernel_equals_torch()
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight.mul_(2)  # in place: its version counter moves
+    changed = kernel_equals_torch()
+    assert not torch.equal(changed, before)
+    model.layers[0].attention.wq.weight = torch.nn.Parameter(torch.randn(48, 48))  # a new parameter
+    assert not torch.equal(kernel_equals_torch(), changed)
 
 
 def test_compiled_rounds_run_the_kernels_and_equal_eager(monkeypatch):

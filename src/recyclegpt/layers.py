@@ -42,9 +42,9 @@ def _rows_needed(weight: Tensor) -> int:
 class Linear(nn.Linear):
     """nn.Linear whose result for a row does not depend on how many rows the call has (CPU).
 
-    In a decoding pass on the CPU (float32 or bfloat16), `decode` (and `Block`'s decoding path) run recyclegpt's
-    own kernels (`kernels`), which compute each row alike at every row count and stream the weights once for
-    all rows.
+    In a decoding pass on the CPU (float32 or bfloat16), `decode` (and `model.run_blocks` for whole blocks) run
+    recyclegpt's own kernels (`kernels`), which compute each row alike at every row count and stream the weights
+    once for all rows.
 
     Elsewhere bfloat16 calls go to torch. oneDNN's bf16 kernels take other paths for calls of few rows: a single row
     (seen on AVX-512-BF16 CPUs at 1536 -> 576 and 2048 -> 576), and with two threads on an AVX-512 CPU without
@@ -206,8 +206,5 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor | None,
                 kv: KVStore | None, input_pos: Tensor | None) -> Tensor:
-        if kernels.block_applies(self, x, kv, bias):
-            # A decoding pass on the CPU: the whole block in one kernel call (`kernels`).
-            return kernels.decode_block(self, x, cos, sin, bias, kv, input_pos)
         x = x + self.attention(self.attention_norm(x), cos, sin, bias, kv, input_pos)
         return x + self.feed_forward(self.ffn_norm(x))

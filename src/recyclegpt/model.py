@@ -54,6 +54,9 @@ def run_blocks(layers: nn.ModuleList, kvs: Sequence[KVStore] | None, x: Tensor, 
         cos, sin, bias = rope_cos[input_pos], rope_sin[input_pos], cache_bias(input_pos, key_pos)
     else:
         cos, sin, bias, slots = rope_cos[input_pos], rope_sin[input_pos], tree.bias, tree.slots
+    if kernels.blocks_apply(layers, x, kvs, bias):
+        # A decoding pass on the CPU: every block in one kernel call (`kernels`).
+        return kernels.decode_blocks(layers, x, cos, sin, bias, kvs, slots)
     for layer, kv in zip(layers, kvs, strict=True):
         x = layer(x, cos, sin, bias, kv, slots)
     return x

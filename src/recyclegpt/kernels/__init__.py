@@ -1,7 +1,7 @@
 """recyclegpt's own CPU kernels for decoding passes (`decode.cpp`, ops `torch.ops.recyclegpt.*`).
 
-- `decode_block`: a whole transformer block (`layers.Block`) over the static KV cache in one call, one OpenMP
-  parallel region, where torch runs some twenty ops, each with its own dispatch and fork/join.
+- `decode_blocks`: a pass's whole stack of transformer blocks (`layers.Block`) over the static KV caches in one call,
+  one OpenMP parallel region, where torch runs some twenty ops per block, each with its own dispatch and fork/join.
 - `skinny_linear`: linear layers over a decoding pass's few rows (the full model's head).
 
 Why: a decoding pass multiplies a few rows (1 for `ar`, k+1 for `verify`, times the batch) by every weight
@@ -18,7 +18,7 @@ RECYCLEGPT_KERNELS=0, decoding runs on torch's own kernels, as before (a warning
 Where they run: decoding passes (passes over the static KV cache), eager or compiled, on the CPU, without
 autograd, for float32 and bfloat16 models (bfloat16 weights and caches are read as they are and the arithmetic is
 float32: on CPUs without bf16 instructions too, and more precise than torch's bf16 path, which rounds after
-every op): `layers.Block` sends such a pass to `decode_block`, and the full model's head goes through
+every op): `model.run_blocks` sends such a pass to `decode_blocks`, and the full model's head goes through
 `Linear.decode` (`skinny_linear`). Prompts' prefills, training and evaluation keep torch's kernels (BLAS is faster
 at many rows; those passes need no row-stability). `load()` is called by `FullModel.setup_caches` and
 `RecyclableModule.setup_caches` (every decoding path sets up caches before its first pass), so the eager and
@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,6 +52,7 @@ SOURCE = Path(__file__).with_name("decode.cpp")
 _DTYPES = (torch.float32, torch.bfloat16)
 PANEL = 16  # outputs per packed panel (`pack`; decode.cpp's PANEL)
 _PACKED_ATTR = "_recyclegpt_packed"  # a layer's packed weight and the key it was made for (`packed`)
+_STACK_ATTR = "_recyclegpt_stack"  # a stack of blocks' decode_blocks arguments and what they were made from
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w"]
 
 _lock = threading.Lock()
@@ -119,7 +121,7 @@ def packed(layer: torch.nn.Linear) -> Tensor:
     if torch.compiler.is_compiling():
         return pack(w)
     # Inference tensors keep no version counter (in-place changes to them go unseen; replacing them is seen).
-    key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.shape)
+    key = (w.data_ptr(), _version(w), w.shape)
     cached = layer.__dict__.get(_PACKED_ATTR)
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -132,25 +134,70 @@ def skinny_linear(x: Tensor, layer: torch.nn.Linear) -> Tensor:
     return torch.ops.recyclegpt.skinny_linear(x.contiguous(), packed(layer), layer.out_features, layer.bias)
 
 
-def block_applies(block: torch.nn.Module, x: Tensor, kv: object, bias: Tensor | None) -> bool:
-    """Whether a block's pass goes to `decode_block`: a cache pass (a KVCache in x's dtype and an attention bias)
-    under the linear layers' conditions (`applies`)."""
-    return (bias is not None and kv is not None and getattr(kv, "k_cache", None) is not None
-            and kv.k_cache.dtype is x.dtype and x.dim() == 3 and applies(x, block.attention.wq.weight))
+def blocks_apply(layers: Sequence[torch.nn.Module], x: Tensor, kvs: object, bias: Tensor | None) -> bool:
+    """Whether a pass through `layers` goes to `decode_blocks`: a cache pass (KVCaches in x's dtype and an attention
+    bias) under the linear layers' conditions (`applies`)."""
+    if bias is None or kvs is None or x.dim() != 3 or not applies(x, layers[0].attention.wq.weight):
+        return False
+    return all(getattr(kv, "k_cache", None) is not None and kv.k_cache.dtype is x.dtype for kv in kvs)
 
 
-def decode_block(block: torch.nn.Module, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, kv: torch.nn.Module,
-                 slots: Tensor) -> Tensor:
-    """`layers.Block.forward` over a static KV cache in one call: x [B, T, d] -> [B, T, d]; the new keys and
-    values go into kv's k_cache/v_cache [B, Hkv, S, D] at slots [B, T]; cos, sin [B, T, D]; bias float32
-    [B or 1, 1, T, S]."""
-    a, f = block.attention, block.feed_forward
-    norm = getattr(block.attention_norm, "weight", None)  # None: an Identity (the module's first block)
-    return torch.ops.recyclegpt.decode_block(
-        x.contiguous(), norm, block.ffn_norm.weight, block.ffn_norm.eps,
-        [packed(a.wq), packed(a.wk), packed(a.wv), packed(a.wo)], [a.wq.bias, a.wk.bias, a.wv.bias],
-        [packed(f.w1), packed(f.w3), packed(f.w2)], cos.to(x.dtype).contiguous(), sin.to(x.dtype).contiguous(),
-        bias.contiguous(), kv.k_cache, kv.v_cache, slots.contiguous(), a.n_head)
+def decode_blocks(layers: Sequence[torch.nn.Module], x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor,
+                  kvs: Sequence[torch.nn.Module], slots: Tensor) -> Tensor:
+    """x [B, T, d] through `layers` (`layers.Block`s, as `model.run_blocks` runs them) over static KV caches in one
+    call: -> [B, T, d]; block l's new keys and values go into kvs[l]'s k_cache/v_cache [B, Hkv, S, D] at slots
+    [B, T]; cos, sin [B, T, D]; bias float32 [B or 1, 1, T, S]."""
+    attn_norms, ffn_norms, attn, qkv_bias, ffn = _stack_args(layers)
+    return torch.ops.recyclegpt.decode_blocks(
+        x.contiguous(), attn_norms, ffn_norms, layers[0].ffn_norm.eps, attn, qkv_bias, ffn,
+        cos.to(x.dtype).contiguous(), sin.to(x.dtype).contiguous(), bias.contiguous(), [kv.k_cache for kv in kvs],
+        [kv.v_cache for kv in kvs], slots.contiguous(), layers[0].attention.n_head)
+
+
+# Bumped whenever any module registers a parameter or a submodule: a stack's cached arguments (`_stack_args`) are
+# then made again, so a replaced weight or layer is never missed.
+_registrations = [0]
+
+
+def _count_registration(*_: object) -> None:
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+def _stack_args(layers: Sequence[torch.nn.Module]) -> tuple[list, list, list, list, list]:
+    """decode_blocks' per-block arguments: attention norms (None for an Identity: the module's first block), ffn
+    norms, packed (wq, wk, wv, wo) per block, (bq, bk, bv) per block, packed (w1, w3, w2) per block. In a compiled
+    graph built from the layers (the pack expressions fold into constants). Eagerly, kept on the stack and made again
+    when any weight's storage or in-place version changes, or a parameter or module is registered anywhere: walking
+    some seventy layers' attributes costs a pass far more than checking the tensors."""
+    compiling = torch.compiler.is_compiling()
+    cached = None if compiling else layers.__dict__.get(_STACK_ATTR)
+    if cached is not None and cached[0] == _registrations[0] and all(
+            w.data_ptr() == ptr and _version(w) == ver for w, ptr, ver in cached[1]):
+        return cached[2]
+    attn_norms, ffn_norms, attn, qkv_bias, ffn, weights = [], [], [], [], [], []
+    for block in layers:
+        a, f = block.attention, block.feed_forward
+        attn_norms.append(getattr(block.attention_norm, "weight", None))
+        ffn_norms.append(block.ffn_norm.weight)
+        linears = [a.wq, a.wk, a.wv, a.wo, f.w1, f.w3, f.w2]
+        packs = [pack(lin.weight) if compiling else packed(lin) for lin in linears]
+        attn += packs[:4]
+        ffn += packs[4:]
+        qkv_bias += [a.wq.bias, a.wk.bias, a.wv.bias]
+        weights += [lin.weight for lin in linears]
+    args = (attn_norms, ffn_norms, attn, qkv_bias, ffn)
+    if not compiling:
+        # Norms and biases are passed as they are (their changes are seen anyway); the packed weights are copies.
+        layers.__dict__[_STACK_ATTR] = (_registrations[0], [(w, w.data_ptr(), _version(w)) for w in weights], args)
+    return args
+
+
+def _version(w: Tensor) -> int:
+    return -1 if w.is_inference() else w._version  # inference tensors keep no version counter
 
 
 def _compiler() -> str:
@@ -193,6 +240,6 @@ def _register_fake() -> None:
     def _(x: Tensor, weight: Tensor, n: int, bias: Tensor | None) -> Tensor:
         return x.new_empty((*x.shape[:-1], n))
 
-    @torch.library.register_fake("recyclegpt::decode_block")
+    @torch.library.register_fake("recyclegpt::decode_blocks")
     def _(x: Tensor, *args: object) -> Tensor:
         return torch.empty_like(x)

@@ -2,7 +2,8 @@
 // whatever the pass's row count.
 //
 // skinny_linear: y = x @ w.T (+ b), a linear layer over a decoding pass's few rows.
-// decode_block:  one transformer block of the model (`layers.Block`) over a static KV cache, in one call.
+// decode_blocks: a stack of transformer blocks (`layers.Block`, `model.run_blocks`) over static KV caches, in one
+//                call.
 //
 // Values are float32 or bfloat16 (the model's dtype); arithmetic is float32 in both. Weights come packed
 // (`kernels.pack`): [ceil(N / 16), K, 16], panel j holding outputs 16j..16j+15 for each k in turn, zero rows
@@ -12,9 +13,9 @@
 // thread that computes it, so a row decoded alone (`ar`, one token a pass) gets exactly the bits it gets inside
 // a wider pass (`verify`), which BLAS libraries do not promise.
 //
-// decode_block runs a whole block in one OpenMP parallel region, phases separated by barriers, where separate
-// ops would pay a fork/join and a dispatch each. Built with -march=native: the 16-lane vector type becomes one
-// AVX-512 register, two AVX2 ones or four SSE ones.
+// decode_blocks runs every block of a pass in one OpenMP parallel region, phases separated by barriers, where
+// separate ops would pay a fork/join, a dispatch and their allocations each. Built with -march=native: the 16-lane
+// vector type becomes one AVX-512 register, two AVX2 ones or four SSE ones.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -180,7 +181,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w, int64_t n, co
 }
 
 
-// ------------------------------------------------------------------------------------------- decode_block
+// ------------------------------------------------------------------------------------------ decode_blocks
 
 // This thread's contiguous share [begin, end) of n items.
 inline void share(int64_t n, int tid, int nt, int64_t& begin, int64_t& end) {
@@ -227,84 +228,146 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return s;
 }
 
-// One query row against the cache (`layers.cache_attention`): softmax(q.k * scale + bias) @ v. Slots whose bias
-// is -inf contribute exactly nothing (exp(-inf) = 0) and are skipped.
+// out += p * v over D values, one fused multiply-add per value (the same bits with or without vectors).
 template <typename T>
-inline void attend(const float* q, const T* kc, const T* vc, const float* bias, int64_t S, int64_t D,
+inline void axpy(float p, const T* v, float* out, int64_t D) {
+  int64_t i = 0;
+  for (; i + 16 <= D; i += 16) {
+    vec16 o = load16(out + i);
+    o += p * load16(v + i);  // one FMA per lane (-ffp-contract=fast), as fmaf below
+    std::memcpy(out + i, &o, sizeof(o));
+  }
+  for (; i < D; ++i) out[i] = __builtin_fmaf(p, to_f(v[i]), out[i]);
+}
+
+// One query row's `rep` heads that share a kv head (`layers.cache_attention`): per head r,
+// softmax(q_r.k * scale + bias) @ v, reading each cached key and value once for all of them. q and out: rep heads
+// of D values each; scores: rep * S floats. Slots whose bias is -inf contribute exactly nothing (exp(-inf) = 0)
+// and are skipped. Each head's arithmetic is what it would be alone: slots in order, one dot product per slot.
+template <typename T>
+inline void attend(const float* q, const T* kc, const T* vc, const float* bias, int64_t S, int64_t D, int64_t rep,
                    float scale, float* scores, float* out) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  float mx = ninf;
+  float mx[64], sum[64];
+  for (int64_t r = 0; r < rep; ++r) mx[r] = ninf, sum[r] = 0.f;
   for (int64_t s = 0; s < S; ++s) {
-    if (bias[s] == ninf) {
-      scores[s] = ninf;
-      continue;
+    if (bias[s] == ninf) continue;
+    for (int64_t r = 0; r < rep; ++r) {
+      const float v = dot(q + r * D, kc + s * D, D) * scale + bias[s];
+      scores[r * S + s] = v;
+      mx[r] = std::max(mx[r], v);
     }
-    scores[s] = dot(q, kc + s * D, D) * scale + bias[s];
-    mx = std::max(mx, scores[s]);
   }
-  float sum = 0.f;
-  for (int64_t s = 0; s < S; ++s) {
-    scores[s] = scores[s] == ninf ? 0.f : std::exp(scores[s] - mx);
-    sum += scores[s];
+  for (int64_t r = 0; r < rep; ++r) {
+    float* sc = scores + r * S;
+    for (int64_t s = 0; s < S; ++s) {
+      if (bias[s] == ninf) continue;
+      sc[s] = std::exp(sc[s] - mx[r]);
+      sum[r] += sc[s];
+    }
   }
-  for (int64_t i = 0; i < D; ++i) out[i] = 0.f;
+  for (int64_t i = 0; i < rep * D; ++i) out[i] = 0.f;
   for (int64_t s = 0; s < S; ++s) {
-    if (scores[s] == 0.f) continue;
-    const float p = scores[s] / sum;
-    const T* v = vc + s * D;
-    for (int64_t i = 0; i < D; ++i) out[i] = __builtin_fmaf(p, to_f(v[i]), out[i]);
+    if (bias[s] == ninf) continue;
+    for (int64_t r = 0; r < rep; ++r) {
+      const float p = scores[r * S + s] / sum[r];
+      if (p != 0.f) axpy(p, vc + s * D, out + r * D, D);
+    }
   }
 }
 
-// x [B, T, d] -> the block's output [B, T, d] (the dtype T of x: float32 or bfloat16; the arithmetic inside is
-// float32 and only the output and the cache entries are rounded to T); writes the T new keys/values of each row
-// b into k_cache and v_cache [B, Hkv, S, D] at slots[b] ([B, T]); cos, sin [B, T, D]: each token's RoPE angles;
-// bias [B or 1, 1, T, S] float32: 0 where a token sees a slot, -inf elsewhere (`model.cache_bias`, or a draft
-// tree's). attn = (wq, wk, wv, wo), qkv_bias = (bq, bk, bv) or Nones, ffn = (w1 gate, w3 up, w2 down), packed.
+// One block's weights, as the op receives them: norms (attn_norm may be null: no norm) and packed linears.
 template <typename T>
-at::Tensor decode_block_t(const at::Tensor& x, const std::optional<at::Tensor>& attn_norm,
-                          const at::Tensor& ffn_norm, double eps, at::TensorList attn,
-                          const c10::List<std::optional<at::Tensor>>& qkv_bias, at::TensorList ffn,
-                          const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias, at::Tensor& k_cache,
-                          at::Tensor& v_cache, const at::Tensor& slots, int64_t n_head) {
-  const int64_t Bt = x.size(0), T_ = x.size(1), d = x.size(2), M = Bt * T_;
-  const int64_t D = k_cache.size(3), Hkv = k_cache.size(1), S = k_cache.size(2), H = n_head, rep = H / Hkv;
-  const int64_t F = ffn[2].size(1);  // w2 packed [panels(d), F, 16]
-  TORCH_CHECK(D <= 512 && H % Hkv == 0 && k_cache.size(0) >= Bt && bias.size(-1) == S && bias.size(-2) == T_ &&
-              cos.size(-1) == D && slots.size(0) == Bt && slots.size(1) == T_, "decode_block: shapes do not match");
-  const auto dt = x.scalar_type();
-  check_packed(attn[0], H * D, d, dt, "decode_block");
-  check_packed(attn[1], Hkv * D, d, dt, "decode_block");
-  check_packed(attn[2], Hkv * D, d, dt, "decode_block");
-  check_packed(attn[3], d, H * D, dt, "decode_block");
-  check_packed(ffn[0], F, d, dt, "decode_block");
-  check_packed(ffn[1], F, d, dt, "decode_block");
-  check_packed(ffn[2], d, F, dt, "decode_block");
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor xf = at::empty({M, d}, f32), xn = at::empty({M, d}, f32), q = at::empty({M, H * D}, f32),
-             k = at::empty({M, Hkv * D}, f32), v = at::empty({M, Hkv * D}, f32), att = at::empty({M, H * D}, f32),
-             x1 = at::empty({M, d}, f32), gate = at::empty({M, F}, f32), up = at::empty({M, F}, f32),
-             o = at::empty({M, d}, f32), out = at::empty({Bt, T_, d}, x.options());
-  const int nt = at::get_num_threads();
-  at::Tensor scratch = at::empty({nt, S}, f32);
+struct BlockWeights {
+  const T *attn_norm, *ffn_norm;
+  std::vector<Part<T>> qkv, wo, gate_up, down;
+  int64_t qkv_tiles, wo_tiles, gate_up_tiles, down_tiles, F;
+  T *k_cache, *v_cache;
+};
 
-  const T *Xin = x.data_ptr<T>(), *an = opt_ptr<T>(attn_norm), *fn = ffn_norm.data_ptr<T>();
-  const T *C = cos.data_ptr<T>(), *Sn = sin.data_ptr<T>();
+// x [B, T, d] through L blocks -> [B, T, d] (x's dtype T: float32 or bfloat16; arithmetic float32, each block's
+// output and the cache entries rounded to T, as a block-by-block pass rounds them). Block l writes its T new
+// keys/values of each row b into k_caches[l] and v_caches[l] [B, Hkv, S, D] at slots[b] ([B, T]); cos, sin
+// [B, T, D]: each token's RoPE angles; bias [B or 1, 1, T, S] float32: 0 where a token sees a slot, -inf
+// elsewhere (`model.cache_bias`, or a draft tree's). Per block l: attn_norms[l] (or None), ffn_norms[l],
+// attn[4l..4l+3] = (wq, wk, wv, wo), qkv_bias[3l..3l+2] = (bq, bk, bv) or Nones, ffn[3l..3l+2] = (w1 gate, w3 up,
+// w2 down), packed. All blocks run in one OpenMP parallel region, phases separated by barriers.
+template <typename T>
+at::Tensor decode_blocks_t(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& attn_norms,
+                           at::TensorList ffn_norms, double eps, at::TensorList attn,
+                           const c10::List<std::optional<at::Tensor>>& qkv_bias, at::TensorList ffn,
+                           const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
+                           at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& slots, int64_t n_head) {
+  const int64_t L = static_cast<int64_t>(ffn_norms.size());
+  const int64_t Bt = x.size(0), T_ = x.size(1), d = x.size(2), M = Bt * T_;
+  const at::Tensor& kc0 = k_caches[0];
+  const int64_t D = kc0.size(3), Hkv = kc0.size(1), S = kc0.size(2), H = n_head, rep = H / Hkv;
+  TORCH_CHECK(D <= 512 && H % Hkv == 0 && H / Hkv <= 64 && kc0.size(0) >= Bt && bias.size(-1) == S && bias.size(-2) == T_ &&
+              cos.size(-1) == D && slots.size(0) == Bt && slots.size(1) == T_, "decode_blocks: shapes do not match");
+  const auto dt = x.scalar_type();
+  std::vector<BlockWeights<T>> blocks(L);
+  int64_t F_max = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor &wq = attn[4 * l], &wk = attn[4 * l + 1], &wv = attn[4 * l + 2], &wo = attn[4 * l + 3];
+    const at::Tensor &w1 = ffn[3 * l], &w3 = ffn[3 * l + 1], &w2 = ffn[3 * l + 2];
+    const int64_t F = w2.size(1);  // w2 packed [panels(d), F, 16]
+    check_packed(wq, H * D, d, dt, "decode_blocks");
+    check_packed(wk, Hkv * D, d, dt, "decode_blocks");
+    check_packed(wv, Hkv * D, d, dt, "decode_blocks");
+    check_packed(wo, d, H * D, dt, "decode_blocks");
+    check_packed(w1, F, d, dt, "decode_blocks");
+    check_packed(w3, F, d, dt, "decode_blocks");
+    check_packed(w2, d, F, dt, "decode_blocks");
+    for (const at::Tensor& c : {k_caches[l], v_caches[l]})
+      TORCH_CHECK(c.sizes() == kc0.sizes() && c.scalar_type() == dt && c.is_contiguous(),
+                  "decode_blocks: every cache [B, Hkv, S, D] in x's dtype, contiguous");
+    BlockWeights<T>& w = blocks[l];
+    w.attn_norm = opt_ptr<T>(attn_norms.get(l));
+    w.ffn_norm = ffn_norms[l].data_ptr<T>();
+    // Outputs are filled in below, once the scratch exists.
+    w.qkv = {{wq.data_ptr<T>(), opt_ptr<T>(qkv_bias.get(3 * l)), nullptr, H * D, 0},
+             {wk.data_ptr<T>(), opt_ptr<T>(qkv_bias.get(3 * l + 1)), nullptr, Hkv * D, 0},
+             {wv.data_ptr<T>(), opt_ptr<T>(qkv_bias.get(3 * l + 2)), nullptr, Hkv * D, 0}};
+    w.wo = {{wo.data_ptr<T>(), nullptr, nullptr, d, 0}};
+    w.gate_up = {{w1.data_ptr<T>(), nullptr, nullptr, F, 0}, {w3.data_ptr<T>(), nullptr, nullptr, F, 0}};
+    w.down = {{w2.data_ptr<T>(), nullptr, nullptr, d, 0}};
+    w.qkv_tiles = total_tiles(w.qkv);
+    w.wo_tiles = total_tiles(w.wo);
+    w.gate_up_tiles = total_tiles(w.gate_up);
+    w.down_tiles = total_tiles(w.down);
+    w.F = F;
+    w.k_cache = k_caches[l].data_ptr<T>();
+    w.v_cache = v_caches[l].data_ptr<T>();
+    F_max = std::max(F_max, F);
+  }
+  // float32 scratch in one allocation: the residual stream X, normed XN, q, k, v, attention output A, the
+  // attention's residual X1, gate G, up U, down O, and each thread's attention scores.
+  const int nt = at::get_num_threads();
+  const int64_t sizes[] = {M * d, M * d, M * H * D, M * Hkv * D, M * Hkv * D, M * H * D, M * d, M * F_max,
+                           M * F_max, M * d, nt * rep * S};
+  int64_t total = 0;
+  for (int64_t n : sizes) total += n;
+  at::Tensor scratch = at::empty({total}, x.options().dtype(at::kFloat)), out = at::empty({Bt, T_, d}, x.options());
+  float* bufs[11];
+  float* next = scratch.data_ptr<float>();
+  for (int i = 0; i < 11; ++i) {
+    bufs[i] = next;
+    next += sizes[i];
+  }
+  float *X = bufs[0], *XN = bufs[1], *Q = bufs[2], *Kn = bufs[3], *V = bufs[4], *A = bufs[5], *X1 = bufs[6];
+  float *G = bufs[7], *U = bufs[8], *O = bufs[9], *Scores = bufs[10];
+  for (BlockWeights<T>& w : blocks) {
+    w.qkv[0].Y = Q, w.qkv[1].Y = Kn, w.qkv[2].Y = V;
+    w.wo[0].Y = X1;
+    w.gate_up[0].Y = G, w.gate_up[1].Y = U;
+    w.down[0].Y = O;
+  }
+
+  const T *Xin = x.data_ptr<T>(), *C = cos.data_ptr<T>(), *Sn = sin.data_ptr<T>();
   const float* Bias = bias.data_ptr<float>();
   const int64_t* slot = slots.data_ptr<int64_t>();
-  float *X = xf.data_ptr<float>(), *XN = xn.data_ptr<float>(), *Q = q.data_ptr<float>(), *Kn = k.data_ptr<float>();
-  float *V = v.data_ptr<float>(), *A = att.data_ptr<float>(), *X1 = x1.data_ptr<float>();
-  float *G = gate.data_ptr<float>(), *U = up.data_ptr<float>(), *O = o.data_ptr<float>();
-  T *KC = k_cache.data_ptr<T>(), *VC = v_cache.data_ptr<T>(), *Out = out.data_ptr<T>();
-  std::vector<Part<T>> qkv = {{attn[0].data_ptr<T>(), opt_ptr<T>(qkv_bias.get(0)), Q, H * D, 0},
-                              {attn[1].data_ptr<T>(), opt_ptr<T>(qkv_bias.get(1)), Kn, Hkv * D, 0},
-                              {attn[2].data_ptr<T>(), opt_ptr<T>(qkv_bias.get(2)), V, Hkv * D, 0}};
-  std::vector<Part<T>> wo = {{attn[3].data_ptr<T>(), nullptr, X1, d, 0}};
-  std::vector<Part<T>> gu = {{ffn[0].data_ptr<T>(), nullptr, G, F, 0}, {ffn[1].data_ptr<T>(), nullptr, U, F, 0}};
-  std::vector<Part<T>> down = {{ffn[2].data_ptr<T>(), nullptr, O, d, 0}};
-  const int64_t qkv_tiles = total_tiles(qkv), wo_tiles = total_tiles(wo), gu_tiles = total_tiles(gu),
-                down_tiles = total_tiles(down);
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  T* Out = out.data_ptr<T>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(D)), epsf = static_cast<float>(eps);
   const int64_t bias_rows = bias.size(0) == 1 ? 0 : T_ * S;  // a [1, 1, T, S] bias is shared by every row
 
 #pragma omp parallel num_threads(nt)
@@ -314,94 +377,111 @@ at::Tensor decode_block_t(const at::Tensor& x, const std::optional<at::Tensor>& 
     share(M, tid, n, b0, b1);
     for (int64_t m = b0; m < b1; ++m) {
       to_float(Xin + m * d, X + m * d, d);
-      rms_norm(X + m * d, an, static_cast<float>(eps), d, XN + m * d);
+      rms_norm(X + m * d, blocks[0].attn_norm, epsf, d, XN + m * d);
     }
+    for (int64_t l = 0; l < L; ++l) {
+      const BlockWeights<T>& w = blocks[l];
 #pragma omp barrier
-    share(qkv_tiles, tid, n, b0, b1);
-    linear_tiles(qkv, XN, M, d, b0, b1);
+      share(w.qkv_tiles, tid, n, b0, b1);
+      linear_tiles(w.qkv, XN, M, d, b0, b1);
 #pragma omp barrier
-    // RoPE on q and k; the new keys/values into the cache at their slots.
-    share(M * (H + Hkv), tid, n, b0, b1);
-    for (int64_t i = b0; i < b1; ++i) {
-      const int64_t m = i / (H + Hkv), h = i % (H + Hkv), b = m / T_;
-      const T *c = C + m * D, *s = Sn + m * D;
-      if (h < H) {
-        rope(Q + m * H * D + h * D, c, s, D);
-      } else {
-        const int64_t g = h - H, at = ((b * Hkv + g) * S + slot[m]) * D;
-        float* kr = Kn + m * Hkv * D + g * D;
-        const float* vr = V + m * Hkv * D + g * D;
-        rope(kr, c, s, D);
-        for (int64_t j = 0; j < D; ++j) {
-          KC[at + j] = from_f<T>(kr[j]);
-          VC[at + j] = from_f<T>(vr[j]);
+      // RoPE on q and k; the new keys/values into the cache at their slots.
+      share(M * (H + Hkv), tid, n, b0, b1);
+      for (int64_t i = b0; i < b1; ++i) {
+        const int64_t m = i / (H + Hkv), h = i % (H + Hkv), b = m / T_;
+        const T *c = C + m * D, *s = Sn + m * D;
+        if (h < H) {
+          rope(Q + m * H * D + h * D, c, s, D);
+        } else {
+          const int64_t g = h - H, at = ((b * Hkv + g) * S + slot[m]) * D;
+          float* kr = Kn + m * Hkv * D + g * D;
+          const float* vr = V + m * Hkv * D + g * D;
+          rope(kr, c, s, D);
+          for (int64_t j = 0; j < D; ++j) {
+            w.k_cache[at + j] = from_f<T>(kr[j]);
+            w.v_cache[at + j] = from_f<T>(vr[j]);
+          }
         }
       }
+#pragma omp barrier
+      // Per (row, kv head): its `rep` query heads (query head h reads kv head h / rep).
+      share(M * Hkv, tid, n, b0, b1);
+      for (int64_t i = b0; i < b1; ++i) {
+        const int64_t m = i / Hkv, g = i % Hkv, b = m / T_, t = m % T_;
+        attend(Q + (m * H + g * rep) * D, w.k_cache + (b * Hkv + g) * S * D, w.v_cache + (b * Hkv + g) * S * D,
+               Bias + b * bias_rows + t * S, S, D, rep, scale, Scores + tid * rep * S, A + (m * H + g * rep) * D);
+      }
+#pragma omp barrier
+      share(w.wo_tiles, tid, n, b0, b1);
+      linear_tiles(w.wo, A, M, H * D, b0, b1);
+#pragma omp barrier
+      share(M, tid, n, b0, b1);
+      for (int64_t m = b0; m < b1; ++m) {
+        for (int64_t i = 0; i < d; ++i) X1[m * d + i] += X[m * d + i];  // the attention's residual
+        rms_norm(X1 + m * d, w.ffn_norm, epsf, d, XN + m * d);
+      }
+#pragma omp barrier
+      share(w.gate_up_tiles, tid, n, b0, b1);
+      linear_tiles(w.gate_up, XN, M, d, b0, b1);
+#pragma omp barrier
+      share(M * w.F, tid, n, b0, b1);
+      for (int64_t i = b0; i < b1; ++i) G[i] = G[i] / (1.f + std::exp(-G[i])) * U[i];  // silu(gate) * up
+#pragma omp barrier
+      share(w.down_tiles, tid, n, b0, b1);
+      linear_tiles(w.down, G, M, w.F, b0, b1);
+#pragma omp barrier
+      // The feed-forward's residual: the block's output, rounded to T (a no-op in float32) as it would be
+      // between two separate block calls; then the next block's input norm of the same rows.
+      share(M, tid, n, b0, b1);
+      for (int64_t m = b0; m < b1; ++m) {
+        for (int64_t i = m * d; i < (m + 1) * d; ++i) {
+          const T y = from_f<T>(O[i] + X1[i]);
+          X[i] = to_f(y);
+          Out[i] = y;
+        }
+        if (l + 1 < L) rms_norm(X + m * d, blocks[l + 1].attn_norm, epsf, d, XN + m * d);
+      }
     }
-#pragma omp barrier
-    share(M * H, tid, n, b0, b1);
-    float* sc = scratch.data_ptr<float>() + tid * S;
-    for (int64_t i = b0; i < b1; ++i) {
-      const int64_t m = i / H, h = i % H, b = m / T_, t = m % T_, g = h / rep;
-      attend(Q + m * H * D + h * D, KC + (b * Hkv + g) * S * D, VC + (b * Hkv + g) * S * D,
-             Bias + b * bias_rows + t * S, S, D, scale, sc, A + m * H * D + h * D);
-    }
-#pragma omp barrier
-    share(wo_tiles, tid, n, b0, b1);
-    linear_tiles(wo, A, M, H * D, b0, b1);
-#pragma omp barrier
-    share(M, tid, n, b0, b1);
-    for (int64_t m = b0; m < b1; ++m) {
-      for (int64_t i = 0; i < d; ++i) X1[m * d + i] += X[m * d + i];  // the attention's residual
-      rms_norm(X1 + m * d, fn, static_cast<float>(eps), d, XN + m * d);
-    }
-#pragma omp barrier
-    share(gu_tiles, tid, n, b0, b1);
-    linear_tiles(gu, XN, M, d, b0, b1);
-#pragma omp barrier
-    share(M * F, tid, n, b0, b1);
-    for (int64_t i = b0; i < b1; ++i) G[i] = G[i] / (1.f + std::exp(-G[i])) * U[i];  // silu(gate) * up
-#pragma omp barrier
-    share(down_tiles, tid, n, b0, b1);
-    linear_tiles(down, G, M, F, b0, b1);
-#pragma omp barrier
-    share(M * d, tid, n, b0, b1);
-    for (int64_t i = b0; i < b1; ++i) Out[i] = from_f<T>(O[i] + X1[i]);  // the feed-forward's residual
   }
   return out;
 }
 
-at::Tensor decode_block(const at::Tensor& x, const std::optional<at::Tensor>& attn_norm, const at::Tensor& ffn_norm,
-                        double eps, at::TensorList attn, const c10::List<std::optional<at::Tensor>>& qkv_bias,
-                        at::TensorList ffn, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
-                        at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots, int64_t n_head) {
-  TORCH_CHECK(attn.size() == 4 && qkv_bias.size() == 3 && ffn.size() == 3, "decode_block: 4 attention weights, "
-              "3 q/k/v biases, 3 feed-forward weights");
+at::Tensor decode_blocks(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& attn_norms,
+                         at::TensorList ffn_norms, double eps, at::TensorList attn,
+                         const c10::List<std::optional<at::Tensor>>& qkv_bias, at::TensorList ffn,
+                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias, at::TensorList k_caches,
+                         at::TensorList v_caches, const at::Tensor& slots, int64_t n_head) {
+  const size_t L = ffn_norms.size();
+  TORCH_CHECK(L >= 1 && attn_norms.size() == L && attn.size() == 4 * L && qkv_bias.size() == 3 * L &&
+              ffn.size() == 3 * L && k_caches.size() == L && v_caches.size() == L, "decode_blocks: per block 2 "
+              "norms, 4 attention weights, 3 q/k/v biases, 3 feed-forward weights and 2 caches");
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "decode_block: float32 or bfloat16");
-  for (const at::Tensor& t : {x, ffn_norm, cos, sin, k_cache, v_cache})
-    TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous(), "decode_block: x, norms, RoPE tables and caches in x's "
-                "dtype, contiguous");
-  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous(), "decode_block: bias float32, contiguous");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "decode_blocks: float32 or bfloat16");
+  for (const at::Tensor& t : {x, cos, sin})
+    TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous(), "decode_blocks: x and the RoPE tables in x's dtype, "
+                "contiguous");
+  for (const at::Tensor& t : ffn_norms)
+    TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous(), "decode_blocks: norms in x's dtype");
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous(), "decode_blocks: bias float32, contiguous");
   TORCH_CHECK(x.dim() == 3 && slots.dim() == 2 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
-              "decode_block: x [B, T, d], slots [B, T] int64");
+              "decode_blocks: x [B, T, d], slots [B, T] int64");
   if (dt == at::kFloat)
-    return decode_block_t<float>(x, attn_norm, ffn_norm, eps, attn, qkv_bias, ffn, cos, sin, bias, k_cache, v_cache,
-                                 slots, n_head);
-  return decode_block_t<bf16>(x, attn_norm, ffn_norm, eps, attn, qkv_bias, ffn, cos, sin, bias, k_cache, v_cache,
-                              slots, n_head);
+    return decode_blocks_t<float>(x, attn_norms, ffn_norms, eps, attn, qkv_bias, ffn, cos, sin, bias, k_caches,
+                                  v_caches, slots, n_head);
+  return decode_blocks_t<bf16>(x, attn_norms, ffn_norms, eps, attn, qkv_bias, ffn, cos, sin, bias, k_caches,
+                               v_caches, slots, n_head);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(recyclegpt, m) {
   m.def("skinny_linear(Tensor x, Tensor w, int n, Tensor? b) -> Tensor");
-  m.def("decode_block(Tensor x, Tensor? attn_norm, Tensor ffn_norm, float eps, Tensor[] attn, Tensor?[] qkv_bias, "
-        "Tensor[] ffn, Tensor cos, Tensor sin, Tensor bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
-        "int n_head) -> Tensor");
+  m.def("decode_blocks(Tensor x, Tensor?[] attn_norms, Tensor[] ffn_norms, float eps, Tensor[] attn, "
+        "Tensor?[] qkv_bias, Tensor[] ffn, Tensor cos, Tensor sin, Tensor bias, Tensor(a!)[] k_caches, "
+        "Tensor(b!)[] v_caches, Tensor slots, int n_head) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(recyclegpt, CPU, m) {
   m.impl("skinny_linear", skinny_linear);
-  m.impl("decode_block", decode_block);
+  m.impl("decode_blocks", decode_blocks);
 }
