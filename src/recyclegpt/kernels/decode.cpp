@@ -213,65 +213,159 @@ inline void rope(float* x, const T* cos, const T* sin, int64_t D) {
   for (int64_t i = h; i < D; ++i) x[i] = tmp[i] * to_f(cos[i]) + tmp[i - h] * to_f(sin[i]);
 }
 
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
-  vec16 acc{};
-  const int64_t n16 = n - n % 16;
-  for (int64_t i = 0; i < n16; i += 16) acc += load16(a + i) * load16(b + i);
+// The 16 lanes of a dot product's accumulator summed in a fixed order.
+inline float lane_sum(vec16 acc) {
   typedef float vec8 __attribute__((vector_size(32)));
   typedef float vec4 __attribute__((vector_size(16)));
   vec8 a8 = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
             __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
   vec4 a4 = __builtin_shufflevector(a8, a8, 0, 1, 2, 3) + __builtin_shufflevector(a8, a8, 4, 5, 6, 7);
-  float s = (a4[0] + a4[2]) + (a4[1] + a4[3]);  // lanes summed in a fixed order
-  for (int64_t i = n16; i < n; ++i) s = __builtin_fmaf(a[i], to_f(b[i]), s);
-  return s;
+  return (a4[0] + a4[2]) + (a4[1] + a4[3]);
 }
 
-// out += p * v over D values, one fused multiply-add per value (the same bits with or without vectors).
-template <typename T>
-inline void axpy(float p, const T* v, float* out, int64_t D) {
-  int64_t i = 0;
-  for (; i + 16 <= D; i += 16) {
-    vec16 o = load16(out + i);
-    o += p * load16(v + i);  // one FMA per lane (-ffp-contract=fast), as fmaf below
-    std::memcpy(out + i, &o, sizeof(o));
+// R query heads q[r] (D values each) against the cached keys of the nv slots vis[]: sc[r * S + j] =
+// q_r . k_vis[j] * scale + bias[r][vis[j]]. Each key is read once for the R heads; each head's dot product is
+// computed as it would be alone (16-lane FMAs along D, `lane_sum`, then the tail).
+template <int R, typename T>
+inline void head_scores(const float* const* q, const T* kc, const int32_t* vis, int64_t nv, const float* const* bias,
+                        int64_t D, int64_t S, float scale, float* sc) {
+  const int64_t n16 = D - D % 16;
+  for (int64_t j = 0; j < nv; ++j) {
+    const T* k = kc + vis[j] * D;
+    vec16 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = vec16{};
+    for (int64_t i = 0; i < n16; i += 16) {
+      const vec16 kv = load16(k + i);
+      for (int r = 0; r < R; ++r) acc[r] += load16(q[r] + i) * kv;  // one FMA per lane
+    }
+    for (int r = 0; r < R; ++r) {
+      float dot = lane_sum(acc[r]);
+      for (int64_t i = n16; i < D; ++i) dot = __builtin_fmaf(q[r][i], to_f(k[i]), dot);
+      sc[r * S + j] = dot * scale + bias[r][vis[j]];
+    }
   }
-  for (; i < D; ++i) out[i] = __builtin_fmaf(p, to_f(v[i]), out[i]);
 }
 
-// One query row's `rep` heads that share a kv head (`layers.cache_attention`): per head r,
-// softmax(q_r.k * scale + bias) @ v, reading each cached key and value once for all of them. q and out: rep heads
-// of D values each; scores: rep * S floats. Slots whose bias is -inf contribute exactly nothing (exp(-inf) = 0)
-// and are skipped. Each head's arithmetic is what it would be alone: slots in order, one dot product per slot.
-template <typename T>
-inline void attend(const float* q, const T* kc, const T* vc, const float* bias, int64_t S, int64_t D, int64_t rep,
-                   float scale, float* scores, float* out) {
+// out[r] = sum_j p[r * S + j] * v_vis[j] for R heads: per output value, one FMA per slot in order, with the
+// accumulators in registers 16 values at a time.
+template <int R, typename T>
+inline void head_values(const float* p, const T* vc, const int32_t* vis, int64_t nv, int64_t D, int64_t S,
+                        float* const* out) {
+  int64_t c = 0;
+  for (; c + 16 <= D; c += 16) {
+    vec16 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = vec16{};
+    for (int64_t j = 0; j < nv; ++j) {
+      const vec16 v = load16(vc + vis[j] * D + c);
+      for (int r = 0; r < R; ++r) acc[r] += p[r * S + j] * v;  // one FMA per lane
+    }
+    for (int r = 0; r < R; ++r) std::memcpy(out[r] + c, &acc[r], sizeof(vec16));
+  }
+  for (; c < D; ++c)
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < nv; ++j) acc = __builtin_fmaf(p[r * S + j], to_f(vc[vis[j] * D + c]), acc);
+      out[r][c] = acc;
+    }
+}
+
+// exp of 16 values (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n), within 2 ulp of expf;
+// below -87.3, -inf included, exactly 0. Each lane's result depends on its own input only.
+inline vec16 exp16(vec16 x) {
+  typedef int32_t i32x16 __attribute__((vector_size(64)));
+  const vec16 zero{}, lo = zero - 87.33654f, hi = zero + 88.72283f;
+  const i32x16 under = x < lo;
+  x = x < lo ? lo : (x > hi ? hi : x);
+  vec16 fx = x * 1.44269504088896341f + 0.5f;
+  vec16 n = __builtin_convertvector(__builtin_convertvector(fx, i32x16), vec16);
+  n = n > fx ? n - 1.f : n;  // floor
+  const vec16 r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  vec16 y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.f;
+  const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
+  vec16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  y *= scale;
+  return under ? zero : y;
+}
+
+inline int64_t chunks16(int64_t n) { return (n + 15) / 16; }
+
+// g[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u for n <= 16 values, through `exp16`.
+inline void silu16(float* g, const float* u, int64_t n) {
+  float gb[16] = {}, ub[16] = {};
+  std::memcpy(gb, g, n * sizeof(float));
+  std::memcpy(ub, u, n * sizeof(float));
+  const vec16 gv = load16(gb), y = gv / (1.f + exp16(vec16{} - gv)) * load16(ub);
+  std::memcpy(gb, &y, sizeof(y));
+  std::memcpy(g, gb, n * sizeof(float));
+}
+
+// R heads' softmax(q.k * scale + bias) @ v over the slots vis[] (`head_scores`, `head_values`). Score rows are
+// padded with -inf to a multiple of 16 (exp 0): max and exp go 16 slots at a time, lane by lane; the sums go slot
+// by slot in order (the R heads' sums side by side), so a slot's place among the visited ones never matters.
+template <int R, typename T>
+inline void attend_heads(const float* const* q, const T* kc, const T* vc, const int32_t* vis, int64_t nv,
+                         const float* const* bias, int64_t D, int64_t S, float scale, float* sc, float* const* out) {
+  head_scores<R>(q, kc, vis, nv, bias, D, S, scale, sc);
+  const int64_t n16 = (nv + 15) / 16 * 16;
   const float ninf = -std::numeric_limits<float>::infinity();
-  float mx[64], sum[64];
-  for (int64_t r = 0; r < rep; ++r) mx[r] = ninf, sum[r] = 0.f;
-  for (int64_t s = 0; s < S; ++s) {
-    if (bias[s] == ninf) continue;
-    for (int64_t r = 0; r < rep; ++r) {
-      const float v = dot(q + r * D, kc + s * D, D) * scale + bias[s];
-      scores[r * S + s] = v;
-      mx[r] = std::max(mx[r], v);
+  float sum[R];
+  for (int r = 0; r < R; ++r) {
+    float* row = sc + r * S;
+    for (int64_t j = nv; j < n16; ++j) row[j] = ninf;
+    vec16 m = load16(row);
+    for (int64_t j = 16; j < n16; j += 16) {
+      const vec16 v = load16(row + j);
+      m = v > m ? v : m;
     }
-  }
-  for (int64_t r = 0; r < rep; ++r) {
-    float* sc = scores + r * S;
-    for (int64_t s = 0; s < S; ++s) {
-      if (bias[s] == ninf) continue;
-      sc[s] = std::exp(sc[s] - mx[r]);
-      sum[r] += sc[s];
+    float mx = m[0];
+    for (int i = 1; i < 16; ++i) mx = std::max(mx, m[i]);
+    for (int64_t j = 0; j < n16; j += 16) {
+      const vec16 e = exp16(load16(row + j) - mx);
+      std::memcpy(row + j, &e, sizeof(e));
     }
+    sum[r] = 0.f;
   }
-  for (int64_t i = 0; i < rep * D; ++i) out[i] = 0.f;
+  for (int64_t j = 0; j < nv; ++j)
+    for (int r = 0; r < R; ++r) sum[r] += sc[r * S + j];
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < n16; j += 16) {
+      const vec16 p = load16(sc + r * S + j) / sum[r];
+      std::memcpy(sc + r * S + j, &p, sizeof(p));
+    }
+  head_values<R>(sc, vc, vis, nv, D, S, out);
+}
+
+// Attention of every query head that reads one kv head of one batch row (`layers.cache_attention`): the T rows'
+// `rep` heads each, n = T * rep heads with query q[i], bias row bias[i] (a slot is visible where it is not -inf)
+// and output out[i]; per head softmax(q.k * scale + bias) @ v. The slots visited are those some row sees, in
+// order, each cached key and value read once for up to 4 heads at a time. A slot a row does not see adds exactly
+// nothing to that row (a score of -inf, exp 0, a multiply-add of 0 to a sum that is never -0), so each head's
+// result has the bits it gets when its row is attended alone: a one-token pass and a wider one agree.
+// scratch: 5 * S16 floats (S16: S rounded up to 16; 4 heads' scores, then the visited slots as int32).
+template <typename T>
+inline void attend(const float* const* q, const T* kc, const T* vc, const float* const* bias, int64_t n, int64_t S,
+                   int64_t D, float scale, float* scratch, float* const* out) {
+  const int64_t S16 = (S + 15) / 16 * 16;  // score rows' stride: room to pad them to a multiple of 16
+  int32_t* vis = reinterpret_cast<int32_t*>(scratch + 4 * S16);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  int64_t nv = 0;
   for (int64_t s = 0; s < S; ++s) {
-    if (bias[s] == ninf) continue;
-    for (int64_t r = 0; r < rep; ++r) {
-      const float p = scores[r * S + s] / sum[r];
-      if (p != 0.f) axpy(p, vc + s * D, out + r * D, D);
+    bool seen = false;
+    for (int64_t i = 0; i < n && !seen; ++i) seen = bias[i][s] != ninf;
+    if (seen) vis[nv++] = static_cast<int32_t>(s);
+  }
+  for (int64_t i = 0; i < n; i += 4) {
+    switch (std::min<int64_t>(4, n - i)) {
+      case 4: attend_heads<4>(q + i, kc, vc, vis, nv, bias + i, D, S16, scale, scratch, out + i); break;
+      case 3: attend_heads<3>(q + i, kc, vc, vis, nv, bias + i, D, S16, scale, scratch, out + i); break;
+      case 2: attend_heads<2>(q + i, kc, vc, vis, nv, bias + i, D, S16, scale, scratch, out + i); break;
+      default: attend_heads<1>(q + i, kc, vc, vis, nv, bias + i, D, S16, scale, scratch, out + i);
     }
   }
 }
@@ -302,7 +396,7 @@ at::Tensor decode_blocks_t(const at::Tensor& x, const c10::List<std::optional<at
   const int64_t Bt = x.size(0), T_ = x.size(1), d = x.size(2), M = Bt * T_;
   const at::Tensor& kc0 = k_caches[0];
   const int64_t D = kc0.size(3), Hkv = kc0.size(1), S = kc0.size(2), H = n_head, rep = H / Hkv;
-  TORCH_CHECK(D <= 512 && H % Hkv == 0 && H / Hkv <= 64 && kc0.size(0) >= Bt && bias.size(-1) == S && bias.size(-2) == T_ &&
+  TORCH_CHECK(D <= 512 && H % Hkv == 0 && kc0.size(0) >= Bt && bias.size(-1) == S && bias.size(-2) == T_ &&
               cos.size(-1) == D && slots.size(0) == Bt && slots.size(1) == T_, "decode_blocks: shapes do not match");
   const auto dt = x.scalar_type();
   std::vector<BlockWeights<T>> blocks(L);
@@ -343,8 +437,9 @@ at::Tensor decode_blocks_t(const at::Tensor& x, const c10::List<std::optional<at
   // float32 scratch in one allocation: the residual stream X, normed XN, q, k, v, attention output A, the
   // attention's residual X1, gate G, up U, down O, and each thread's attention scores.
   const int nt = at::get_num_threads();
+  const int64_t S16 = (S + 15) / 16 * 16;
   const int64_t sizes[] = {M * d, M * d, M * H * D, M * Hkv * D, M * Hkv * D, M * H * D, M * d, M * F_max,
-                           M * F_max, M * d, nt * rep * S};
+                           M * F_max, M * d, nt * 5 * S16};  // attention scratch (`attend`)
   int64_t total = 0;
   for (int64_t n : sizes) total += n;
   at::Tensor scratch = at::empty({total}, x.options().dtype(at::kFloat)), out = at::empty({Bt, T_, d}, x.options());
@@ -370,6 +465,9 @@ at::Tensor decode_blocks_t(const at::Tensor& x, const c10::List<std::optional<at
   const float scale = 1.f / std::sqrt(static_cast<float>(D)), epsf = static_cast<float>(eps);
   const int64_t bias_rows = bias.size(0) == 1 ? 0 : T_ * S;  // a [1, 1, T, S] bias is shared by every row
 
+  std::vector<std::vector<const float*>> head_q(nt), head_bias(nt);  // per thread: `attend`'s heads
+  std::vector<std::vector<float*>> head_out(nt);
+  for (int i = 0; i < nt; ++i) head_q[i].reserve(T_ * rep), head_bias[i].reserve(T_ * rep), head_out[i].reserve(T_ * rep);
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), n = omp_get_num_threads();
@@ -404,12 +502,24 @@ at::Tensor decode_blocks_t(const at::Tensor& x, const c10::List<std::optional<at
         }
       }
 #pragma omp barrier
-      // Per (row, kv head): its `rep` query heads (query head h reads kv head h / rep).
-      share(M * Hkv, tid, n, b0, b1);
+      // Per (batch row, kv head): the query heads of its T rows that read that kv head (query head h reads kv
+      // head h / rep).
+      share(Bt * Hkv, tid, n, b0, b1);
       for (int64_t i = b0; i < b1; ++i) {
-        const int64_t m = i / Hkv, g = i % Hkv, b = m / T_, t = m % T_;
-        attend(Q + (m * H + g * rep) * D, w.k_cache + (b * Hkv + g) * S * D, w.v_cache + (b * Hkv + g) * S * D,
-               Bias + b * bias_rows + t * S, S, D, rep, scale, Scores + tid * rep * S, A + (m * H + g * rep) * D);
+        const int64_t b = i / Hkv, g = i % Hkv;
+        std::vector<const float*>& qs = head_q[tid];
+        std::vector<const float*>& bs = head_bias[tid];
+        std::vector<float*>& os = head_out[tid];
+        qs.clear(), bs.clear(), os.clear();
+        for (int64_t t = 0; t < T_; ++t)
+          for (int64_t r = 0; r < rep; ++r) {
+            const int64_t at = ((b * T_ + t) * H + g * rep + r) * D;
+            qs.push_back(Q + at);
+            os.push_back(A + at);
+            bs.push_back(Bias + b * bias_rows + t * S);
+          }
+        attend(qs.data(), w.k_cache + (b * Hkv + g) * S * D, w.v_cache + (b * Hkv + g) * S * D, bs.data(),
+               T_ * rep, S, D, scale, Scores + tid * 5 * S16, os.data());
       }
 #pragma omp barrier
       share(w.wo_tiles, tid, n, b0, b1);
@@ -424,8 +534,12 @@ at::Tensor decode_blocks_t(const at::Tensor& x, const c10::List<std::optional<at
       share(w.gate_up_tiles, tid, n, b0, b1);
       linear_tiles(w.gate_up, XN, M, d, b0, b1);
 #pragma omp barrier
-      share(M * w.F, tid, n, b0, b1);
-      for (int64_t i = b0; i < b1; ++i) G[i] = G[i] / (1.f + std::exp(-G[i])) * U[i];  // silu(gate) * up
+      // silu(gate) * up, 16 values of a row at a time (`silu16`): every value takes the same path at any row count.
+      share(M * chunks16(w.F), tid, n, b0, b1);
+      for (int64_t i = b0; i < b1; ++i) {
+        const int64_t m = i / chunks16(w.F), c = i % chunks16(w.F) * 16;
+        silu16(G + m * w.F + c, U + m * w.F + c, std::min<int64_t>(16, w.F - c));
+      }
 #pragma omp barrier
       share(w.down_tiles, tid, n, b0, b1);
       linear_tiles(w.down, G, M, w.F, b0, b1);
