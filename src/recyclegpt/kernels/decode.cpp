@@ -122,6 +122,17 @@ int64_t total_tiles(std::vector<Part<W>>& parts) {
   return tiles;
 }
 
+// Tile i of one part (its outputs 64i.., fewer at the end) for all M rows of X [M, K].
+template <typename W>
+inline void part_tile(const Part<W>& part, const float* X, int64_t M, int64_t K, int64_t i) {
+  const int64_t p0 = i * TILE, np = panels_of(part.N);
+  if (p0 + TILE <= np) {
+    rows<TILE>(X, part.P, part.B, part.Y, M, K, part.N, p0);
+  } else {
+    for (int64_t q = p0; q < np; ++q) rows<1>(X, part.P, part.B, part.Y, M, K, part.N, q);
+  }
+}
+
 // Tiles [begin, end) over `parts` (in order), for all M rows of X [M, K].
 template <typename W>
 void linear_tiles(const std::vector<Part<W>>& parts, const float* X, int64_t M, int64_t K, int64_t begin,
@@ -129,13 +140,7 @@ void linear_tiles(const std::vector<Part<W>>& parts, const float* X, int64_t M, 
   size_t p = 0;
   for (int64_t i = begin; i < end; ++i) {
     while (p + 1 < parts.size() && i >= parts[p + 1].first_tile) ++p;
-    const Part<W>& part = parts[p];
-    const int64_t p0 = (i - part.first_tile) * TILE, np = panels_of(part.N);
-    if (p0 + TILE <= np) {
-      rows<TILE>(X, part.P, part.B, part.Y, M, K, part.N, p0);
-    } else {
-      for (int64_t q = p0; q < np; ++q) rows<1>(X, part.P, part.B, part.Y, M, K, part.N, q);
-    }
+    part_tile(parts[p], X, M, K, i - parts[p].first_tile);
   }
 }
 
@@ -293,8 +298,6 @@ inline vec16 exp16(vec16 x) {
   return under ? zero : y;
 }
 
-inline int64_t chunks16(int64_t n) { return (n + 15) / 16; }
-
 // g[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u for n <= 16 values, through `exp16`.
 inline void silu16(float* g, const float* u, int64_t n) {
   float gb[16] = {}, ub[16] = {};
@@ -427,7 +430,7 @@ at::Tensor decode_blocks_t(const at::Tensor& x, const c10::List<std::optional<at
     w.down = {{w2.data_ptr<T>(), nullptr, nullptr, d, 0}};
     w.qkv_tiles = total_tiles(w.qkv);
     w.wo_tiles = total_tiles(w.wo);
-    w.gate_up_tiles = total_tiles(w.gate_up);
+    w.gate_up_tiles = (panels_of(F) + TILE - 1) / TILE;  // tiles of gate, each with its up tile
     w.down_tiles = total_tiles(w.down);
     w.F = F;
     w.k_cache = k_caches[l].data_ptr<T>();
@@ -531,14 +534,16 @@ at::Tensor decode_blocks_t(const at::Tensor& x, const c10::List<std::optional<at
         rms_norm(X1 + m * d, w.ffn_norm, epsf, d, XN + m * d);
       }
 #pragma omp barrier
+      // Gate tile i and up tile i, then silu(gate) * up over their outputs, by the same thread (no barrier and no
+      // cross-core copy in between), 16 values of a row at a time (`silu16`): every value takes the same path at
+      // any row count.
       share(w.gate_up_tiles, tid, n, b0, b1);
-      linear_tiles(w.gate_up, XN, M, d, b0, b1);
-#pragma omp barrier
-      // silu(gate) * up, 16 values of a row at a time (`silu16`): every value takes the same path at any row count.
-      share(M * chunks16(w.F), tid, n, b0, b1);
       for (int64_t i = b0; i < b1; ++i) {
-        const int64_t m = i / chunks16(w.F), c = i % chunks16(w.F) * 16;
-        silu16(G + m * w.F + c, U + m * w.F + c, std::min<int64_t>(16, w.F - c));
+        part_tile(w.gate_up[0], XN, M, d, i);
+        part_tile(w.gate_up[1], XN, M, d, i);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t c = i * TILE * PANEL; c < std::min(w.F, (i + 1) * TILE * PANEL); c += 16)
+            silu16(G + m * w.F + c, U + m * w.F + c, std::min<int64_t>(16, w.F - c));
       }
 #pragma omp barrier
       share(w.down_tiles, tid, n, b0, b1);
