@@ -92,7 +92,7 @@ class FullModel(nn.Module):
     def setup_caches(self, batch: int, dtype: torch.dtype | None = None) -> None:
         p = self.tok_embeddings.weight
         if p.device.type == "cpu":
-            kernels.load()  # decoding's CPU kernels (`layers.Block`, `Linear.decode`), built on first use
+            kernels.load()  # decoding's CPU kernels (`model.run_blocks`, `Linear.decode`), built on first use
         self.caches = nn.ModuleList(
             KVCache(batch, self.cfg.max_seq_len, self.cfg.n_kv_head, self.cfg.head_dim, dtype or p.dtype, p.device)
             for _ in self.layers

@@ -39,7 +39,7 @@ class RecyclableModule(nn.Module):
     def setup_caches(self, batch: int, dtype: torch.dtype | None = None) -> None:
         p = self.fc.weight
         if p.device.type == "cpu":
-            kernels.load()  # decoding's CPU kernels (`layers.Block`, `Linear.decode`), built on first use
+            kernels.load()  # decoding's CPU kernels (`model.run_blocks`, `Linear.decode`), built on first use
         mc = self.model_cfg
         self.caches = nn.ModuleList(
             KVCache(batch, mc.max_seq_len, mc.n_kv_head, mc.head_dim, dtype or p.dtype, p.device)

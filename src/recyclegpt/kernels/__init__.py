@@ -184,7 +184,7 @@ def _stack_args(layers: Sequence[torch.nn.Module]) -> tuple[list, list, list, li
         attn_norms.append(getattr(block.attention_norm, "weight", None))
         ffn_norms.append(block.ffn_norm.weight)
         linears = [a.wq, a.wk, a.wv, a.wo, f.w1, f.w3, f.w2]
-        packs = [pack(lin.weight) if compiling else packed(lin) for lin in linears]
+        packs = [packed(lin) for lin in linears]  # compiling: the pack expressions themselves
         attn += packs[:4]
         ffn += packs[4:]
         qkv_bias += [a.wq.bias, a.wk.bias, a.wv.bias]

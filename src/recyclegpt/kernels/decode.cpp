@@ -110,6 +110,7 @@ struct Part {
 };
 
 int64_t panels_of(int64_t N) { return (N + PANEL - 1) / PANEL; }
+int64_t tiles_of(int64_t N) { return (panels_of(N) + TILE - 1) / TILE; }  // of TILE panels, the last maybe fewer
 
 // Numbers the parts' tiles one after the other; returns the total.
 template <typename W>
@@ -117,7 +118,7 @@ int64_t total_tiles(std::vector<Part<W>>& parts) {
   int64_t tiles = 0;
   for (Part<W>& part : parts) {
     part.first_tile = tiles;
-    tiles += (panels_of(part.N) + TILE - 1) / TILE;
+    tiles += tiles_of(part.N);
   }
   return tiles;
 }
@@ -430,7 +431,7 @@ at::Tensor decode_blocks_t(const at::Tensor& x, const c10::List<std::optional<at
     w.down = {{w2.data_ptr<T>(), nullptr, nullptr, d, 0}};
     w.qkv_tiles = total_tiles(w.qkv);
     w.wo_tiles = total_tiles(w.wo);
-    w.gate_up_tiles = (panels_of(F) + TILE - 1) / TILE;  // tiles of gate, each with its up tile
+    w.gate_up_tiles = tiles_of(F);  // tiles of gate, each with its up tile
     w.down_tiles = total_tiles(w.down);
     w.F = F;
     w.k_cache = k_caches[l].data_ptr<T>();
@@ -468,12 +469,11 @@ at::Tensor decode_blocks_t(const at::Tensor& x, const c10::List<std::optional<at
   const float scale = 1.f / std::sqrt(static_cast<float>(D)), epsf = static_cast<float>(eps);
   const int64_t bias_rows = bias.size(0) == 1 ? 0 : T_ * S;  // a [1, 1, T, S] bias is shared by every row
 
-  std::vector<std::vector<const float*>> head_q(nt), head_bias(nt);  // per thread: `attend`'s heads
-  std::vector<std::vector<float*>> head_out(nt);
-  for (int i = 0; i < nt; ++i) head_q[i].reserve(T_ * rep), head_bias[i].reserve(T_ * rep), head_out[i].reserve(T_ * rep);
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+    std::vector<const float*> qs(T_ * rep), bs(T_ * rep);  // `attend`'s heads: queries, bias rows, outputs
+    std::vector<float*> os(T_ * rep);
     int64_t b0, b1;
     share(M, tid, n, b0, b1);
     for (int64_t m = b0; m < b1; ++m) {
@@ -510,16 +510,12 @@ at::Tensor decode_blocks_t(const at::Tensor& x, const c10::List<std::optional<at
       share(Bt * Hkv, tid, n, b0, b1);
       for (int64_t i = b0; i < b1; ++i) {
         const int64_t b = i / Hkv, g = i % Hkv;
-        std::vector<const float*>& qs = head_q[tid];
-        std::vector<const float*>& bs = head_bias[tid];
-        std::vector<float*>& os = head_out[tid];
-        qs.clear(), bs.clear(), os.clear();
         for (int64_t t = 0; t < T_; ++t)
           for (int64_t r = 0; r < rep; ++r) {
             const int64_t at = ((b * T_ + t) * H + g * rep + r) * D;
-            qs.push_back(Q + at);
-            os.push_back(A + at);
-            bs.push_back(Bias + b * bias_rows + t * S);
+            qs[t * rep + r] = Q + at;
+            os[t * rep + r] = A + at;
+            bs[t * rep + r] = Bias + b * bias_rows + t * S;
           }
         attend(qs.data(), w.k_cache + (b * Hkv + g) * S * D, w.v_cache + (b * Hkv + g) * S * D, bs.data(),
                T_ * rep, S, D, scale, Scores + tid * 5 * S16, os.data());
@@ -553,14 +549,12 @@ at::Tensor decode_blocks_t(const at::Tensor& x, const c10::List<std::optional<at
       // between two separate block calls; then the next block's input norm of the same rows.
       share(M, tid, n, b0, b1);
       for (int64_t m = b0; m < b1; ++m) {
-        for (int64_t i = m * d; i < (m + 1) * d; ++i) {
-          const T y = from_f<T>(O[i] + X1[i]);
-          X[i] = to_f(y);
-          Out[i] = y;
-        }
+        for (int64_t i = m * d; i < (m + 1) * d; ++i) X[i] = to_f(from_f<T>(O[i] + X1[i]));
         if (l + 1 < L) rms_norm(X + m * d, blocks[l + 1].attn_norm, epsf, d, XN + m * d);
       }
     }
+    // The last block's output, from the rows this thread just wrote (X holds values exact in T).
+    for (int64_t i = b0 * d; i < b1 * d; ++i) Out[i] = from_f<T>(X[i]);
   }
   return out;
 }
