@@ -175,7 +175,7 @@ def run_stream(engine, stream: Sequence[Request], config_for: Callable[[int], An
     sync()
     wall = time.perf_counter() - t0
     after = asdict(engine.stats)
-    delta = {key: after[key] - before[key] for key in after}
+    delta = {key: after[key] - before[key] for key in after if not isinstance(after[key], dict)}
     return StreamRun(outputs, wall, delta["steps"], busy, rounds, produced, delta["module_passes"],
                      delta["prefill_passes"], delta["prefill_s"], delta["decode_s"])
 

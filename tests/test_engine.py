@@ -47,12 +47,13 @@ def assert_caches_match_fresh_prefill(model, module, engine):
         ref_model.setup_caches(1)
         pos = torch.arange(n)[None]
         _, h = ref_model(torch.tensor([seq[:-1]]), pos, logits=False)
-        pairs = [(cache_prefix(model, b, n), cache_prefix(ref_model, 0, n))]
+        row = engine.row(b)
+        pairs = [(cache_prefix(model, row, n), cache_prefix(ref_model, 0, n))]
         if module is not None and engine.request(b).uses_module:
             ref_module = copy.deepcopy(module)
             ref_module.setup_caches(1)
             ref_module(ref_model, torch.tensor([seq[1:]]), h, pos, logits=False)
-            pairs.append((cache_prefix(module, b, n), cache_prefix(ref_module, 0, n)))
+            pairs.append((cache_prefix(module, row, n), cache_prefix(ref_module, 0, n)))
         for got, ref in pairs:
             for (gk, gv), (rk, rv) in zip(got, ref, strict=True):
                 torch.testing.assert_close(gk, rk, atol=1e-5, rtol=1e-4)
@@ -63,16 +64,19 @@ KINDS = [dict(mode="ar"), dict(mode="recycle"), dict(mode="verify", k=3), dict(m
          dict(mode="verify", k=2, drafter="hybrid", ngram_k=4)]
 
 
+@pytest.mark.parametrize("batches", [None, (1, 2)], ids=["all-slots", "ladder"])
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("kind", KINDS, ids=lambda kw: "-".join(map(str, kw.values())))
-def test_requests_joining_and_leaving_equal_their_solo_runs(pair, kind, compile, request):
+def test_requests_joining_and_leaving_equal_their_solo_runs(pair, kind, compile, batches, request):
     """Slots admitted mid-run at different positions and others released early: every request's tokens
-    equal its run alone (for the lossless modes: `ar`), and caches equal a fresh prefill after each step."""
+    equal its run alone (for the lossless modes: `ar`), and caches equal a fresh prefill after each step.
+    With a batch ladder, rounds run over 1, 2 or 3 rows as requests come and go, and a leaving request's
+    row is taken by the last busy one (its caches moved): nothing of that shows in any request's tokens."""
     if compile:
         request.getfixturevalue("light_backend")
     model, module = pair
     budgets = [14, 6, 20, 9, 12]
-    engine = Engine(model, module, 3, compile=compile)
+    engine = Engine(model, module, 3, compile=compile, batches=batches)
     queue = list(range(len(PROMPTS)))
     got: dict[int, list[int]] = {}
     owner: dict[int, int] = {}
@@ -99,6 +103,7 @@ def test_requests_joining_and_leaving_equal_their_solo_runs(pair, kind, compile,
     for r, prompt in enumerate(PROMPTS):
         ref = alone(model, module, prompt, max_new_tokens=budgets[r], **(dict(mode="ar") if lossless else kind))
         assert got[r] == ref, r
+    assert sorted(engine.stats.batches) == ([1, 2, 3] if batches else [3])
 
 
 def test_ar_and_verify_rows_share_a_batch_with_different_k(pair):
@@ -152,9 +157,10 @@ def test_greedy_and_sampled_rows_in_one_batch(tiny_vocab, compile, request):
     assert engine.request(R + 2).generated == alone(model, module, SPROMPT, mode="recycle", max_new_tokens=3)
 
 
+@pytest.mark.parametrize("batches", [None, (1, 2)], ids=["all-slots", "ladder"])
 @pytest.mark.parametrize("top_p", [0.9, 1.0])  # 1.0: alone it runs the graph without the top-k/top-p sort
 @pytest.mark.parametrize("compile", [False, True])
-def test_a_seeded_request_gives_the_same_text_alone_and_in_a_busy_batch(pair, compile, top_p, request):
+def test_a_seeded_request_gives_the_same_text_alone_and_in_a_busy_batch(pair, compile, top_p, batches, request):
     if compile:
         request.getfixturevalue("light_backend")
     model, module = pair
@@ -163,7 +169,7 @@ def test_a_seeded_request_gives_the_same_text_alone_and_in_a_busy_batch(pair, co
     solo.admit(0, PROMPTS[0], mine)
     while solo.decoding():
         solo.step()
-    busy = Engine(model, module, 4, compile=compile)
+    busy = Engine(model, module, 4, compile=compile, batches=batches)
     busy.admit(0, PROMPTS[2], GenerationConfig(mode="verify", k=3, temperature=1.0, max_new_tokens=30))
     busy.admit(1, PROMPTS[1], GenerationConfig(mode="ar", max_new_tokens=5))
     busy.step()
@@ -171,7 +177,12 @@ def test_a_seeded_request_gives_the_same_text_alone_and_in_a_busy_batch(pair, co
     busy.admit(2, PROMPTS[3], GenerationConfig(mode="verify", k=2, temperature=1.3, top_k=3, max_new_tokens=25))
     while busy.decoding():
         busy.step()
+        for slot in (0, 1, 2):  # the others leave as they finish: with a ladder, mine moves rows and batches
+            if busy._slots[slot] is not None and busy.request(slot).finish is not None:
+                busy.release(slot)
     assert busy.request(3).generated == solo.request(0).generated
+    if batches:
+        assert len(busy.stats.batches) > 1
     # no seed: fresh randomness every time
     free = GenerationConfig(mode="ar", temperature=1.0, max_new_tokens=20)
     assert alone(model, module, PROMPTS[0], **vars(free)) != alone(model, module, PROMPTS[0], **vars(free))
@@ -207,6 +218,41 @@ def test_admit_release_and_settings_compile_nothing_after_warm_up(pair, light_ba
             if engine._slots[slot] is not None:
                 engine.release(slot)
     assert counters["unique_graphs"] == before
+
+
+def test_a_batch_ladder_compiles_each_batch_once_and_uses_the_smallest_compiled(pair, light_backend):
+    """Rounds run at the smallest batch that holds the busy slots and has a graph; a batch without one is
+    skipped for a wider compiled one (nothing compiles mid-run), and warming a batch makes it used."""
+    model, module = pair
+    compiled.clear_cache(model, module)  # graphs of earlier tests would hide what this one compiles
+    engine = Engine(model, module, 4, compile=True, batches=(1, 2))
+    assert engine.batches == [1, 2, 4]
+    ar = GenerationConfig(mode="ar", max_new_tokens=30)
+    (shape,) = engine.shapes_for(ar)
+    engine.warm_up(shape)  # the widest only
+    counters = torch._dynamo.utils.counters["stats"]
+    before = counters["unique_graphs"]
+    engine.admit(0, PROMPTS[0], ar)
+    engine.step()
+    assert engine.last_batch == 4 and counters["unique_graphs"] == before
+    engine.warm_up(shape, 1)
+    assert counters["unique_graphs"] == before + 1
+    engine.step()
+    assert engine.last_batch == 1
+    engine.admit(1, PROMPTS[1], ar)
+    engine.step()
+    assert engine.last_batch == 4  # two busy: batch 2 has no graph
+    assert engine.compiled_batches() == {"ar": [1, 4]}
+    with pytest.raises(RecycleError, match="not one of this engine's batches"):
+        engine.warm_up(shape, 3)
+
+
+def test_batch_ladders_are_checked(pair):
+    model, module = pair
+    assert Engine(model, module, 8, batches=(4, 1, 2)).batches == [1, 2, 4, 8]
+    for bad in ((0, 2), (9,), ("a",), (1.5,), (True,)):
+        with pytest.raises(RecycleError, match="batches must be integers in 1..8"):
+            Engine(model, module, 8, batches=bad)
 
 
 # ------------------------------------------------------------------ bad input

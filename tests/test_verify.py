@@ -193,7 +193,8 @@ def _assert_caches_match_fresh_prefill(model, module, engine):
     for b in engine.decoding():
         seq = engine.request(b).ctx  # x_0..x_n, the last one pending
         n = len(seq) - 1
-        got_full, got_mod = cache_prefix(model, b, n), cache_prefix(module, b, n)
+        row = engine.row(b)
+        got_full, got_mod = cache_prefix(model, row, n), cache_prefix(module, row, n)
         ref_model, ref_module = copy.deepcopy(model), copy.deepcopy(module)
         ref_model.setup_caches(1)
         ref_module.setup_caches(1)

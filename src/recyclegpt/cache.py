@@ -27,6 +27,20 @@ class KVCache(nn.Module):
         self.v_cache[self.rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
         return self.k_cache, self.v_cache
 
+    def first_rows(self, batch: int) -> KVCache:
+        """A cache over this one's first `batch` rows: its tensors are views, so what a pass over the
+        view writes lands in these rows (a round over fewer rows than the cache holds)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        for name in ("k_cache", "v_cache", "rows"):
+            view.register_buffer(name, getattr(self, name)[:batch], persistent=False)
+        return view
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Row src's entries at positions < length into row dst (the rest of dst is junk afterwards)."""
+        for buf in (self.k_cache, self.v_cache):
+            buf[dst, :, :length] = buf[src, :, :length]
+
     def copy_slots(self, src: Tensor, dst: Tensor) -> None:
         """Row b's entries at slots src[b] to slots dst[b] (both [B, T]); every source is read before
         any destination is written."""

@@ -503,7 +503,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "serve", help="an OpenAI-compatible HTTP server with continuous batching",
         description="Serve a checkpoint over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models; "
         "streaming by server-sent events), plus /health and /metrics (Prometheus). One engine thread decodes "
-        "every request in a batch of --slots; requests join and leave between rounds. Needs the serve extra: "
+        "up to --slots requests together; requests join and leave between rounds, and each round runs over the "
+        "smallest of --batches that holds the requests in flight. Needs the serve extra: "
         "pip install -e \".[serve]\".")
     p.add_argument("ckpt", help="checkpoint directory (or a `recyclegpt train` run directory)")
     p.add_argument("--host", type=A.text, default="127.0.0.1",
@@ -513,6 +514,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="the model id clients send (default: the checkpoint's name)")
     p.add_argument("--slots", type=A.number(int, 1, 4096), default=8,
                    help="requests decoded together in one batch, 1 to 4096 (default 8)")
+    p.add_argument("--batches", type=A.batch_sizes, default=None, metavar="B,B,...",
+                   help="the batch sizes a round may run at, each with its own compiled graphs (default: powers "
+                   "of two below --slots, then --slots: 1,2,4,8). A round runs at the smallest that holds the "
+                   "requests in flight; --slots is always one")
     p.add_argument("--max-k", type=A.draft_k, default=3,
                    help="most drafts per round a request may ask for (`k`); every verify round is this wide "
                    "(default 3)")
@@ -559,10 +564,12 @@ def run_serve(a: argparse.Namespace) -> int:
                                f"{most} nodes; raise --max-k or --tree-topk")
     if a.request_timeout <= 0:
         raise RecycleError(f"--request-timeout must be > 0, got {a.request_timeout}")
+    if a.batches is not None and max(a.batches) > a.slots:
+        raise RecycleError(f"--batches {','.join(map(str, a.batches))}: each must be at most --slots {a.slots}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_threads()
     run_server(a.ckpt, a.host, a.port, device=a.device, dtype=a.dtype, model_name=a.model_name, slots=a.slots,
-               compile=a.compile, width=a.max_k, default_k=a.k, tree=a.tree, tree_topk=a.tree_topk,
+               batches=a.batches, compile=a.compile, width=a.max_k, default_k=a.k, tree=a.tree, tree_topk=a.tree_topk,
                api_key=a.api_key or os.environ.get("RECYCLEGPT_API_KEY") or None, max_queue=a.max_queue,
                max_body_bytes=a.max_body_bytes, max_tokens_limit=a.max_tokens_limit,
                request_timeout_s=a.request_timeout)

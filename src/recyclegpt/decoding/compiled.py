@@ -98,16 +98,22 @@ def inductor_options(batch: int, model: FullModel) -> dict:
     return opts
 
 
-def stable_caches(net: torch.nn.Module, batch: int, dtype: torch.dtype) -> None:
+def stable_caches(net: torch.nn.Module, batch: int, dtype: torch.dtype, rows: int | None = None) -> None:
     """Install net's KV caches for (batch, dtype), made once and kept: compiled graphs hold the cache
     tensors they were traced with (frozen graphs treat module tensors as fixed), so decoding must find
-    the very same tensors every time, even after another batch size used the model."""
+    the very same tensors every time, even after another batch size used the model. rows < batch: views
+    of the set's first `rows` rows (a round over fewer rows than the engine has slots), kept the same way."""
     sets = net.__dict__.setdefault("_recyclegpt_cache_sets", {})
     caches = sets.get((batch, dtype))
     if caches is None:
         net.setup_caches(batch, dtype)
-        sets[(batch, dtype)] = net.caches
-    elif net.caches is not caches:
+        caches = sets[(batch, dtype)] = net.caches
+    if rows is not None and rows != batch:
+        views = sets.get((batch, dtype, rows))
+        if views is None:
+            views = sets[(batch, dtype, rows)] = torch.nn.ModuleList(c.first_rows(rows) for c in caches)
+        caches = views
+    if net.caches is not caches:
         net.caches = caches
 
 
@@ -205,6 +211,16 @@ def compile_pass(fn: Callable, model: FullModel, batch: int = 1, label: str | No
 
 def shape_label(shape: RoundShape, batch: int, dtype: torch.dtype) -> str:
     """How COMPILE_STATS names a graph, e.g. 'verify k=3 B=1 bfloat16' or 'ar B=8 float32 sampled'."""
+    kind, sampling = _round_kind(shape)
+    return f"{kind} B={batch} {str(dtype).removeprefix('torch.')}{sampling}"
+
+
+def round_kind(shape: RoundShape) -> str:
+    """A round shape in words, e.g. 'verify k=3' or 'ar sampled'."""
+    return "".join(_round_kind(shape))
+
+
+def _round_kind(shape: RoundShape) -> tuple[str, str]:
     if shape.tree:
         kind = f"verify tree {shape.width} depth={shape.depth} top-k={shape.topk}"
     elif shape.width == 0:
@@ -213,8 +229,7 @@ def shape_label(shape: RoundShape, batch: int, dtype: torch.dtype) -> str:
         kind = f"verify k={shape.width}"
     else:
         kind = f"verify width={shape.width} chain={shape.chain}"
-    sampling = (" sampled" if shape.sampled else "") + (" top-k/top-p" if shape.filtered else "")
-    return f"{kind} B={batch} {str(dtype).removeprefix('torch.')}{sampling}"
+    return kind, (" sampled" if shape.sampled else "") + (" top-k/top-p" if shape.filtered else "")
 
 
 def clear_cache(model: FullModel, module: RecyclableModule | None = None) -> None:

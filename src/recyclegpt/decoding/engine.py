@@ -2,7 +2,7 @@
 
     engine = Engine(model, module, slots=8, compile=True, tokenizer=tok)
     out = engine.admit(slot, prompt_ids, GenerationConfig(...))   # prefill; out.tokens = [first token]
-    outs = engine.step()          # one full-model pass over every slot: outs[b] = SlotOutput | None
+    outs = engine.step()          # one full-model pass over the busy slots: outs[slot] = SlotOutput | None
     engine.release(slot)          # the slot is free for the next request
 
 A step's data flow:
@@ -14,9 +14,16 @@ A step's data flow:
 
 Slot state lives on the device (`rounds.SlotState`: pending token, position, the module's next-draft
 logits and state) and per-slot settings in per-slot tensors (temperature, top-k, top-p), so one
-graph per round shape serves every mix of requests. Idle slots (free, or finished and not yet
-released) sit at the junk position (`rounds`) with no drafts: they cost the padding they occupy.
-Admitting prefills only the new slot's cache rows; the others keep theirs.
+graph per round shape serves every mix of requests.
+
+Slots are the caller's names for requests; rows are where they live in the caches and the state. The
+busy slots (decoding, or finished and not yet released) hold the first rows, and a round runs over
+the smallest batch of the engine's ladder (`batches`, e.g. 1, 2, 4, 8) that holds them, so a lone
+request does not pay for the slots nobody uses. When a request leaves, the last busy row moves into
+its place (its cache entries and state: rows compute independently, so a row's tokens do not depend
+on where it sits or which batch it runs in). Rows in a batch past the busy ones sit at the junk
+position (`rounds`) with no drafts: they cost the padding they occupy. Admitting prefills only the
+new slot's cache rows; the others keep theirs.
 """
 
 from __future__ import annotations
@@ -91,6 +98,7 @@ class EngineStats:
     prefill_passes: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    batches: dict[int, int] = field(default_factory=dict)  # rounds per batch size
 
 
 @dataclass
@@ -174,9 +182,12 @@ class Engine:
     """
 
     def __init__(self, model: FullModel, module: RecyclableModule | None, slots: int, compile: bool = False,
-                 tokenizer: Decodes | None = None, stop_fn: StopFn | None = None, width: int | None = None):
+                 tokenizer: Decodes | None = None, stop_fn: StopFn | None = None, width: int | None = None,
+                 batches: Sequence[int] | None = None):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise RecycleError(f"slots must be an integer >= 1, got {slots!r}")
+        # The batch sizes a round may run at; the busy slots fill the first rows (see the module docstring).
+        self.batches = check_batches(batches, slots)
         if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
             raise RecycleError(f"width must be an integer >= 1 or None, got {width!r}")
         # width None: a round is as wide as its widest request needs (a graph per width seen);
@@ -195,10 +206,12 @@ class Engine:
         # another batch size in between leaves this one's intact (two live engines of one batch size on one
         # model would share a set: don't).
         self._nets = [net for net in (model, module) if net is not None]
+        self._caches: dict[int, list[torch.nn.ModuleList]] = {}  # per batch: each net's caches over its first rows
         with torch.no_grad():
-            for net in self._nets:
-                compiled.stable_caches(net, slots, self.dtype)
-        self._caches = [net.caches for net in self._nets]
+            for b in self.batches:
+                for net in self._nets:
+                    compiled.stable_caches(net, slots, self.dtype, rows=b)
+                self._caches[b] = [net.caches for net in self._nets]
         B, V, dev = slots, self.vocab_size, self.device
         width = model.cfg.dim if module is not None else 0
         with torch.inference_mode():  # like every tensor a round makes: graphs then see one kind of input
@@ -211,6 +224,10 @@ class Engine:
             self.top_p = torch.ones(B, device=dev)
         self._noise: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
         self._slots: list[Request | None] = [None] * B
+        self._row_of: dict[int, int] = {}  # busy slot -> its row; the rows are 0..len-1
+        self._slot_at: list[int | None] = [None] * B  # row -> the slot in it
+        self._compiled: set[tuple[RoundShape, int]] = set()  # (shape, batch) graphs that have run
+        self.last_batch = 0  # the rows the latest round ran over
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ slots
@@ -233,18 +250,45 @@ class Engine:
             raise RecycleError(f"slot must be an integer in 0..{self.slots - 1}, got {slot!r}")
         return slot
 
+    def row(self, slot: int) -> int:
+        """The cache row the request in `slot` sits in now (it changes when another request leaves)."""
+        self.request(slot)
+        return self._row_of[slot]
+
+    @property
+    def busy(self) -> int:
+        """Slots taken (decoding, or finished and not yet released): the rows a round must cover."""
+        return len(self._row_of)
+
     @torch.inference_mode()
     def release(self, slot: int) -> None:
-        """Free a slot (finished or not): its request is dropped and the next admit may take it."""
+        """Free a slot (finished or not): its request is dropped and the next admit may take it. The last
+        busy row moves into the freed one, so the busy rows stay the first ones."""
         if self._slots[self._check_slot(slot)] is None:
             raise RecycleError(f"slot {slot} is already free")
         self._slots[slot] = None
-        self._idle([slot])
+        row, last = self._row_of.pop(slot), len(self._row_of)
+        if row != last:
+            moved = self._slot_at[last]
+            self._move_row(last, row, cache=self._slots[moved].finish is None)
+            self._slot_at[row], self._row_of[moved] = moved, row
+        self._slot_at[last] = None
+        self._idle([last])
 
-    def _idle(self, slots: list[int]) -> None:
-        rows = torch.tensor(slots, device=self.device)
-        self.state.n[rows] = self.junk
-        self.temperature[rows] = 0.0
+    def _move_row(self, src: int, dst: int, cache: bool) -> None:
+        """Row src's state, settings and (cache: it still decodes) cache entries into row dst."""
+        if cache:
+            length = int(self.state.n[src])  # both nets' true entries sit at positions < n (`rounds`)
+            for caches in self._caches[self.slots]:
+                for c in caches:
+                    c.move_row(src, dst, length)
+        for t in (*self.state, self.temperature, self.top_k, self.top_p):
+            t[dst] = t[src]
+
+    def _idle(self, rows: list[int]) -> None:
+        at = torch.tensor(rows, device=self.device)
+        self.state.n[at] = self.junk
+        self.temperature[at] = 0.0
 
     def admit(self, slot: int, prompt: Sequence[int], config: GenerationConfig | None = None) -> SlotOutput:
         """Start a request in a free slot: prefill its prompt and choose its first token."""
@@ -254,7 +298,6 @@ class Engine:
     def admit_many(self, requests: Sequence[tuple[int, Sequence[int], GenerationConfig]]) -> list[SlotOutput]:
         """Admit several requests at once; their prompts are prefilled in groups of similar length.
         Everything is checked before anything changes: a bad request raises and admits none."""
-        self._install_caches()
         new: list[tuple[int, Request]] = []
         taken = set()
         for slot, prompt, cfg in requests:
@@ -268,6 +311,8 @@ class Engine:
                 self._warm(s)
         for slot, s in new:
             self._slots[slot] = s
+            row = self._row_of[slot] = len(self._row_of)
+            self._slot_at[row] = slot
         started = [(slot, s) for slot, s in new if s.budget > 0]
         outputs = {slot: SlotOutput([], "length") for slot, s in new if s.budget == 0}
         for _, s in new:
@@ -275,7 +320,7 @@ class Engine:
                 s.finish = "length"
         if started:
             outputs.update(self._prefill(started))
-        done = [slot for slot, s in new if s.finish is not None]
+        done = [self._row_of[slot] for slot, s in new if s.finish is not None]
         if done:
             self._idle(done)
         return [outputs[slot] for slot, _ in new]
@@ -328,12 +373,13 @@ class Engine:
 
     def _prefill(self, started: list[tuple[int, Request]]) -> dict[int, SlotOutput]:
         t0 = time.perf_counter()
-        slots = [slot for slot, _ in started]
-        for slot, s in started:
+        self._install_caches()  # every row (compiling a round may have left a smaller batch's views)
+        slots = [self._row_of[slot] for slot, _ in started]  # their rows
+        for row, (_, s) in zip(slots, started, strict=True):
             # float(): a Python int beyond int64 (temperature=2**63 is in range) would overflow the assignment
-            self.temperature[slot] = float(s.cfg.temperature)
-            self.top_k[slot] = s.cfg.top_k
-            self.top_p[slot] = float(s.cfg.top_p)
+            self.temperature[row] = float(s.cfg.temperature)
+            self.top_k[row] = s.cfg.top_k
+            self.top_p[row] = float(s.cfg.top_p)
         module = self.module if any(s.uses_module for _, s in started) else None
         first, g, mlogits, passes = prefill(self.model, module, [s.prompt for _, s in started], slots,
                                             self._choose_first)
@@ -348,29 +394,52 @@ class Engine:
         self.stats.prefill_s += time.perf_counter() - t0
         return out
 
-    def _choose_first(self, slot: int, logits: Tensor) -> Tensor:
-        """The first new token of the request in `slot` from its prefill's logits [1, V]."""
-        s = self._slots[slot]
+    def _choose_first(self, row: int, logits: Tensor) -> Tensor:
+        """The first new token of the request in `row` from its prefill's logits [1, V]."""
+        s = self._slots[self._slot_at[row]]
         noise = torch.ones_like(logits, dtype=torch.float32)
         if s.sampled:
             noise[0].exponential_(generator=s.generator)
-        at = slice(slot, slot + 1)
+        at = slice(row, row + 1)
         tok, _ = pick(logits, s.sampled, self.temperature[at], self.top_k[at], self.top_p[at], noise)
         return tok
 
     # ------------------------------------------------------------------ rounds
-    def _install_caches(self) -> None:
-        for net, caches in zip(self._nets, self._caches, strict=True):
+    def _install_caches(self, batch: int | None = None) -> None:
+        """Put the engine's caches over the first `batch` rows (default: all) on its nets."""
+        for net, caches in zip(self._nets, self._caches[batch or self.slots], strict=True):
             if net.caches is not caches:
                 net.caches = caches
 
-    def _round_fn(self, shape: RoundShape):
+    def _round_fn(self, shape: RoundShape, batch: int):
+        """The round over the first `batch` rows (their caches installed)."""
+        self._install_caches(batch)
         if self.compile:
-            return compiled.compiled_round(self.model, self.module, shape, self.slots)
+            return compiled.compiled_round(self.model, self.module, shape, batch)
         return functools.partial(decode_round, self.model, self.module, shape)
 
-    def _buffers(self, shape: RoundShape) -> tuple[Tensor, Tensor, Tensor]:
-        """Noise buffers of a round shape, refilled per row from each request's own generator."""
+    def _batch(self, shape: RoundShape) -> int:
+        """The batch a round of `shape` runs at: the smallest of the ladder that holds the busy rows, or
+        (compiled) the smallest such whose graph is compiled already; none compiled: the smallest (it
+        compiles now)."""
+        fits = [b for b in self.batches if b >= len(self._row_of)]
+        if self.compile:
+            for b in fits:
+                if (shape, b) in self._compiled:
+                    return b
+        return fits[0]
+
+    def compiled_batches(self) -> dict[str, list[int]]:
+        """The batches each compiled round shape has a graph for, by `compiled.round_kind`. Safe to call
+        from another thread (a copy of the set is taken at once)."""
+        out: dict[str, list[int]] = {}
+        for shape, b in sorted(list(self._compiled), key=lambda x: x[1]):
+            out.setdefault(compiled.round_kind(shape), []).append(b)
+        return out
+
+    def _buffers(self, shape: RoundShape, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Noise buffers of a round shape over the first `batch` rows, refilled per row from each request's
+        own generator."""
         sizes = tree_noise_sizes(shape) if shape.tree else (shape.width, shape.width)
         bufs = self._noise.get(sizes)
         if bufs is None:
@@ -378,20 +447,22 @@ class Engine:
             with torch.inference_mode():
                 bufs = self._noise[sizes] = (torch.ones(B, sizes[0], V, device=dev),
                                              torch.zeros(B, sizes[1], device=dev), torch.ones(B, V, device=dev))
-        return bufs
+        return bufs if batch == self.slots else tuple(t[:batch] for t in bufs)
 
-    def _inputs(self, shape: RoundShape, plans: dict[int, _Plan]) -> RoundInputs:
-        B, dev, width = self.slots, self.device, shape.width
-        lens, force, host = [0] * B, [False] * B, [False] * B
-        drafts = [[0] * width for _ in range(B)]
-        for b, p in plans.items():
+    def _inputs(self, shape: RoundShape, plans: dict[int, _Plan], batch: int) -> RoundInputs:
+        """The round's inputs over the first `batch` rows; plans are by slot."""
+        dev, width = self.device, shape.width
+        lens, force, host = [0] * batch, [False] * batch, [False] * batch
+        drafts = [[0] * width for _ in range(batch)]
+        rows = {self._row_of[slot]: (slot, p) for slot, p in plans.items()}
+        for b, (_, p) in rows.items():
             lens[b], force[b] = p.lens, p.force
             if p.host is not None:
                 host[b] = True
                 drafts[b][:len(p.host)] = p.host
-        draft_noise, accept_noise, next_noise = self._buffers(shape)
-        for b, p in plans.items():
-            s = self._slots[b]
+        draft_noise, accept_noise, next_noise = self._buffers(shape, batch)
+        for b, (slot, p) in rows.items():
+            s = self._slots[slot]
             if not s.sampled:
                 continue
             # The row's draws depend on its own plan and the kind of round only, never on the batch.
@@ -406,7 +477,12 @@ class Engine:
             next_noise[b].exponential_(generator=s.generator)
         return RoundInputs(torch.tensor(lens, device=dev), torch.tensor(force, device=dev),
                            torch.tensor(host, device=dev), torch.tensor(drafts, dtype=torch.long, device=dev),
-                           self.temperature, self.top_k, self.top_p, draft_noise, accept_noise, next_noise)
+                           *self._rows((self.temperature, self.top_k, self.top_p), batch),
+                           draft_noise, accept_noise, next_noise)
+
+    def _rows(self, tensors: Sequence[Tensor], batch: int) -> list[Tensor]:
+        """Per-row tensors over the first `batch` rows (views)."""
+        return list(tensors) if batch == self.slots else [t[:batch] for t in tensors]
 
     def _shape(self, plans: dict[int, _Plan]) -> RoundShape:
         reqs = [self._slots[b] for b in plans]
@@ -434,23 +510,33 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[SlotOutput | None]:
-        """One round: exactly one full-model pass over all slots. Returns, per slot, what it produced
-        (None for slots not decoding)."""
+        """One round: exactly one full-model pass over the busy slots' rows (`_batch`). Returns, per slot,
+        what it produced (None for slots not decoding)."""
         active = self.decoding()
         if not active:
             raise RecycleError("no request is decoding: admit one first")
         t0 = time.perf_counter()
-        self._install_caches()
         plans = {b: self._slots[b].plan(b) for b in active}
         shape = self._shape(plans)
-        vals, self.state = self._round_fn(shape)(self.state, self._inputs(shape, plans))
+        batch = self._batch(shape)
+        state = SlotState(*self._rows(self.state, batch))
+        vals, state = self._round_fn(shape, batch)(state, self._inputs(shape, plans, batch))
+        if self.compile:
+            self._compiled.add((shape, batch))
+        if batch == self.slots:
+            self.state = state
+        else:
+            for full, part in zip(self.state, state, strict=True):
+                full[:batch] = part
         rows = vals.tolist()  # the round's one host sync
         self.stats.steps += 1
+        self.last_batch = batch
+        self.stats.batches[batch] = self.stats.batches.get(batch, 0) + 1
         self.stats.module_passes += shape.module_passes
         outputs: list[SlotOutput | None] = [None] * self.slots
         for b in active:
-            s, p = self._slots[b], plans[b]
-            a = rows[b][0]
+            s, p, row = self._slots[b], plans[b], rows[self._row_of[b]]
+            a = row[0]
             s.stats.rounds += 1
             if s.cfg.mode == "verify":
                 label = "module" if p.host is None else s.drafter_label
@@ -460,8 +546,8 @@ class Engine:
                 if p.lens:
                     s.stats.count_acceptance(p.lens, a)
                     s.trackers["module" if p.host is None else "host"].update(p.lens, a)
-            outputs[b] = self._emit(b, s, rows[b][1:a + 2])
-        done = [b for b in active if self._slots[b].finish is not None]
+            outputs[b] = self._emit(b, s, row[1:a + 2])
+        done = [self._row_of[b] for b in active if self._slots[b].finish is not None]
         if done:
             self._idle(done)
         self.stats.decode_s += time.perf_counter() - t0
@@ -511,23 +597,49 @@ class Engine:
         return [shape(0, 0, uses), shape(host_k, 0, uses)]
 
     def _warm(self, s: Request) -> None:
+        """Compile what the request's rounds need where no batch that could hold it has a graph yet."""
         for shape in self.shapes_for(s.cfg):
-            self.warm_up(shape)
+            if not any((shape, b) in self._compiled for b in self.batches if b >= len(self._row_of)):
+                self.warm_up(shape, self._batch(shape))
 
     @torch.inference_mode()
-    def warm_up(self, shape: RoundShape) -> float:
-        """Compile the graph of `shape` now (no-op when eager or already compiled); returns the seconds.
-        It runs with every slot idle: only the junk position is written, so running slots are unharmed."""
+    def warm_up(self, shape: RoundShape, batch: int | None = None) -> float:
+        """Compile the graph of `shape` over `batch` rows (default: all slots) now (no-op when eager or
+        already compiled); returns the seconds. It runs with every row idle: only the junk position is
+        written, so running slots are unharmed."""
         if not self.compile:
             return 0.0
-        self._install_caches()
-        fn = self._round_fn(shape)
+        batch = self.slots if batch is None else batch
+        if batch not in self.batches:
+            raise RecycleError(f"batch {batch} is not one of this engine's batches {self.batches}")
+        fn = self._round_fn(shape, batch)
+        self._compiled.add((shape, batch))
         if not fn.first:
             return 0.0
         t0 = time.perf_counter()
-        idle = self.state._replace(n=torch.full_like(self.state.n, self.junk))
-        fn(idle, self._inputs(shape, {}))  # no plans: no drafts, nothing drawn
+        state = SlotState(*self._rows(self.state, batch))
+        idle = state._replace(n=torch.full_like(state.n, self.junk))
+        fn(idle, self._inputs(shape, {}, batch))  # no plans: no drafts, nothing drawn
         return time.perf_counter() - t0
+
+
+def check_batches(batches: Sequence[int] | None, slots: int) -> list[int]:
+    """An engine's batch ladder, sorted, always ending at `slots` (None: `slots` alone)."""
+    if batches is None:
+        return [slots]
+    try:
+        out = sorted({int(b) for b in batches} | {slots})
+        bad = any(isinstance(b, bool) or int(b) != b for b in batches)
+    except (TypeError, ValueError):
+        out, bad = [], True
+    if bad or out[0] < 1 or out[-1] > slots:
+        raise RecycleError(f"batches must be integers in 1..{slots} (the slots), got {batches!r}")
+    return out
+
+
+def ladder(slots: int) -> list[int]:
+    """The default batch ladder of an engine with `slots` slots: powers of two below it, then `slots`."""
+    return sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots})
 
 
 def seed_for_row(seed: int | None, row: int) -> int | None:

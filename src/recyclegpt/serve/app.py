@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 
 from ..decoding import GenerationConfig
-from ..decoding.engine import row_configs
+from ..decoding.engine import ladder, row_configs
 from ..decoding.limits import InvalidSetting
 from ..errors import RecycleError
 from .metrics import Metrics
@@ -59,6 +59,7 @@ class ServeOptions:
 
     model_name: str = "recyclegpt"
     slots: int = 8
+    batches: list[int] | None = None  # the batch ladder a round picks from (None: powers of two up to slots)
     compile: bool = True
     width: int = 3  # most drafts a request may ask for (k); every verify round is this wide
     default_k: int = 3
@@ -319,7 +320,7 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
 
     def make_worker(queue: JobQueue) -> Worker:
         return Worker(bundle.model, bundle.module, tokenizer, opts.slots, opts.compile, opts.width, queue, metrics,
-                      tree=(opts.tree, opts.tree_topk))
+                      tree=(opts.tree, opts.tree_topk), batches=opts.batches or ladder(opts.slots))
 
     engine = Supervisor(make_worker, JobQueue(opts.max_queue), metrics)
     metrics.watch(engine)
@@ -357,8 +358,13 @@ def _add_operations_routes(app: FastAPI, engine: Supervisor, metrics: Metrics) -
         body: dict[str, Any] = {"status": state, "restarts": engine.restarts}
         if engine.last_error is not None:
             body["last_error"] = engine.last_error
+        worker = engine.worker
+        if worker.engine.compile:
+            body["compiled"] = worker.engine.compiled_batches()  # round kind -> the batches it has graphs for
+        if worker.later:
+            body["compiling_when_idle"] = len(worker.later)
         if state == "ok":
-            body["warmup_s"] = round(engine.worker.warmup_s, 1)
+            body["warmup_s"] = round(worker.warmup_s, 1)
             return JSONResponse(body)
         body["detail"] = {"warming up": "compiling the decoding graphs",
                           "degraded": "the decoding engine failed and is restarting; requests wait in the queue",

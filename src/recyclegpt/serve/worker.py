@@ -10,9 +10,15 @@
 
 Continuous batching: between two engine steps the thread admits queued requests into free slots
 (prefilling only their rows) and releases finished or cancelled ones, so a request never waits for
-another to finish. Text leaves the thread already detokenized (incrementally) and cut at stop
-strings: `Job` holds back the last len(longest stop) - 1 characters until it knows they are not the
-start of a stop string.
+another to finish. Each round runs over the smallest batch of the engine's ladder (1, 2, 4, ... up
+to the slots) that holds the busy slots and has a compiled graph: the thread compiles the greedy
+graphs of every batch and the sampled ones of the widest before it reports ready, and the sampled
+ones of the smaller batches later, one at a time, whenever it has been idle for IDLE_COMPILE_S (a
+request arriving then waits for that one graph).
+
+Text leaves the thread already detokenized (incrementally) and cut at stop strings: `Job` holds
+back the last len(longest stop) - 1 characters until it knows they are not the start of a stop
+string.
 
 Failures stay with the requests they touch: a request the engine refuses at admission fails alone
 (400), a failed prefill or round fails the requests in it (500), and the thread goes on serving.
@@ -33,13 +39,16 @@ from typing import Protocol
 
 import torch
 
-from ..decoding import Engine, GenerationConfig, SlotOutput
+from ..decoding import Engine, GenerationConfig, SlotOutput, compiled
 from ..decoding.engine import SlotStats
+from ..decoding.rounds import RoundShape
 from ..decoding.stops import trim_at_stop
 from ..errors import RecycleError
 from ..tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
+
+IDLE_COMPILE_S = 1.0  # with nothing to decode for this long, the engine thread compiles a graph still missing
 
 
 class QueueFull(RecycleError):
@@ -117,7 +126,7 @@ class Job:
 class WorkerMetrics(Protocol):
     """What the engine thread reports (the server's Prometheus metrics implement it)."""
 
-    def step(self, seconds: float, rows: int) -> None: ...
+    def step(self, seconds: float, rows: int, batch: int) -> None: ...
 
     def finished(self, job: Job, stats: SlotStats) -> None: ...
 
@@ -169,10 +178,13 @@ class Worker(threading.Thread):
     held (`crashed`); the `Supervisor` then starts a fresh one on the same queue."""
 
     def __init__(self, model, module, tokenizer: Tokenizer, slots: int, compile: bool, width: int,
-                 queue: JobQueue, metrics: WorkerMetrics | None = None, tree: tuple[int, int] = (0, 2)):
+                 queue: JobQueue, metrics: WorkerMetrics | None = None, tree: tuple[int, int] = (0, 2),
+                 batches: Sequence[int] | None = None):
         super().__init__(name="recyclegpt-engine", daemon=True)
         self.tree = tree  # (nodes, top-k) of verify requests' draft trees; nodes 0: chains
-        self.engine = Engine(model, module, slots, compile=compile, tokenizer=tokenizer, width=width)
+        self.engine = Engine(model, module, slots, compile=compile, tokenizer=tokenizer, width=width,
+                             batches=batches)
+        self.later: list[tuple[RoundShape, int]] = []  # graphs compiled when the thread is idle
         self.compile, self.queue, self.metrics = compile, queue, metrics
         self.ready = threading.Event()
         self.warmup_s = 0.0
@@ -203,8 +215,10 @@ class Worker(threading.Thread):
                     self._admit()
                     self._drop_cancelled()
                     if not self.engine.decoding():
-                        self.queue.wake.wait(0.5)
+                        woken = self.queue.wake.wait(IDLE_COMPILE_S if self.later else 0.5)
                         self.queue.wake.clear()
+                        if not woken and self.later and not self.queue and not self._stopping.is_set():
+                            self._compile_one()
                         continue
                     self._step()
         except BaseException as e:  # noqa: B036 -- whatever ends the thread is reported, then the supervisor restarts it
@@ -216,6 +230,9 @@ class Worker(threading.Thread):
             self._admitting = []
 
     def _warm_up(self) -> None:
+        """Compile before serving: the greedy graphs at every batch of the ladder and the sampled ones at
+        the widest (a sampled round then never waits for a compile); the sampled ones at the smaller
+        batches go to `later`."""
         if not self.compile:
             return
         t0 = time.perf_counter()
@@ -224,14 +241,24 @@ class Worker(threading.Thread):
         modes = ("ar", "verify", "recycle") if nodes else ("ar", "verify")  # recycle rows make chain rounds
         tree = dict(tree=nodes, tree_topk=topk) if nodes else {}
         sampling = ({}, dict(temperature=1.0), dict(temperature=1.0, top_p=0.9))  # greedy, sampled, filtered
-        shapes = {s for kw in sampling for mode in modes
-                  for s in e.shapes_for(GenerationConfig(mode=mode, k=e.width, **kw,
-                                                         **(tree if mode == "verify" else {})))}
-        for shape in sorted(shapes, key=lambda s: (s.width, s.sampled)):
-            log.info("compiling the decoding round %s", shape)
-            e.warm_up(shape)
+        shapes = sorted({s for kw in sampling for mode in modes
+                         for s in e.shapes_for(GenerationConfig(mode=mode, k=e.width, **kw,
+                                                                **(tree if mode == "verify" else {})))},
+                        key=lambda s: (s.sampled, s.filtered, s.width))
+        widest = e.batches[-1]
+        now = [(s, b) for s in shapes if not s.sampled for b in e.batches]
+        now += [(s, widest) for s in shapes if s.sampled]
+        self.later = [(s, b) for s in shapes if s.sampled for b in e.batches[:-1]]
+        for shape, batch in now:
+            log.info("compiling the decoding round %s", compiled.shape_label(shape, batch, e.dtype))
+            e.warm_up(shape, batch)
         self.warmup_s = time.perf_counter() - t0
-        log.info("decoding graphs compiled in %.1f s", self.warmup_s)
+        log.info("decoding graphs compiled in %.1f s (%d more when idle)", self.warmup_s, len(self.later))
+
+    def _compile_one(self) -> None:
+        shape, batch = self.later.pop(0)
+        log.info("compiling the decoding round %s (idle)", compiled.shape_label(shape, batch, self.engine.dtype))
+        self.engine.warm_up(shape, batch)
 
     def _admit(self) -> None:
         free = self.engine.free_slots()
@@ -291,7 +318,7 @@ class Worker(threading.Thread):
                 job.fail(f"decoding failed: {describe(e)}")
                 self._release(slot)
             return
-        self._report("step", time.perf_counter() - t0, len(jobs))
+        self._report("step", time.perf_counter() - t0, len(jobs), self.engine.last_batch)
         for slot, job in jobs.items():
             if outs[slot] is not None:
                 self._deliver(slot, job, outs[slot])
