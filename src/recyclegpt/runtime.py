@@ -5,12 +5,16 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from .errors import RecycleError
+
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -132,6 +136,42 @@ def set_threads() -> None:
     """Use every core for intra-op work unless the user set OMP_NUM_THREADS."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
+
+
+def serial_here() -> int:
+    """Make this thread's torch ops serial (one intra-op thread) and return the count it had: for a thread
+    that hands the compute to another one, as the server's HTTP thread hands it to the engine thread.
+
+    Why: OpenMP (libgomp, which torch uses) gives each thread that runs a parallel op a team of worker
+    threads, kept for that thread's life, and when the teams' threads outnumber the cores it stops
+    spinning between parallel regions and puts its workers to sleep instead. A second team, even an idle
+    one, so makes every parallel region of the engine thread wait for sleeping workers to wake: on a
+    2-core Xeon an engine step took ~1.6x as long as on a thread alone (benchmarks/thread_teams.py).
+    A serial thread has no team."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
+def in_thread(fn: Callable[..., T], *args: Any, threads: int) -> T:
+    """fn(*args) on a short-lived thread with `threads` intra-op threads; its result, or its exception
+    raised here. The thread's OpenMP team goes when it ends (see `serial_here`)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        torch.set_num_threads(threads)
+        try:
+            out.append((True, fn(*args)))
+        except BaseException as e:  # noqa: B036 -- handed to the calling thread as is
+            out.append((False, e))
+
+    worker = threading.Thread(target=run, name="recyclegpt-compute")
+    worker.start()
+    worker.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

@@ -29,12 +29,15 @@ def run_server(ckpt: str, host: str, port: int, device: str = "auto", dtype: str
         raise RecycleError(f"recyclegpt serve needs the serve extra ({e.name} is missing): "
                            "pip install -e \".[serve]\"") from None
     from ..api import RecycleGPT
+    from ..runtime import in_thread, serial_here
 
     opts = ServeOptions(**options)
-
-    bundle = RecycleGPT.from_pretrained(ckpt, device=device, dtype=dtype)
+    # This (HTTP) thread stays serial and the compute runs on threads of its own: the engine thread, and a
+    # short-lived one for loading and --tree auto (`runtime.serial_here` says why).
+    opts.threads = serial_here()
+    bundle = in_thread(RecycleGPT.from_pretrained, ckpt, device, dtype, threads=opts.threads)
     if opts.tree == "auto":
-        choose_server_draft(bundle, opts)
+        in_thread(choose_server_draft, bundle, opts, threads=opts.threads)
     eos = bundle.tokenizer.tok.id_to_token(bundle.tokenizer.eos_id) if bundle.tokenizer.eos_id is not None else ""
     template = ChatTemplate.find(ckpt, eos=eos or "")
     if opts.model_name is None:

@@ -72,6 +72,7 @@ class ServeOptions:
     max_tokens_limit: int | None = None  # None: the context
     default_max_tokens: int = 16  # OpenAI's default for completions
     request_timeout_s: float = 600.0
+    threads: int | None = None  # the engine thread's intra-op threads (None: torch's setting where it starts)
 
 
 class ChatTemplate:
@@ -320,7 +321,8 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
 
     def make_worker(queue: JobQueue) -> Worker:
         return Worker(bundle.model, bundle.module, tokenizer, opts.slots, opts.compile, opts.width, queue, metrics,
-                      tree=(opts.tree, opts.tree_topk), batches=opts.batches or ladder(opts.slots))
+                      tree=(opts.tree, opts.tree_topk), batches=opts.batches or ladder(opts.slots),
+                      threads=opts.threads)
 
     engine = Supervisor(make_worker, JobQueue(opts.max_queue), metrics)
     metrics.watch(engine)

@@ -179,8 +179,9 @@ class Worker(threading.Thread):
 
     def __init__(self, model, module, tokenizer: Tokenizer, slots: int, compile: bool, width: int,
                  queue: JobQueue, metrics: WorkerMetrics | None = None, tree: tuple[int, int] = (0, 2),
-                 batches: Sequence[int] | None = None):
+                 batches: Sequence[int] | None = None, threads: int | None = None):
         super().__init__(name="recyclegpt-engine", daemon=True)
+        self.threads = threads  # intra-op threads of this thread's torch ops (None: torch's current setting)
         self.tree = tree  # (nodes, top-k) of verify requests' draft trees; nodes 0: chains
         self.engine = Engine(model, module, slots, compile=compile, tokenizer=tokenizer, width=width,
                              batches=batches)
@@ -207,6 +208,8 @@ class Worker(threading.Thread):
 
     # ---- the engine thread
     def run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
                 self._warm_up()
