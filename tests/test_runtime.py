@@ -34,3 +34,28 @@ def test_this_machine_has_a_class_and_a_positive_bandwidth():
     assert runtime.cpu_class() in runtime.CPU_CLASSES
     assert runtime.memory_bandwidth(size_mb=16, repeats=2) > 0
     assert runtime.machine_info(__import__("torch").device("cpu"))["cpu_class"] == runtime.cpu_class()
+
+
+def test_compute_on_a_thread_of_its_own():
+    """serial_here leaves this thread one intra-op thread and returns the count it had; in_thread runs a
+    function with the given count on a new thread and hands back its result or its exception."""
+    import threading
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert runtime.serial_here() == 2 and torch.get_num_threads() == 1
+        seen = runtime.in_thread(lambda x: (x, torch.get_num_threads(), threading.current_thread().name), 7,
+                                 threads=2)
+        assert seen == (7, 2, "recyclegpt-compute")
+        assert torch.get_num_threads() == 1  # the caller's own setting is untouched
+
+        def fails():
+            raise KeyError("inside")
+
+        with pytest.raises(KeyError, match="inside"):
+            runtime.in_thread(fails, threads=1)
+    finally:
+        torch.set_num_threads(before)

@@ -128,6 +128,31 @@ def test_32_concurrent_streams_finish_with_correct_usage(server, bundle):
     assert busy_slots(server) == 0
 
 
+def test_requests_joining_at_every_batch_of_the_ladder_equal_offline_ar(bundle):
+    """Four slots (batches 1, 2, 4), seven greedy requests of unequal lengths at once: queued ones join as
+    others leave (rows move into the freed ones), rounds run at 4, then 2, then 1 rows as the last ones
+    finish; every text equals offline `ar`."""
+    _, m = bundle
+    prompts = [f"def f{i}(x):" for i in range(7)]
+    lengths = [30, 6, 22, 12, 26, 9, 17]
+    want = [offline_ar(m, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    with LiveServer(create_app(m, _opts())) as s:
+        async def one(c, i):
+            r = await c.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0,
+                                           extra_body={"mode": "verify" if i % 2 else "ar"})
+            return r.choices[0].text
+
+        async def run():
+            c = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
+            return await asyncio.gather(*(one(c, i) for i in range(len(prompts))))
+
+        got = asyncio.run(run())
+        batches = {line.split('batch="')[1].split('"')[0] for line in httpx.get(s.url + "/metrics").text.splitlines()
+                   if line.startswith("recyclegpt_engine_steps_by_batch_total{")}
+    assert got == want
+    assert batches == {"1", "2", "4"}
+
+
 def test_a_client_that_disconnects_frees_its_slot(server):
     with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"model": "tiny", "prompt": "The", "max_tokens": 200, "stream": True,
@@ -248,6 +273,11 @@ def test_serve_cli_help_and_bad_options(bundle, capsys):
     assert "smaller than --max-k" in capsys.readouterr().err
     assert cli.main(["serve", str(path), "--tree", "30", "--max-k", "3", "--tree-topk", "2"]) == 2
     assert "at most 10 nodes" in capsys.readouterr().err
+    assert cli.main(["serve", str(path), "--batches", "1,16", "--slots", "8"]) == 2
+    assert "at most --slots 8" in capsys.readouterr().err
+    for bad in ("0,2", "1,two"):
+        assert cli.main(["serve", str(path), "--batches", bad]) == 2
+        assert "--batches" in capsys.readouterr().err
     assert cli.main(["serve", str(Path(path) / "missing")]) == 2
 
 
