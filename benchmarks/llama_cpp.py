@@ -35,7 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "src" / "recyclegpt" / "assets" / "shipped"
-TARGETS = ("llama-bench", "llama-tokenize", "llama-simple")
+TARGETS = ("llama-bench", "llama-tokenize", "llama-simple", "llama-server")
 PACKAGE = "llama-cpp-python"
 
 
