@@ -65,6 +65,17 @@ def _sdist(root: Path) -> Path:
     return sorted(root.glob("llama_cpp_python-*.tar.gz"))[-1]
 
 
+def built_llama_cpp(root: Path | None = None) -> Path | None:
+    """The directory of llama.cpp's binaries when every one of TARGETS is built for this CPU, else None."""
+    root = root or cache_root()
+    for sdist in sorted(root.glob("llama_cpp_python-*.tar.gz"), reverse=True):
+        version = sdist.name.removesuffix(".tar.gz").split("-")[-1]
+        build = root / f"build-{version}-{cpu_key()}"
+        if (build / ".built").is_file() and all((build / "bin" / t).is_file() for t in TARGETS):
+            return build / "bin"
+    return None
+
+
 def build_llama_cpp(root: Path | None = None, jobs: int | None = None) -> Path:
     """The directory of llama.cpp's binaries (TARGETS), built here once and cached."""
     root = root or cache_root()
@@ -177,7 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats on both sides (default 5)")
     ap.add_argument("--json", type=Path, help="write the report here")
     ap.add_argument("--build-only", action="store_true", help="build (or find) llama.cpp and stop")
+    ap.add_argument("--print-bin-dir", action="store_true",
+                    help="print the directory of llama.cpp's binaries if they are built (exit 1 if not), build nothing")
     a = ap.parse_args(argv)
+    if a.print_bin_dir:
+        found = built_llama_cpp()
+        if found is not None:
+            print(found)
+        return 0 if found is not None else 1
 
     import torch
 

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# One load through each server on this machine, one server at a time: recyclegpt serve (compiled; `ar` and
+# `verify` requests), llama-server (llama.cpp's plain decoding of the same weights as GGUF, built by
+# benchmarks/llama_cpp.py --build-only) and, where its environment exists (.venv-vllm, see
+# benchmarks/vllm_cpu.py), `vllm serve` without and with the exported EAGLE draft. Each is measured by
+# `recyclegpt bench serve` at every level of LEVELS (closed loop, max(16, 2 x level) requests per level, code
+# prompts, 128 tokens, greedy, EOS ignored), with the dtype `auto` picks on this CPU. JSON reports:
+# benchmarks/results/serve_compare_<lane>.json (one per lane, every level in it); a table:
+# python benchmarks/serve_table.py.
+# Usage: benchmarks/serve_compare.sh [CKPT]   (LEVELS="1 8" SLOTS=8 LANES="recyclegpt llama" to narrow it)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CKPT="${1:-$ROOT/src/recyclegpt/assets/shipped}"
+OUT="$ROOT/benchmarks/results"
+PY="$ROOT/.venv/bin/python"
+RG="$ROOT/.venv/bin/recyclegpt"
+LEVELS="${LEVELS:-1 4 8 16 32 64}"
+SLOTS="${SLOTS:-8}"
+LANES="${LANES:-recyclegpt llama vllm}"
+PORT=8123
+TMP="$(mktemp -d /tmp/recyclegpt-serve-compare-XXXXXX)"
+PID=""
+cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+DTYPE="$("$PY" -c 'import torch; from recyclegpt.runtime import resolve_dtype
+print(str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch."))')"
+echo "dtype (auto on this CPU): $DTYPE; levels: $LEVELS; slots: $SLOTS"
+
+wait_ready() {  # /health answers 200 (recyclegpt: once compiled; the others: once loaded); prints the seconds
+  local t0=$SECONDS
+  for _ in $(seq 1 900); do
+    if curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then echo "  ready after $((SECONDS - t0)) s"; return 0; fi
+    if ! kill -0 "$PID" 2>/dev/null; then echo "the server exited; its log:" >&2; tail -20 "$TMP/server.log" >&2; return 1; fi
+    sleep 1
+  done
+  echo "the server did not get ready in 15 minutes" >&2; return 1
+}
+
+measure() {  # lane name, extra request fields: every level into one JSON report
+  local parts=()
+  for c in $LEVELS; do
+    local n=$(( 2 * c > 16 ? 2 * c : 16 ))
+    "$RG" bench serve --url "http://127.0.0.1:$PORT" --prompts code --num-requests "$n" --max-tokens 128 \
+      --concurrency "$c" --no-progress --save-texts --extra "$2" --json "$TMP/$1_$c.json" | grep "c=" || true
+    parts+=("$TMP/$1_$c.json")
+  done
+  "$PY" - "$OUT/serve_compare_$1.json" "${parts[@]}" <<'EOF'
+import json, sys
+import torch
+from recyclegpt.files import atomic_write_text
+from recyclegpt.runtime import machine_info
+reports = [json.load(open(p)) for p in sys.argv[2:]]
+merged = dict(reports[0])
+merged["levels"] = [level for r in reports for level in r["levels"]]
+merged["machine"] = machine_info(torch.device("cpu"))
+atomic_write_text(sys.argv[1], json.dumps(merged, indent=2) + "\n")
+EOF
+}
+
+stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""; }
+
+if [[ " $LANES " == *" recyclegpt "* ]]; then
+  echo "== recyclegpt serve (compiled, --slots $SLOTS, k=3)"
+  "$RG" serve "$CKPT" --port "$PORT" --slots "$SLOTS" >"$TMP/server.log" 2>&1 & PID=$!
+  wait_ready
+  # the sampled graphs of the smaller batches compile when the engine is idle: let them, so no level waits
+  while curl -s "http://127.0.0.1:$PORT/health" | grep -q compiling_when_idle; do sleep 2; done
+  measure recyclegpt_ar '{"mode": "ar"}'; measure recyclegpt_verify '{"mode": "verify", "k": 3}'; stop
+fi
+
+BIN="$("$PY" "$ROOT/benchmarks/llama_cpp.py" --print-bin-dir 2>/dev/null || true)"
+if [[ " $LANES " == *" llama "* && -x "$BIN/llama-server" ]]; then
+  echo "== llama-server ($DTYPE GGUF, --parallel $SLOTS, plain decoding)"
+  "$RG" export "$CKPT" --format gguf --dtype "$DTYPE" --out "$TMP/gguf" >/dev/null
+  CTX=$(( 512 * SLOTS ))  # each of the --parallel slots gets the model's 512-token context
+  "$BIN/llama-server" -m "$TMP/gguf/model.gguf" --port "$PORT" -t "$(nproc)" --parallel "$SLOTS" -c "$CTX" \
+    >"$TMP/server.log" 2>&1 & PID=$!
+  wait_ready; measure llama_server '{}'; stop
+elif [[ " $LANES " == *" llama "* ]]; then
+  echo "== llama-server: not built (python benchmarks/llama_cpp.py --build-only); skipped"
+fi
+
+if [[ " $LANES " == *" vllm "* && -x "$ROOT/.venv-vllm/bin/python" ]]; then
+  # `python -m ...api_server`, not the `vllm` command: that one asks for the package "vllm", and the CPU
+  # build's distribution is named "vllm-cpu" (PackageNotFoundError).
+  VLLM=("$ROOT/.venv-vllm/bin/python" -m vllm.entrypoints.openai.api_server)
+  "$RG" export "$CKPT" --format all --out "$TMP/export" --num-speculative-tokens 3 >/dev/null
+  export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
+  export VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-0-$(( $(nproc) - 1 ))}"
+  VARGS=(--model "$TMP/export/hf" --port "$PORT" --dtype "$DTYPE" --max-model-len 512 --max-num-seqs "$SLOTS")
+  echo "== vLLM, no draft"
+  "${VLLM[@]}" "${VARGS[@]}" >"$TMP/server.log" 2>&1 & PID=$!
+  wait_ready; measure vllm_ar '{}'; stop
+  echo "== vLLM + the exported EAGLE draft (k=3)"
+  "${VLLM[@]}" "${VARGS[@]}" --speculative-config \
+    "{\"method\": \"eagle\", \"model\": \"$TMP/export/eagle-vllm\", \"num_speculative_tokens\": 3}" \
+    >"$TMP/server.log" 2>&1 & PID=$!
+  wait_ready; measure vllm_eagle '{}'; stop
+elif [[ " $LANES " == *" vllm "* ]]; then
+  echo "== vLLM: no .venv-vllm here (see benchmarks/vllm_cpu.py); skipped"
+fi
+echo "reports: $OUT/serve_compare_*.json; table: python benchmarks/serve_table.py"

@@ -1,0 +1,49 @@
+"""The table of benchmarks/serve_compare.sh's reports (not a test).
+
+    python benchmarks/serve_table.py [--folder benchmarks/results]
+
+Reads serve_compare_<lane>.json and prints two Markdown tables: output tokens/s per concurrency and lane,
+and per lane and concurrency the latencies (TTFT, TPOT, inter-chunk ITL: p50 / p95, ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+LANES = {"recyclegpt_ar": "recyclegpt `ar`", "recyclegpt_verify": "recyclegpt `verify` k=3",
+         "llama_server": "llama-server", "vllm_ar": "vLLM", "vllm_eagle": "vLLM + EAGLE draft"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--folder", type=Path, default=Path(__file__).resolve().parent / "results")
+    a = ap.parse_args()
+    reps = {lane: json.loads((a.folder / f"serve_compare_{lane}.json").read_text())
+            for lane in LANES if (a.folder / f"serve_compare_{lane}.json").is_file()}
+    if not reps:
+        raise SystemExit(f"no serve_compare_*.json in {a.folder}: run benchmarks/serve_compare.sh first")
+    machine = next(iter(reps.values())).get("machine", {})
+    print(f"CPU: {machine.get('cpu', '?')} ({machine.get('cpu_class', '?')}, {machine.get('cores', '?')} cores)\n")
+    levels = sorted({lv["concurrency"] for r in reps.values() for lv in r["levels"]})
+    by = {(lane, lv["concurrency"]): lv for lane, r in reps.items() for lv in r["levels"]}
+    print("| concurrency | " + " | ".join(LANES[lane] for lane in reps) + " |")
+    print("|---:|" + "---:|" * len(reps))
+    for c in levels:
+        cells = [f"{by[(lane, c)]['output_tokens_per_s']:.0f}" if (lane, c) in by else "" for lane in reps]
+        print(f"| {c} | " + " | ".join(cells) + " |")
+    print("\n| server | concurrency | tok/s | TTFT p50 / p95 | TPOT p50 / p95 | ITL p50 / p95 | failed |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for lane in reps:
+        for c in levels:
+            lv = by.get((lane, c))
+            if lv is None:
+                continue
+            pair = {k: f"{lv[k]['p50']:.1f} / {lv[k]['p95']:.1f}" for k in ("ttft_ms", "tpot_ms", "itl_ms")}
+            print(f"| {LANES[lane]} | {c} | {lv['output_tokens_per_s']:.0f} | {pair['ttft_ms']} | {pair['tpot_ms']} | "
+                  f"{pair['itl_ms']} | {lv['failed']} |")
+
+
+if __name__ == "__main__":
+    main()
