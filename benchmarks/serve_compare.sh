@@ -53,6 +53,10 @@ from recyclegpt.runtime import machine_info
 reports = [json.load(open(p)) for p in sys.argv[2:]]
 merged = dict(reports[0])
 merged["levels"] = [level for r in reports for level in r["levels"]]
+for level in merged["levels"]:  # the per-chunk timings are summarised in the level; texts stay for identity checks
+    for req in level.get("requests", []):
+        req.pop("chunk_times_ms", None)
+        req.pop("chunk_tokens", None)
 merged["machine"] = machine_info(torch.device("cpu"))
 atomic_write_text(sys.argv[1], json.dumps(merged, indent=2) + "\n")
 EOF
