@@ -7,7 +7,8 @@
 # prompts, 128 tokens, greedy, EOS ignored), with the dtype `auto` picks on this CPU. JSON reports:
 # benchmarks/results/serve_compare_<lane>.json (one per lane, every level in it); a table:
 # python benchmarks/serve_table.py.
-# Usage: benchmarks/serve_compare.sh [CKPT]   (LEVELS="1 8" SLOTS=8 LANES="recyclegpt llama" to narrow it)
+# Usage: benchmarks/serve_compare.sh [CKPT]   (LEVELS="1 8" SLOTS=8 LANES="recyclegpt llama" to narrow it;
+# DTYPE=bfloat16 for another dtype, N=16 for a fixed number of requests per level, PREFIX=name for the reports)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CKPT="${1:-$ROOT/src/recyclegpt/assets/shipped}"
@@ -17,15 +18,16 @@ RG="$ROOT/.venv/bin/recyclegpt"
 LEVELS="${LEVELS:-1 4 8 16 32 64}"
 SLOTS="${SLOTS:-8}"
 LANES="${LANES:-recyclegpt llama vllm}"
+PREFIX="${PREFIX:-serve_compare}"
 PORT=8123
 TMP="$(mktemp -d /tmp/recyclegpt-serve-compare-XXXXXX)"
 PID=""
 cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null; rm -rf "$TMP"; }
 trap cleanup EXIT
 
-DTYPE="$("$PY" -c 'import torch; from recyclegpt.runtime import resolve_dtype
-print(str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch."))')"
-echo "dtype (auto on this CPU): $DTYPE; levels: $LEVELS; slots: $SLOTS"
+DTYPE="${DTYPE:-$("$PY" -c 'import torch; from recyclegpt.runtime import resolve_dtype
+print(str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch."))')}"
+echo "dtype: $DTYPE; levels: $LEVELS; slots: $SLOTS"
 
 wait_ready() {  # /health answers 200 (recyclegpt: once compiled; the others: once loaded); prints the seconds
   local t0=$SECONDS
@@ -40,12 +42,12 @@ wait_ready() {  # /health answers 200 (recyclegpt: once compiled; the others: on
 measure() {  # lane name, extra request fields: every level into one JSON report
   local parts=()
   for c in $LEVELS; do
-    local n=$(( 2 * c > 16 ? 2 * c : 16 ))
+    local n="${N:-$(( 2 * c > 16 ? 2 * c : 16 ))}"
     "$RG" bench serve --url "http://127.0.0.1:$PORT" --prompts code --num-requests "$n" --max-tokens 128 \
       --concurrency "$c" --no-progress --save-texts --extra "$2" --json "$TMP/$1_$c.json" | grep "c=" || true
     parts+=("$TMP/$1_$c.json")
   done
-  "$PY" - "$OUT/serve_compare_$1.json" "${parts[@]}" <<'EOF'
+  "$PY" - "$OUT/${PREFIX}_$1.json" "${parts[@]}" <<'EOF'
 import json, sys
 import torch
 from recyclegpt.files import atomic_write_text
@@ -66,7 +68,7 @@ stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""; }
 
 if [[ " $LANES " == *" recyclegpt "* ]]; then
   echo "== recyclegpt serve (compiled, --slots $SLOTS, k=3)"
-  "$RG" serve "$CKPT" --port "$PORT" --slots "$SLOTS" >"$TMP/server.log" 2>&1 & PID=$!
+  "$RG" serve "$CKPT" --port "$PORT" --slots "$SLOTS" --dtype "$DTYPE" >"$TMP/server.log" 2>&1 & PID=$!
   wait_ready
   # the sampled graphs of the smaller batches compile when the engine is idle: let them, so no level waits
   while curl -s "http://127.0.0.1:$PORT/health" | grep -q compiling_when_idle; do sleep 2; done
@@ -104,4 +106,4 @@ if [[ " $LANES " == *" vllm "* && -x "$ROOT/.venv-vllm/bin/python" ]]; then
 elif [[ " $LANES " == *" vllm "* ]]; then
   echo "== vLLM: no .venv-vllm here (see benchmarks/vllm_cpu.py); skipped"
 fi
-echo "reports: $OUT/serve_compare_*.json; table: python benchmarks/serve_table.py"
+echo "reports: $OUT/${PREFIX}_*.json"
