@@ -187,7 +187,11 @@ class Engine:
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise RecycleError(f"slots must be an integer >= 1, got {slots!r}")
         # The batch sizes a round may run at; the busy slots fill the first rows (see the module docstring).
+        # A transformers model (generic backend) keeps a cache per row that cannot move to another row, and
+        # skips idle rows itself: its rounds always cover every slot.
         self.batches = check_batches(batches, slots)
+        if not isinstance(model, FullModel):
+            self.batches = [slots]
         if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
             raise RecycleError(f"width must be an integer >= 1 or None, got {width!r}")
         # width None: a round is as wide as its widest request needs (a graph per width seen);
