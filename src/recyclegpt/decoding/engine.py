@@ -188,9 +188,10 @@ class Engine:
             raise RecycleError(f"slots must be an integer >= 1, got {slots!r}")
         # The batch sizes a round may run at; the busy slots fill the first rows (see the module docstring).
         # A transformers model (generic backend) keeps a cache per row that cannot move to another row, and
-        # skips idle rows itself: its rounds always cover every slot.
+        # skips idle rows itself: there a slot keeps its own row and rounds always cover every slot.
         self.batches = check_batches(batches, slots)
-        if not isinstance(model, FullModel):
+        self._compact = isinstance(model, FullModel)
+        if not self._compact:
             self.batches = [slots]
         if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
             raise RecycleError(f"width must be an integer >= 1 or None, got {width!r}")
@@ -228,7 +229,7 @@ class Engine:
             self.top_p = torch.ones(B, device=dev)
         self._noise: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
         self._slots: list[Request | None] = [None] * B
-        self._row_of: dict[int, int] = {}  # busy slot -> its row; the rows are 0..len-1
+        self._row_of: dict[int, int] = {}  # busy slot -> its row (rows 0..len-1 where rows move: `_compact`)
         self._slot_at: list[int | None] = [None] * B  # row -> the slot in it
         self._compiled: set[tuple[RoundShape, int]] = set()  # (shape, batch) graphs that have run
         self.last_batch = 0  # the rows the latest round ran over
@@ -272,7 +273,9 @@ class Engine:
             raise RecycleError(f"slot {slot} is already free")
         self._slots[slot] = None
         row, last = self._row_of.pop(slot), len(self._row_of)
-        if row != last:
+        if not self._compact:
+            last = row
+        elif row != last:
             moved = self._slot_at[last]
             self._move_row(last, row, cache=self._slots[moved].finish is None)
             self._slot_at[row], self._row_of[moved] = moved, row
@@ -315,7 +318,7 @@ class Engine:
                 self._warm(s)
         for slot, s in new:
             self._slots[slot] = s
-            row = self._row_of[slot] = len(self._row_of)
+            row = self._row_of[slot] = len(self._row_of) if self._compact else slot
             self._slot_at[row] = slot
         started = [(slot, s) for slot, s in new if s.budget > 0]
         outputs = {slot: SlotOutput([], "length") for slot, s in new if s.budget == 0}
