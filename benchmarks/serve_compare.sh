@@ -82,7 +82,9 @@ if [[ " $LANES " == *" llama "* && -x "$BIN/llama-server" ]]; then
   CTX=$(( 512 * SLOTS ))  # each of the --parallel slots gets the model's 512-token context
   "$BIN/llama-server" -m "$TMP/gguf/model.gguf" --port "$PORT" -t "$(nproc)" --parallel "$SLOTS" -c "$CTX" \
     >"$TMP/server.log" 2>&1 & PID=$!
-  wait_ready; measure llama_server '{}'; stop
+  # cache_prompt false: the load cycles through 8 prompts, and llama-server would otherwise reuse a slot's
+  # cached prompt for every repeat (no prefill at all), which recyclegpt does not do
+  wait_ready; measure llama_server '{"cache_prompt": false}'; stop
 elif [[ " $LANES " == *" llama "* ]]; then
   echo "== llama-server: not built (python benchmarks/llama_cpp.py --build-only); skipped"
 fi
@@ -94,7 +96,9 @@ if [[ " $LANES " == *" vllm "* && -x "$ROOT/.venv-vllm/bin/python" ]]; then
   "$RG" export "$CKPT" --format all --out "$TMP/export" --num-speculative-tokens 3 >/dev/null
   export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
   export VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-0-$(( $(nproc) - 1 ))}"
-  VARGS=(--model "$TMP/export/hf" --port "$PORT" --dtype "$DTYPE" --max-model-len 512 --max-num-seqs "$SLOTS")
+  # no prefix caching, for the reason given at llama-server's cache_prompt above
+  VARGS=(--model "$TMP/export/hf" --port "$PORT" --dtype "$DTYPE" --max-model-len 512 --max-num-seqs "$SLOTS"
+         --no-enable-prefix-caching)
   echo "== vLLM, no draft"
   "${VLLM[@]}" "${VARGS[@]}" >"$TMP/server.log" 2>&1 & PID=$!
   wait_ready; measure vllm_ar '{}'; stop

@@ -3,7 +3,8 @@
     python benchmarks/serve_table.py [--folder benchmarks/results]
 
 Reads serve_compare_<lane>.json and prints two Markdown tables: output tokens/s per concurrency and lane,
-and per lane and concurrency the latencies (TTFT, TPOT, inter-chunk ITL: p50 / p95, ms).
+and per lane and concurrency the latencies (TTFT, TPOT, inter-chunk ITL: p50 / p95, ms); then how many of
+each lane's responses have the same text as recyclegpt `ar`'s response to the same prompt.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def main() -> None:
             pair = {k: f"{lv[k]['p50']:.1f} / {lv[k]['p95']:.1f}" for k in ("ttft_ms", "tpot_ms", "itl_ms")}
             print(f"| {LANES[lane]} | {c} | {lv['output_tokens_per_s']:.0f} | {pair['ttft_ms']} | {pair['tpot_ms']} | "
                   f"{pair['itl_ms']} | {lv['failed']} |")
+    ref = {r["prompt_id"]: r.get("text") for lv in reps.get("recyclegpt_ar", {}).get("levels", [])
+           for r in lv.get("requests", [])}
+    if ref:
+        print("\nresponses with the same text as recyclegpt `ar` (saved texts, greedy):")
+        for lane in reps:
+            reqs = [r for lv in reps[lane]["levels"] for r in lv.get("requests", []) if r.get("text") is not None]
+            same = sum(r["text"] == ref.get(r["prompt_id"]) for r in reqs)
+            print(f"  {LANES[lane]}: {same}/{len(reqs)}")
 
 
 if __name__ == "__main__":

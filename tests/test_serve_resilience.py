@@ -141,8 +141,8 @@ def _finish(loop, job: Job) -> tuple[str, str | None, int]:
 
 @pytest.mark.parametrize("failure, status", [(RecycleError("refused"), 400), (RuntimeError("prefill bug"), 500)])
 def test_one_request_failing_at_admission_fails_alone(bundle, failure, status):
-    """Admitted together, one request whose admission raises fails alone (400 when the engine refused it, 500
-    when it failed); the other is prefilled and decodes its offline text."""
+    """Queued together, one request whose admission raises fails alone (400 when the engine refused it, 500
+    when it failed) and frees its slot; the other is prefilled and decodes its offline text."""
     _, m = bundle
     loop = asyncio.new_event_loop()
     queue = JobQueue(8)
@@ -158,8 +158,9 @@ def test_one_request_failing_at_admission_fails_alone(bundle, failure, status):
     good, bad = _jobs(m, ["def", "poison pill"], loop)
     queue.put(good)
     queue.put(bad)
+    worker._admit()  # one request per turn: good, then bad
     worker._admit()
-    assert worker.engine.free_slots() == [1, 2, 3] and worker.busy_slots == 1
+    assert worker.engine.free_slots() == [1, 2, 3] and worker.busy_slots == 1 and not queue
     while worker.engine.decoding():
         worker._step()
     assert _finish(loop, good) == (offline_ar(m, "def", 4), "length", 500)

@@ -8,8 +8,8 @@
     event = await job.next_event()       # JobEvent(text, finish, ...) pieces as rounds accept tokens
     supervisor.cancel(job)               # a client that went away: its slot is freed at once
 
-Continuous batching: between two engine steps the thread admits queued requests into free slots
-(prefilling only their rows) and releases finished or cancelled ones, so a request never waits for
+Continuous batching: between two engine steps the thread admits a queued request into a free slot
+(prefilling only its rows) and releases finished or cancelled ones, so a request never waits for
 another to finish. Each round runs over the smallest batch of the engine's ladder (1, 2, 4, ... up
 to the slots) that holds the busy slots and has a compiled graph: the thread compiles the greedy
 graphs of every batch and the sampled ones of the widest before it reports ready, and the sampled
@@ -264,38 +264,35 @@ class Worker(threading.Thread):
         self.engine.warm_up(shape, batch)
 
     def _admit(self) -> None:
+        """Admit one waiting request if a slot is free: its prompt is prefilled now and its first token goes
+        out at once. One per turn of the loop, so the requests already decoding get a round between two
+        prefills (a burst of arrivals does not stall them for every prefill in a row), and of a burst the
+        first to be admitted answers first instead of all answering after the last prefill."""
         free = self.engine.free_slots()
-        jobs = self.queue.take(len(free))
+        jobs = self.queue.take(1) if free else []
         if not jobs:
             return
         self._admitting = jobs
-        self._start(list(zip(free[:len(jobs)], jobs, strict=True)))
+        self._start(free[0], jobs[0])
         self._admitting = []
 
-    def _start(self, batch: list[tuple[int, Job]]) -> None:
-        """Admit jobs into their slots (prefilled together). If that raises, no slot stays taken and, so
-        that one bad request fails alone, each job is tried on its own: a refused one answers 400, one
-        that fails otherwise 500."""
+    def _start(self, slot: int, job: Job) -> None:
+        """Admit a job into a slot (prefilled). If that raises, the slot stays free and the job fails alone:
+        400 when the engine refused it, 500 when it failed otherwise."""
         try:
-            outs = self.engine.admit_many([(slot, job.prompt_ids, job.config) for slot, job in batch])
+            (out,) = self.engine.admit_many([(slot, job.prompt_ids, job.config)])
         except Exception as e:
-            for slot, _ in batch:
-                if slot not in self.engine.free_slots():
-                    self.engine.release(slot)
-            if len(batch) > 1:
-                for item in batch:
-                    self._start([item])
-                return
+            if slot not in self.engine.free_slots():
+                self.engine.release(slot)
             if isinstance(e, RecycleError):
-                batch[0][1].fail(str(e), status=400)
+                job.fail(str(e), status=400)
             else:
                 log.exception("admitting a request failed")
-                batch[0][1].fail(f"admitting the request failed: {describe(e)}")
+                job.fail(f"admitting the request failed: {describe(e)}")
             return
-        for (slot, job), out in zip(batch, outs, strict=True):
-            job.slot = slot
-            self._jobs[slot] = job
-            self._deliver(slot, job, out)
+        job.slot = slot
+        self._jobs[slot] = job
+        self._deliver(slot, job, out)
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
