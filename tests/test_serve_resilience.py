@@ -394,3 +394,36 @@ def test_the_docs_table_says_what_the_settings_table_holds():
     for setting, field, flag in SHARED:
         row = next(line for line in section.splitlines() if line.startswith("|") and f"`{flag}`" in line)
         assert SETTINGS[setting].allowed in row and f"`{field}`" in row, (setting, row)
+
+
+@pytest.mark.slow
+def test_the_engine_compiles_the_rest_of_the_ladder_when_idle_and_survives_a_failed_compile(bundle, monkeypatch):
+    """Before ready: greedy graphs at every batch, sampled ones at the widest; the sampled ones of the smaller
+    batches wait in `later`. A graph whose compile fails is dropped (its rounds stay at the wider batch) and
+    the engine goes on; the others compile one per call. Dynamo with the `eager` backend."""
+    import torch
+
+    from recyclegpt.decoding import compiled
+
+    monkeypatch.setattr(compiled, "BACKEND", "eager")
+    _, m = bundle
+    worker = Worker(m.model, m.module, m.tokenizer, 2, True, 3, JobQueue(4), batches=(1,))
+    with torch.inference_mode():
+        worker._warm_up()
+        ready = worker.engine.compiled_batches()
+        assert ready["ar"] == [1, 2] and ready["verify k=3"] == [1, 2] and ready["verify k=3 sampled"] == [2]
+        assert len(worker.later) == 4 and all(b == 1 for _, b in worker.later)
+        real = worker.engine.warm_up
+        failing = worker.later[0][0]
+
+        def warm_up(shape, batch=None):
+            if shape == failing:
+                raise RuntimeError("inductor fell over")
+            return real(shape, batch)
+
+        monkeypatch.setattr(worker.engine, "warm_up", warm_up)
+        while worker.later:
+            worker._compile_one()
+    done = worker.engine.compiled_batches()
+    assert done[compiled.round_kind(failing)] == [2]  # the failed one: still only the widest
+    assert sum(b == [1, 2] for b in done.values()) == len(done) - 1

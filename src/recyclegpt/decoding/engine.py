@@ -429,7 +429,7 @@ class Engine:
         """The batch a round of `shape` runs at: the smallest of the ladder that holds the busy rows, or
         (compiled) the smallest such whose graph is compiled already; none compiled: the smallest (it
         compiles now)."""
-        fits = [b for b in self.batches if b >= len(self._row_of)]
+        fits = [b for b in self.batches if b >= self.busy]
         if self.compile:
             for b in fits:
                 if (shape, b) in self._compiled:
@@ -606,7 +606,7 @@ class Engine:
     def _warm(self, s: Request) -> None:
         """Compile what the request's rounds need where no batch that could hold it has a graph yet."""
         for shape in self.shapes_for(s.cfg):
-            if not any((shape, b) in self._compiled for b in self.batches if b >= len(self._row_of)):
+            if not any((shape, b) in self._compiled for b in self.batches if b >= self.busy):
                 self.warm_up(shape, self._batch(shape))
 
     @torch.inference_mode()
@@ -620,13 +620,14 @@ class Engine:
         if batch not in self.batches:
             raise RecycleError(f"batch {batch} is not one of this engine's batches {self.batches}")
         fn = self._round_fn(shape, batch)
-        self._compiled.add((shape, batch))
         if not fn.first:
+            self._compiled.add((shape, batch))
             return 0.0
         t0 = time.perf_counter()
         state = SlotState(*self._rows(self.state, batch))
         idle = state._replace(n=torch.full_like(state.n, self.junk))
         fn(idle, self._inputs(shape, {}, batch))  # no plans: no drafts, nothing drawn
+        self._compiled.add((shape, batch))  # only once it compiled: a failed graph is never picked
         return time.perf_counter() - t0
 
 

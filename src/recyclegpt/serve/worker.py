@@ -259,9 +259,15 @@ class Worker(threading.Thread):
         log.info("decoding graphs compiled in %.1f s (%d more when idle)", self.warmup_s, len(self.later))
 
     def _compile_one(self) -> None:
+        """Compile the next graph of `later`. One that fails is dropped (logged): its rounds keep running at
+        the next wider batch that has a graph, as they did before."""
         shape, batch = self.later.pop(0)
-        log.info("compiling the decoding round %s (idle)", compiled.shape_label(shape, batch, self.engine.dtype))
-        self.engine.warm_up(shape, batch)
+        label = compiled.shape_label(shape, batch, self.engine.dtype)
+        log.info("compiling the decoding round %s (idle)", label)
+        try:
+            self.engine.warm_up(shape, batch)
+        except Exception:
+            log.exception("compiling %s failed; its rounds run at a wider batch", label)
 
     def _admit(self) -> None:
         """Admit one waiting request if a slot is free: its prompt is prefilled now and its first token goes
