@@ -261,13 +261,14 @@ class Worker(threading.Thread):
     def _compile_one(self) -> None:
         """Compile the next graph of `later`. One that fails is dropped (logged): its rounds keep running at
         the next wider batch that has a graph, as they did before."""
-        shape, batch = self.later.pop(0)
+        shape, batch = self.later[0]
         label = compiled.shape_label(shape, batch, self.engine.dtype)
         log.info("compiling the decoding round %s (idle)", label)
         try:
             self.engine.warm_up(shape, batch)
         except Exception:
             log.exception("compiling %s failed; its rounds run at a wider batch", label)
+        self.later.pop(0)  # only now: /health counts the graph being compiled as still to come
 
     def _admit(self) -> None:
         """Admit one waiting request if a slot is free: its prompt is prefilled now and its first token goes
