@@ -398,23 +398,24 @@ def test_the_docs_table_says_what_the_settings_table_holds():
 
 @pytest.mark.slow
 def test_the_engine_compiles_the_rest_of_the_ladder_when_idle_and_survives_a_failed_compile(bundle, monkeypatch):
-    """Before ready: greedy graphs at every batch, sampled ones at the widest; the sampled ones of the smaller
-    batches wait in `later`. A graph whose compile fails is dropped (its rounds stay at the wider batch) and
-    the engine goes on; the others compile one per call. Dynamo with the `eager` backend."""
+    """Before ready: greedy graphs at the smallest and the widest batch, sampled ones at the widest; the greedy
+    ones of the batch in between, then the sampled ones of the smaller batches, wait in `later`. A graph whose
+    compile fails is dropped (its rounds stay at a wider batch) and the engine goes on; the others compile one
+    per call. Dynamo with the `eager` backend."""
     import torch
 
     from recyclegpt.decoding import compiled
 
     monkeypatch.setattr(compiled, "BACKEND", "eager")
     _, m = bundle
-    worker = Worker(m.model, m.module, m.tokenizer, 2, True, 3, JobQueue(4), batches=(1,))
+    worker = Worker(m.model, m.module, m.tokenizer, 4, True, 3, JobQueue(4), batches=(1, 2))
     with torch.inference_mode():
         worker._warm_up()
         ready = worker.engine.compiled_batches()
-        assert ready["ar"] == [1, 2] and ready["verify k=3"] == [1, 2] and ready["verify k=3 sampled"] == [2]
-        assert len(worker.later) == 4 and all(b == 1 for _, b in worker.later)
+        assert ready["ar"] == [1, 4] and ready["verify k=3"] == [1, 4] and ready["verify k=3 sampled"] == [4]
+        assert [(s.sampled, b) for s, b in worker.later] == [(False, 2)] * 2 + [(True, 1), (True, 2)] * 4
         real = worker.engine.warm_up
-        failing = worker.later[0][0]
+        failing = worker.later[-1][0]  # a sampled one: its compiles at batches 1 and 2 both fail
 
         def warm_up(shape, batch=None):
             if shape == failing:
@@ -425,5 +426,5 @@ def test_the_engine_compiles_the_rest_of_the_ladder_when_idle_and_survives_a_fai
         while worker.later:
             worker._compile_one()
     done = worker.engine.compiled_batches()
-    assert done[compiled.round_kind(failing)] == [2]  # the failed one: still only the widest
-    assert sum(b == [1, 2] for b in done.values()) == len(done) - 1
+    assert done[compiled.round_kind(failing)] == [4]  # the failed one: still only the widest
+    assert sum(b == [1, 2, 4] for b in done.values()) == len(done) - 1

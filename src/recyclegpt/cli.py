@@ -529,9 +529,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    "depth replaces --max-k")
     p.add_argument("--tree-topk", type=A.tree_topk, default=2, metavar="C", help="children per tree node (default 2)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the decoding rounds (default on: the greedy ones of every batch and the sampled "
-                   "ones of the widest at start, /health answering ready once done, the rest while the server is "
-                   "idle; --no-compile starts at once and decodes eagerly, slower)")
+                   help="compile the decoding rounds (default on: the greedy ones of the smallest and the widest "
+                   "batch and the sampled ones of the widest at start, /health answering ready once done, the rest "
+                   "while the server is idle; --no-compile starts at once and decodes eagerly, slower)")
     p.add_argument("--api-key", type=A.text, default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $RECYCLEGPT_API_KEY if set, else none)")
     p.add_argument("--max-queue", type=A.positive_int, default=256,

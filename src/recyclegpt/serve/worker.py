@@ -11,10 +11,10 @@
 Continuous batching: between two engine steps the thread admits a queued request into a free slot
 (prefilling only its rows) and releases finished or cancelled ones, so a request never waits for
 another to finish. Each round runs over the smallest batch of the engine's ladder (1, 2, 4, ... up
-to the slots) that holds the busy slots and has a compiled graph: the thread compiles the greedy
-graphs of every batch and the sampled ones of the widest before it reports ready, and the sampled
-ones of the smaller batches later, one at a time, whenever it has been idle for IDLE_COMPILE_S (a
-request arriving then waits for that one graph).
+to the slots) that holds the busy slots and has a compiled graph: before it reports ready the thread
+compiles the greedy graphs of the smallest and the widest batch and the sampled ones of the widest
+(so start-up does not grow with the ladder), and the others later, one at a time, whenever it has
+been idle for IDLE_COMPILE_S (a request arriving then waits for that one graph).
 
 Text leaves the thread already detokenized (incrementally) and cut at stop strings: `Job` holds
 back the last len(longest stop) - 1 characters until it knows they are not the start of a stop
@@ -233,9 +233,9 @@ class Worker(threading.Thread):
             self._admitting = []
 
     def _warm_up(self) -> None:
-        """Compile before serving: the greedy graphs at every batch of the ladder and the sampled ones at
-        the widest (a sampled round then never waits for a compile); the sampled ones at the smaller
-        batches go to `later`."""
+        """Compile before serving: the greedy graphs at the smallest and the widest batch and the sampled ones
+        at the widest (no round waits for a compile, and a lone greedy request runs at batch 1); the rest
+        go to `later`: the greedy ones of the batches in between first, then the sampled ones."""
         if not self.compile:
             return
         t0 = time.perf_counter()
@@ -248,10 +248,11 @@ class Worker(threading.Thread):
                          for s in e.shapes_for(GenerationConfig(mode=mode, k=e.width, **kw,
                                                                 **(tree if mode == "verify" else {})))},
                         key=lambda s: (s.sampled, s.filtered, s.width))
-        widest = e.batches[-1]
-        now = [(s, b) for s in shapes if not s.sampled for b in e.batches]
-        now += [(s, widest) for s in shapes if s.sampled]
-        self.later = [(s, b) for s in shapes if s.sampled for b in e.batches[:-1]]
+        ends = sorted({e.batches[0], e.batches[-1]})
+        now = [(s, b) for s in shapes if not s.sampled for b in ends]
+        now += [(s, ends[-1]) for s in shapes if s.sampled]
+        self.later = [(s, b) for s in shapes if not s.sampled for b in e.batches if b not in ends]
+        self.later += [(s, b) for s in shapes if s.sampled for b in e.batches[:-1]]
         for shape, batch in now:
             log.info("compiling the decoding round %s", compiled.shape_label(shape, batch, e.dtype))
             e.warm_up(shape, batch)
