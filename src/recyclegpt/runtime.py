@@ -145,9 +145,8 @@ def serial_here() -> int:
     Why: OpenMP (libgomp, which torch uses) gives each thread that runs a parallel op a team of worker
     threads, kept for that thread's life, and when the teams' threads outnumber the cores it stops
     spinning between parallel regions and puts its workers to sleep instead. A second team, even an idle
-    one, so makes every parallel region of the engine thread wait for sleeping workers to wake: on a
-    2-core Xeon an engine step took ~1.6x as long as on a thread alone (benchmarks/thread_teams.py).
-    A serial thread has no team."""
+    one, so makes every parallel region of the engine thread wait for sleeping workers to wake
+    (`benchmarks/thread_teams.py` measures what that costs an engine step). A serial thread has no team."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     return threads

@@ -18,7 +18,8 @@ autotuning results come from inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`
 must not outlive in-place weight changes, so the weights' version counters are part of the key and
 a change compiles afresh; each compiled graph holds its own prepacked copy of the weights (memory).
 KV caches: a frozen graph keeps the cache tensors it was traced with, so decoding installs one cache
-set per (batch, dtype) and keeps it (`stable_caches`).
+set per (batch, dtype) and keeps it, and for an engine's smaller batches views of that set's first
+rows, kept the same way (`stable_caches`).
 """
 
 from __future__ import annotations
