@@ -5,7 +5,8 @@
 # benchmarks/vllm_cpu.py), `vllm serve` without and with the exported EAGLE draft. Each is measured by
 # `recyclegpt bench serve` at every level of LEVELS (closed loop, max(16, 2 x level) requests per level, code
 # prompts, 128 tokens, greedy, EOS ignored), with the dtype `auto` picks on this CPU. JSON reports:
-# benchmarks/results/serve_compare_<lane>.json (one per lane, every level in it); a table:
+# benchmarks/results/serve_compare_<lane>.json (one per lane, every level in it; lane "offline": `recyclegpt
+# bench` at batch 1, compiled, the served numbers' reference); a table:
 # python benchmarks/serve_table.py.
 # Usage: benchmarks/serve_compare.sh [CKPT]   (LEVELS="1 8" SLOTS=8 LANES="recyclegpt llama" to narrow it;
 # DTYPE=bfloat16 for another dtype, N=16 for a fixed number of requests per level, PREFIX=name for the reports)
@@ -17,7 +18,7 @@ PY="$ROOT/.venv/bin/python"
 RG="$ROOT/.venv/bin/recyclegpt"
 LEVELS="${LEVELS:-1 4 8 16 32 64}"
 SLOTS="${SLOTS:-8}"
-LANES="${LANES:-recyclegpt llama vllm}"
+LANES="${LANES:-offline recyclegpt llama vllm}"
 PREFIX="${PREFIX:-serve_compare}"
 PORT=8123
 TMP="$(mktemp -d /tmp/recyclegpt-serve-compare-XXXXXX)"
@@ -65,6 +66,13 @@ EOF
 }
 
 stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""; }
+
+if [[ " $LANES " == *" offline "* ]]; then
+  # the server's reference: the same prompts decoded offline at batch 1, compiled, prefill included
+  echo "== offline: recyclegpt bench (batch 1, compiled ar and verify k=3)"
+  "$RG" bench "$CKPT" --prompts code --num-prompts 8 --max-new-tokens 128 --modes ar,verify --k 3 --compile all \
+    --batch-size 1 --repeats 3 --dtype "$DTYPE" --no-progress --json "$OUT/${PREFIX}_offline.json" | grep -E "^ *(ar|verify)"
+fi
 
 if [[ " $LANES " == *" recyclegpt "* ]]; then
   echo "== recyclegpt serve (compiled, --slots $SLOTS, k=3)"
