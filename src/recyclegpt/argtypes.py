@@ -83,12 +83,9 @@ tree_or_auto.__name__ = "int"
 def batch_sizes(s: str) -> list[int]:
     """--batches: comma-separated batch sizes, e.g. 1,2,4,8."""
     try:
-        out = [int(x) for x in s.split(",")]
+        return [positive_int(x) for x in s.split(",")]  # its range error names the bad size
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4,8, got {s!r}") from None
-    if any(b < 1 for b in out):
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {s!r}")
-    return out
 
 
 batch_sizes.__name__ = "list"

@@ -444,7 +444,7 @@ class Engine:
             out.setdefault(compiled.round_kind(shape), []).append(b)
         return out
 
-    def _buffers(self, shape: RoundShape, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _buffers(self, shape: RoundShape, batch: int) -> list[Tensor]:
         """Noise buffers of a round shape over the first `batch` rows, refilled per row from each request's
         own generator."""
         sizes = tree_noise_sizes(shape) if shape.tree else (shape.width, shape.width)
@@ -454,7 +454,7 @@ class Engine:
             with torch.inference_mode():
                 bufs = self._noise[sizes] = (torch.ones(B, sizes[0], V, device=dev),
                                              torch.zeros(B, sizes[1], device=dev), torch.ones(B, V, device=dev))
-        return bufs if batch == self.slots else tuple(t[:batch] for t in bufs)
+        return self._rows(bufs, batch)
 
     def _inputs(self, shape: RoundShape, plans: dict[int, _Plan], batch: int) -> RoundInputs:
         """The round's inputs over the first `batch` rows; plans are by slot."""
@@ -604,10 +604,10 @@ class Engine:
         return [shape(0, 0, uses), shape(host_k, 0, uses)]
 
     def _warm(self, s: Request) -> None:
-        """Compile what the request's rounds need where no batch that could hold it has a graph yet."""
+        """Compile what the request's rounds need where no batch that could hold it has a graph yet (`_batch`
+        picks a compiled one where there is one, and `warm_up` then does nothing)."""
         for shape in self.shapes_for(s.cfg):
-            if not any((shape, b) in self._compiled for b in self.batches if b >= self.busy):
-                self.warm_up(shape, self._batch(shape))
+            self.warm_up(shape, self._batch(shape))
 
     @torch.inference_mode()
     def warm_up(self, shape: RoundShape, batch: int | None = None) -> float:
