@@ -592,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from recyclegpt import RecycleGPT
     from recyclegpt.decoding import GenerationConfig, generate
-    from recyclegpt.serve.app import ChatTemplate, ServeOptions, create_app
+    from recyclegpt.serve.app import ChatTemplate, create_app
+    from recyclegpt.serve.options import ServeOptions
     from recyclegpt.serve.testing import LiveServer
 
     m = RecycleGPT.from_pretrained(a.ckpt, device="cpu", dtype="float32")

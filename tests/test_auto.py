@@ -134,8 +134,8 @@ def test_engine_and_choice_refuse_what_they_cannot_measure(models):
 
 def test_serve_tree_auto_sets_width_and_tree_from_the_choice():
     from recyclegpt.decoding.auto import AutoChoice
-    from recyclegpt.serve import choose_server_draft
-    from recyclegpt.serve.app import ServeOptions
+    from recyclegpt.serve.options import ServeOptions
+    from recyclegpt.serve.worker import choose_server_draft
 
     asked = {}
 

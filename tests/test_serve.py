@@ -18,7 +18,8 @@ httpx = pytest.importorskip("httpx")
 
 from recyclegpt import cli  # noqa: E402
 from recyclegpt.decoding import GenerationConfig, generate  # noqa: E402
-from recyclegpt.serve.app import ChatTemplate, ServeOptions, create_app  # noqa: E402
+from recyclegpt.serve.app import ChatTemplate, create_app  # noqa: E402
+from recyclegpt.serve.options import ServeOptions  # noqa: E402
 from recyclegpt.serve.testing import LiveServer  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
@@ -55,6 +56,21 @@ def metric(server, name: str) -> float:
 
 def busy_slots(server) -> float:
     return metric(server, "recyclegpt_busy_slots")
+
+
+def change_workers(monkeypatch, change) -> None:
+    """Every engine a server over a loaded model starts (on its thread) goes through change(worker) before it
+    serves: how these tests make an engine fail, stall or refuse."""
+    from recyclegpt.serve import client as client_module
+
+    real = client_module.start_worker
+
+    def start(bundle, opts, conn):
+        worker = real(bundle, opts, conn)
+        change(worker)
+        return worker
+
+    monkeypatch.setattr(client_module, "start_worker", start)
 
 
 # ------------------------------------------------------------------ the API, greedy = offline ar
@@ -214,10 +230,10 @@ def test_auth_and_chat_without_template(bundle):
             client(s).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
 
 
-def test_full_queue_answers_429(bundle):
+def test_full_queue_answers_429(bundle, monkeypatch):
     _, m = bundle
+    change_workers(monkeypatch, lambda w: setattr(w, "_admit", lambda: None))  # nothing leaves the queue
     app = create_app(m, _opts(slots=1, max_queue=1))
-    app.state.engine.worker._admit = lambda: None  # nothing leaves the queue
     with LiveServer(app) as s:
         def wait_in_the_queue() -> None:  # never admitted: its client gives up, and the server cancels it
             with contextlib.suppress(httpx.ReadTimeout):
@@ -236,19 +252,23 @@ def test_full_queue_answers_429(bundle):
         waiting.join()
 
 
-def test_a_failing_round_fails_its_requests_only(bundle):
+def test_a_failing_round_fails_its_requests_only(bundle, monkeypatch):
     _, m = bundle
+    calls = []
+
+    def flaky_steps(worker):
+        real_step = worker.engine.step
+
+        def flaky():
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("boom")
+            return real_step()
+
+        worker.engine.step = flaky
+
+    change_workers(monkeypatch, flaky_steps)
     app = create_app(m, _opts())
-    engine = app.state.engine.worker.engine
-    real_step, calls = engine.step, []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("boom")
-        return real_step()
-
-    engine.step = flaky
     with LiveServer(app) as s:
         c = client(s)
         with pytest.raises(openai.InternalServerError, match="boom"):
@@ -281,17 +301,20 @@ def test_serve_cli_help_and_bad_options(bundle, capsys):
     assert cli.main(["serve", str(Path(path) / "missing")]) == 2
 
 
-def test_health_waits_for_warm_up(bundle):
-    """With compiling on, /health answers 503 until the graphs are compiled (here: a warm-up held back)."""
+def test_health_waits_for_warm_up(bundle, monkeypatch):
+    """With compiling on, /health answers 503 until the graphs are compiled (here: a warm-up held back), and
+    so do requests."""
     _, m = bundle
-    app = create_app(m, _opts(compile=True))
-    worker = app.state.engine.worker
     release = threading.Event()
-    worker._warm_up = lambda: release.wait(10)
+    change_workers(monkeypatch, lambda w: setattr(w, "_warm_up", lambda: release.wait(10)))
+    app = create_app(m, _opts(compile=True))
     try:
         with LiveServer(app, ready=False) as s:
             r = httpx.get(s.url + "/health")
             assert r.status_code == 503 and r.json()["status"] == "warming up"
+            r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "a"},
+                           headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 503 and "warming up" in r.json()["error"]["message"]
             release.set()
             deadline = time.monotonic() + 10
             while httpx.get(s.url + "/health").status_code != 200:

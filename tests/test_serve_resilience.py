@@ -6,6 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,14 +22,14 @@ import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
-from test_serve import KEY, TEMPLATE, LiveServer, _opts, metric, offline_ar  # noqa: E402
+from test_serve import KEY, TEMPLATE, LiveServer, _opts, change_workers, metric, offline_ar  # noqa: E402
 
 from recyclegpt import argtypes, cli  # noqa: E402
-from recyclegpt.decoding import GenerationConfig  # noqa: E402
+from recyclegpt.decoding import Engine, GenerationConfig  # noqa: E402
 from recyclegpt.decoding.limits import SETTINGS  # noqa: E402
 from recyclegpt.errors import RecycleError  # noqa: E402
 from recyclegpt.serve.app import ChatTemplate, create_app  # noqa: E402
-from recyclegpt.serve.worker import Job, JobQueue, Supervisor, Worker  # noqa: E402
+from recyclegpt.serve.worker import Worker  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 
@@ -122,21 +129,18 @@ def test_a_seeded_request_samples_what_the_api_samples(server, bundle, mode):
 
 
 # ------------------------------------------------------------------ failures stay with their request
-def _jobs(m, prompts: list[str], loop, **cfg) -> list[Job]:
-    config = GenerationConfig(mode="ar", max_new_tokens=4, eos_id=m.tokenizer.eos_id, **cfg)
-    return [Job(m.tokenizer.encode(p), config, loop, m.tokenizer) for p in prompts]
+def engine_side(m, slots: int = 4, compile: bool = False, batches=None):
+    """(a `Worker` over the tiny model, the API's end of its connection, held by the test)."""
+    api, theirs = multiprocessing.Pipe()
+    engine = Engine(m.model, m.module, slots, compile=compile, tokenizer=m.tokenizer, width=3, batches=batches)
+    return Worker(engine, theirs), api
 
 
-def _finish(loop, job: Job) -> tuple[str, str | None, int]:
-    """All of a job's text, its finish reason and (for errors) its status."""
-    async def drain():
-        text = ""
-        while True:
-            ev = await job.next_event()
-            text += ev.text
-            if ev.finish is not None:
-                return text, ev.finish, ev.status
-    return loop.run_until_complete(asyncio.wait_for(drain(), 10))
+def received(api) -> list[tuple]:
+    out = []
+    while api.poll(0):
+        out.append(api.recv())
+    return out
 
 
 @pytest.mark.parametrize("failure, status", [(RecycleError("refused"), 400), (RuntimeError("prefill bug"), 500)])
@@ -144,9 +148,7 @@ def test_one_request_failing_at_admission_fails_alone(bundle, failure, status):
     """Queued together, one request whose admission raises fails alone (400 when the engine refused it, 500
     when it failed) and frees its slot; the other is prefilled and decodes its offline text."""
     _, m = bundle
-    loop = asyncio.new_event_loop()
-    queue = JobQueue(8)
-    worker = Worker(m.model, m.module, m.tokenizer, 4, False, 3, queue)
+    worker, api = engine_side(m)
     real = worker.engine.admit_many
 
     def admit_many(requests):
@@ -155,32 +157,70 @@ def test_one_request_failing_at_admission_fails_alone(bundle, failure, status):
         return real(requests)
 
     worker.engine.admit_many = admit_many
-    good, bad = _jobs(m, ["def", "poison pill"], loop)
-    queue.put(good)
-    queue.put(bad)
+    config = GenerationConfig(mode="ar", max_new_tokens=4, eos_id=m.tokenizer.eos_id)
+    for rid, text in enumerate(["def", "poison pill"]):
+        api.send(("add", rid, m.tokenizer.encode(text), config, 60.0))
+    assert worker._receive()
     worker._admit()  # one request per turn: good, then bad
     worker._admit()
-    assert worker.engine.free_slots() == [1, 2, 3] and worker.busy_slots == 1 and not queue
+    assert worker.engine.free_slots() == [1, 2, 3] and len(worker.rows) == 1 and not worker.waiting
     while worker.engine.decoding():
         worker._step()
-    assert _finish(loop, good) == (offline_ar(m, "def", 4), "length", 500)
-    text, finish, got = _finish(loop, bad)
-    assert (finish, got) == ("error", status)
-    loop.close()
+    msgs = received(api)
+    assert [msg for msg in msgs if msg[0] == "taken"] == [("taken", 0), ("taken", 1)]
+    outputs = [o for msg in msgs if msg[0] == "out" for o in msg[2]]
+    assert m.tokenizer.decode([t for o in outputs for t in o[1]]) == offline_ar(m, "def", 4)
+    assert outputs[-1][2] == "length" and outputs[-1][4].produced == 4 and {o[0] for o in outputs} == {0}
+    (fail,) = [msg for msg in msgs if msg[0] == "fail"]
+    assert fail[1] == 1 and fail[3] == status
 
 
-def test_a_request_refused_at_admission_is_a_400_even_streamed(bundle):
+def test_a_cancel_frees_a_decoding_or_waiting_request_and_stop_ends_the_loop(bundle):
     _, m = bundle
+    worker, api = engine_side(m, slots=1)
+    config = GenerationConfig(mode="ar", max_new_tokens=50, eos_id=None)
+    for rid in (0, 1, 2):
+        api.send(("add", rid, m.tokenizer.encode("def"), config, 60.0))
+    assert worker._receive()
+    worker._admit()
+    api.send(("cancel", 0))  # decoding
+    api.send(("cancel", 2))  # waiting
+    assert worker._receive()
+    assert worker.engine.free_slots() == [0] and [r.rid for r in worker.waiting] == [1] and not worker.rows
+    api.send(("stop",))
+    assert not worker._turn()
+
+
+def test_a_request_past_its_time_limit_fails_waiting_or_decoding(bundle):
+    _, m = bundle
+    worker, api = engine_side(m, slots=1)
+    config = GenerationConfig(mode="ar", max_new_tokens=50, eos_id=None)
+    api.send(("add", 0, m.tokenizer.encode("def"), config, 60.0))
+    api.send(("add", 1, m.tokenizer.encode("def"), config, 0.0))
+    worker._receive()
+    worker._admit()
+    worker.rows[0].deadline = 0.0  # the decoding one's time is up too
+    worker._expire()
+    fails = [msg for msg in received(api) if msg[0] == "fail"]
+    assert sorted(f[1] for f in fails) == [0, 1] and all("time limit" in f[2] for f in fails)
+    assert worker.engine.free_slots() == [0] and not worker.waiting
+
+
+def test_a_request_refused_at_admission_is_a_400_even_streamed(bundle, monkeypatch):
+    _, m = bundle
+
+    def refusing(worker):
+        real = worker.engine.admit_many
+
+        def admit_many(requests):
+            if any(cfg.max_new_tokens == 3 for _, _, cfg in requests):
+                raise RecycleError("this engine refuses 3")
+            return real(requests)
+
+        worker.engine.admit_many = admit_many
+
+    change_workers(monkeypatch, refusing)
     app = create_app(m, _opts())
-    engine = app.state.engine.worker.engine
-    real = engine.admit_many
-
-    def admit_many(requests):
-        if any(cfg.max_new_tokens == 3 for _, _, cfg in requests):
-            raise RecycleError("this engine refuses 3")
-        return real(requests)
-
-    engine.admit_many = admit_many
     with LiveServer(app) as s:
         for stream in (False, True):
             r = post(s, {**A, "max_tokens": 3, "stream": stream})
@@ -196,20 +236,24 @@ def test_a_request_that_waits_longer_than_a_disconnect_poll_is_served(bundle, mo
 
     _, m = bundle
     monkeypatch.setattr(app_module, "DISCONNECT_POLL_S", 0.01)
-    app = create_app(m, _opts())
-    worker = app.state.engine.worker
-    real_admit, polls = worker._admit, []
+    polls = []
 
-    def slow_admit():  # admission waits until the handler's wait has timed out a few times
-        if len(worker.queue):
-            wait_for(lambda: len(polls) >= 5, "no polls", 10)
-        real_admit()
+    def slow_admission(worker):
+        real_admit = worker._admit
+
+        def slow_admit():  # admission waits until the handler's wait has timed out a few times
+            if worker.waiting:
+                wait_for(lambda: len(polls) >= 5, "no polls", 10)
+            real_admit()
+
+        worker._admit = slow_admit
 
     async def counting_wait_for(aw, timeout):
         polls.append(1)
         return await asyncio.wait_for(aw, timeout)
 
-    worker._admit = slow_admit
+    change_workers(monkeypatch, slow_admission)
+    app = create_app(m, _opts())
     monkeypatch.setattr(app_module, "asyncio", SimpleNamespace(wait_for=counting_wait_for,
                                                                get_running_loop=asyncio.get_running_loop))
     with LiveServer(app) as s:
@@ -228,9 +272,9 @@ def test_a_client_that_leaves_while_queued_cancels_its_request(bundle, monkeypat
 
     _, m = bundle
     monkeypatch.setattr(app_module, "DISCONNECT_POLL_S", 0.01)
+    change_workers(monkeypatch, lambda w: setattr(w, "_admit", lambda: None))  # nothing leaves the queue
     app = create_app(m, _opts())
     sup, jobs = app.state.engine, []
-    sup.worker._admit = lambda: None  # nothing leaves the queue
     real_submit = sup.submit
     sup.submit = lambda job: (jobs.append(job), real_submit(job))
     with LiveServer(app) as s:
@@ -255,26 +299,30 @@ def test_a_bug_in_a_handler_is_a_500_that_says_so_and_is_counted(bundle):
 
 # ------------------------------------------------------------------ supervision
 class _Kill(BaseException):
-    """Escapes every `except Exception`: the engine thread dies, as it would on a bug in the loop itself."""
+    """Escapes every `except Exception`: the engine's loop ends, as it would on a bug in the loop itself."""
 
 
-def test_a_killed_engine_costs_only_the_requests_in_flight(bundle):
-    """One slot: A decodes, B waits in the queue. The engine thread dies mid-A: A gets a 500 that says so,
-    the supervisor starts a fresh engine, B is then served with the offline text, /health and /metrics count
-    the restart, and later requests are served as before."""
+def test_a_killed_engine_costs_only_the_requests_in_flight(bundle, monkeypatch):
+    """One slot: A decodes, B waits in the engine's queue. The engine dies mid-A: A gets a 503 that says so,
+    a fresh engine starts, B (never taken) goes to it and is served with the offline text, /health and
+    /metrics count the restart, and later requests are served as before."""
     _, m = bundle
+    steps, b_waiting = [], threading.Event()
+
+    def dying(worker):
+        real_step = worker.engine.step
+
+        def dying_step():
+            steps.append(1)
+            if len(steps) == 3:
+                b_waiting.wait(10)  # B is queued behind A before the engine dies
+                raise _Kill("killed mid-request")
+            return real_step()
+
+        worker.engine.step = dying_step
+
+    change_workers(monkeypatch, dying)
     app = create_app(m, _opts(slots=1))
-    engine = app.state.engine.worker.engine
-    real_step, steps, b_waiting = engine.step, [], threading.Event()
-
-    def dying_step():
-        steps.append(1)
-        if len(steps) == 3:
-            b_waiting.wait(10)  # B is queued behind A before the engine dies
-            raise _Kill("killed mid-request")
-        return real_step()
-
-    engine.step = dying_step
     with LiveServer(app) as s:
         results = {}
         a = threading.Thread(target=lambda: results.setdefault("a", post(s, {**A, "max_tokens": 50,
@@ -289,7 +337,7 @@ def test_a_killed_engine_costs_only_the_requests_in_flight(bundle):
         a.join(30)
         b.join(30)
         ra, rb = results["a"], results["b"]
-        assert ra.status_code == 500 and "restarting" in ra.json()["error"]["message"], ra.text
+        assert ra.status_code == 503 and "restarting" in ra.json()["error"]["message"], ra.text
         assert rb.status_code == 200 and rb.json()["choices"][0]["text"] == offline_ar(m, "The", 6)
         h = health(s)
         assert h["status"] == "ok" and h["restarts"] == 1 and "_Kill: killed mid-request" in h["last_error"]
@@ -299,48 +347,166 @@ def test_a_killed_engine_costs_only_the_requests_in_flight(bundle):
         assert post(s, {**A, "max_tokens": 8, "temperature": 0}).json()["choices"][0]["text"] == offline_ar(m, "def", 8)
 
 
-def test_health_says_degraded_while_the_engine_restarts(bundle):
+def test_health_and_requests_say_503_while_the_engine_restarts(bundle, monkeypatch):
     _, m = bundle
+    starts = []
+
+    def first_dies(worker):
+        starts.append(1)
+        if len(starts) == 1:
+            worker.engine.step = lambda: (_ for _ in ()).throw(_Kill("boom"))
+
+    change_workers(monkeypatch, first_dies)
     app = create_app(m, _opts())
-    sup: Supervisor = app.state.engine
-    release, make = threading.Event(), sup.make_worker
+    engine, release = app.state.engine, threading.Event()
+    launch = engine.launch
 
-    def slow_make(queue):  # the restart waits for the test
-        release.wait(10)
-        return make(queue)
+    def slow_launch():  # the restart waits for the test
+        if engine.restarts:
+            release.wait(10)
+        return launch()
 
-    sup.make_worker = slow_make
-    sup.worker.engine.step = lambda: (_ for _ in ()).throw(_Kill("boom"))
+    engine.launch = slow_launch
     with LiveServer(app) as s:
         r = post(s, {**A, "max_tokens": 4})
-        assert r.status_code == 500
+        assert r.status_code == 503
         wait_for(lambda: health(s)["status"] == "degraded", "never degraded")
         r = httpx.get(s.url + "/health")
         assert r.status_code == 503 and r.json()["restarts"] == 1
+        r = post(s, {**A, "max_tokens": 4})
+        assert r.status_code == 503 and "restarting" in r.json()["error"]["message"]
         release.set()
         wait_for(lambda: health(s)["status"] == "ok", "never recovered")
         assert post(s, {**A, "max_tokens": 4, "temperature": 0}).json()["choices"][0]["text"] == offline_ar(m, "def", 4)
 
 
-def test_an_engine_that_cannot_start_is_given_up_and_requests_get_503(bundle):
+def test_an_engine_that_cannot_start_is_given_up_and_requests_get_503(bundle, monkeypatch):
     _, m = bundle
+    change_workers(monkeypatch, lambda w: setattr(
+        w, "_warm_up", lambda: (_ for _ in ()).throw(RuntimeError("cannot warm up"))))
     app = create_app(m, _opts())
-    sup: Supervisor = app.state.engine
-    sup.max_failed_starts = 2
-
-    def broken(queue):
-        w = Worker(m.model, m.module, m.tokenizer, 4, False, 3, queue)
-        w._warm_up = lambda: (_ for _ in ()).throw(RuntimeError("cannot warm up"))
-        return w
-
-    sup.make_worker = broken
-    sup.worker = broken(sup.queue)
+    app.state.engine.max_failed_starts = 2
     with LiveServer(app, ready=False) as s:
         wait_for(lambda: health(s)["status"] == "error", "never gave up")
         h = httpx.get(s.url + "/health")
         assert h.status_code == 503 and h.json()["restarts"] == 2 and "cannot warm up" in h.json()["last_error"]
         r = post(s, {**A, "max_tokens": 4})
         assert r.status_code == 503 and "could not be restarted" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------ the engine in a process of its own
+def _process_opts(**kw):
+    return _opts(device="cpu", dtype="float32", **kw)
+
+
+def _sse_text(lines) -> str:
+    return "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines
+                   if line.startswith("data: {") and json.loads(line[6:]).get("choices"))
+
+
+def test_the_engine_process_serves_offline_ar_texts_and_frees_cancelled_rows(bundle):
+    """`create_app(checkpoint_dir)`: the engine loads the checkpoint in a process of its own. Greedy texts
+    equal offline `ar`, requests joining at every batch of the ladder; a client that leaves frees its row in
+    the engine process (the next lone request runs at batch 1, not 2)."""
+    path, m = bundle
+    app = create_app(path, _process_opts())
+    prompts = [f"def f{i}(x):" for i in range(5)]
+    lengths = [20, 6, 14, 9, 17]
+    with LiveServer(app) as s:
+        assert app.state.engine.handle.pid != os.getpid()
+        results: dict[int, httpx.Response] = {}
+        threads = [threading.Thread(target=lambda i=i: results.setdefault(i, post(s, {
+            **A, "prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0, "mode": ("ar", "verify")[i % 2]})))
+            for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+            assert results[i].json()["choices"][0]["text"] == offline_ar(m, p, n)
+
+        def at(batch: int) -> float:
+            text = httpx.get(s.url + "/metrics").text
+            return sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith(f'recyclegpt_engine_steps_by_batch_total{{batch="{batch}"}}'))
+
+        with httpx.stream("POST", s.url + "/v1/completions", headers=AUTH, json={
+                **A, "prompt": "The", "max_tokens": 240, "stream": True, "ignore_eos": True}) as r:
+            next(r.iter_lines())  # decoding: it holds a row
+        wait_for(lambda: app.state.engine.busy_slots == 0, "the API did not cancel it")
+        before = at(2)
+        assert post(s, {**A, "max_tokens": 12, "temperature": 0}).json()["choices"][0]["text"] == offline_ar(m, "def",
+                                                                                                            12)
+        assert at(2) == before  # the cancelled row is gone from the engine: the lone request ran at batch 1
+
+
+def test_killing_the_engine_process_is_a_503_and_a_fresh_engine_serves_on(bundle):
+    path, m = bundle
+    app = create_app(path, _process_opts(slots=2))
+    with LiveServer(app) as s:
+        first = app.state.engine.handle
+        with httpx.stream("POST", s.url + "/v1/completions", headers=AUTH, json={
+                **A, "prompt": "The", "max_tokens": 240, "stream": True, "ignore_eos": True}) as r:
+            lines = r.iter_lines()
+            next(lines)  # decoding
+            os.kill(first.pid, signal.SIGKILL)
+            rest = [line for line in lines if line]
+        errors = [json.loads(line[6:])["error"] for line in rest if line.startswith('data: {"error"')]
+        assert len(errors) == 1 and "killed by SIGKILL" in errors[0]["message"], errors
+        assert rest[-1] == "data: [DONE]"
+        wait_for(lambda: health(s)["status"] == "ok", "no fresh engine", 60)
+        h = health(s)
+        assert h["restarts"] == 1 and "SIGKILL" in h["last_error"] and app.state.engine.handle.pid != first.pid
+        assert post(s, {**A, "max_tokens": 8, "temperature": 0}).json()["choices"][0]["text"] == offline_ar(m, "def", 8)
+        second = app.state.engine.handle
+    assert first.proc.poll() is not None and second.proc.poll() == 0  # stopped with the server, nothing left
+
+
+def test_serve_stops_with_a_one_line_error_when_the_engine_cannot_load(bundle, tmp_path, capsys):
+    path, _ = bundle
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    (bad / "module.safetensors").write_bytes(b"not safetensors")
+    assert cli.main(["serve", str(bad), "--no-compile", "--port", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "could not start" in err and "corrupt" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_the_engine_process_ends_when_the_api_process_dies(bundle, tmp_path):
+    """`recyclegpt serve` killed with SIGKILL (no shutdown at all): its engine process goes too."""
+    path, _ = bundle
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    api = subprocess.Popen([sys.executable, "-m", "recyclegpt.cli", "serve", str(path), "--no-compile", "--port",
+                            str(port), "--device", "cpu", "--dtype", "float32"], stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/health"
+
+        def up() -> bool:
+            try:
+                return httpx.get(url).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, "the server never became ready", 120)
+        children = Path(f"/proc/{api.pid}/task/{api.pid}/children").read_text().split()
+        assert len(children) == 1
+        engine = int(children[0])
+        api.kill()
+        api.wait()
+
+        def gone() -> bool:
+            try:
+                return Path(f"/proc/{engine}/stat").read_text().split(") ")[1][0] in "ZX"
+            except OSError:
+                return True
+
+        wait_for(gone, "the engine process outlived the API", 20)
+    finally:
+        api.kill()
 
 
 # ------------------------------------------------------------------ one table of values for API, CLI and server
@@ -401,14 +567,14 @@ def test_the_engine_compiles_the_rest_of_the_ladder_when_idle_and_survives_a_fai
     """Before ready: greedy graphs at the smallest and the widest batch, sampled ones at the widest; the greedy
     ones of the batch in between, then the sampled ones of the smaller batches, wait in `later`. A graph whose
     compile fails is dropped (its rounds stay at a wider batch) and the engine goes on; the others compile one
-    per call. Dynamo with the `eager` backend."""
+    per call, each followed by a status message to the API. Dynamo with the `eager` backend."""
     import torch
 
     from recyclegpt.decoding import compiled
 
     monkeypatch.setattr(compiled, "BACKEND", "eager")
     _, m = bundle
-    worker = Worker(m.model, m.module, m.tokenizer, 4, True, 3, JobQueue(4), batches=(1, 2))
+    worker, api = engine_side(m, compile=True, batches=(1, 2))
     with torch.inference_mode():
         worker._warm_up()
         ready = worker.engine.compiled_batches()
@@ -428,3 +594,5 @@ def test_the_engine_compiles_the_rest_of_the_ladder_when_idle_and_survives_a_fai
     done = worker.engine.compiled_batches()
     assert done[compiled.round_kind(failing)] == [4]  # the failed one: still only the widest
     assert sum(b == [1, 2, 4] for b in done.values()) == len(done) - 1
+    statuses = [msg[1] for msg in received(api)]
+    assert [st["later"] for st in statuses] == list(range(9, -1, -1)) and statuses[-1]["compiled"] == done

@@ -147,6 +147,18 @@ def load_into(target: torch.nn.Module, state: dict[str, torch.Tensor], what: str
     target.load_state_dict(state, strict=False)
 
 
+def load_tokenizer(path: str | Path, cfg: Config | None = None) -> Tokenizer:
+    """A checkpoint's tokenizer (checked against its model's vocabulary), without loading any weights."""
+    path = resolve_checkpoint_dir(path)
+    cfg = cfg or load_config(path)
+    tokenizer = Tokenizer.load(path / "tokenizer.json", cfg.tokenizer.eos_token)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise RecycleError(
+            f"tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only {cfg.model.vocab_size}"
+        )
+    return tokenizer
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
                     ) -> tuple[Config, FullModel, RecyclableModule, Tokenizer]:
     """(config, full model, module, tokenizer). A checkpoint whose config.json has a `base` entry
@@ -163,11 +175,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     else:
         load_into(model, _load_weights(path / "model.safetensors"), f"{path}/model.safetensors")
     load_into(module, _load_weights(path / "module.safetensors"), f"{path}/module.safetensors")
-    tokenizer = Tokenizer.load(path / "tokenizer.json", cfg.tokenizer.eos_token)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise RecycleError(
-            f"tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only {cfg.model.vocab_size}"
-        )
+    tokenizer = load_tokenizer(path, cfg)
     model.to(device=device, dtype=dtype).eval()
     module.to(device=device, dtype=dtype).eval()
     return cfg, model, module, tokenizer

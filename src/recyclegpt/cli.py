@@ -502,9 +502,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible HTTP server with continuous batching",
         description="Serve a checkpoint over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models; "
-        "streaming by server-sent events), plus /health and /metrics (Prometheus). One engine thread decodes "
+        "streaming by server-sent events), plus /health and /metrics (Prometheus). An engine process decodes "
         "up to --slots requests together; requests join and leave between rounds, and each round runs over the "
-        "smallest of --batches that holds the requests in flight. Needs the serve extra: "
+        "smallest of --batches that holds the requests in flight. If the engine dies, the requests it was "
+        "decoding get a 503 and a fresh engine serves the rest. Needs the serve extra: "
         "pip install -e \".[serve]\".")
     p.add_argument("ckpt", help="checkpoint directory (or a `recyclegpt train` run directory)")
     p.add_argument("--host", type=A.text, default="127.0.0.1",
@@ -541,6 +542,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=A.positive_int, default=1 << 20, help="request size limit (default 1 MiB)")
     p.add_argument("--request-timeout", type=A.positive_float, default=600.0,
                    help="seconds a request may take, queue included (default 600)")
+    p.add_argument("--engine", choices=["process", "thread"], default="process",
+                   help="where decoding runs: a process of its own (default; this one does HTTP, tokenizing and "
+                   "detokenizing, and outlives an engine crash) or a thread of this process (one process, "
+                   "for debugging)")
+    p.add_argument("--engine-cpus", type=A.text, default="auto", metavar="auto|none|LIST",
+                   help="the engine process's CPUs, one decoding thread bound to each: auto (default: one CPU of "
+                   "each physical core this process may use), none (no binding; torch's thread count) or a list "
+                   "such as 0-3. OMP_NUM_THREADS, OMP_PLACES and OMP_PROC_BIND, when set, win")
     add_runtime_args(p)
     p.set_defaults(func=run_serve)
 
@@ -551,6 +560,7 @@ def run_serve(a: argparse.Namespace) -> int:
 
     from .runtime import set_threads
     from .serve import run_server
+    from .serve.options import parse_cpus
 
     if a.k > a.max_k:
         raise RecycleError(f"--k {a.k} is larger than --max-k {a.max_k}")
@@ -567,9 +577,11 @@ def run_serve(a: argparse.Namespace) -> int:
         raise RecycleError(f"--request-timeout must be > 0, got {a.request_timeout}")
     if a.batches is not None and max(a.batches) > a.slots:
         raise RecycleError(f"--batches {','.join(map(str, a.batches))}: each must be at most --slots {a.slots}")
+    parse_cpus(a.engine_cpus)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_threads()
-    run_server(a.ckpt, a.host, a.port, device=a.device, dtype=a.dtype, model_name=a.model_name, slots=a.slots,
+    run_server(a.ckpt, a.host, a.port, engine=a.engine, cpus=a.engine_cpus, device=a.device, dtype=a.dtype,
+               model_name=a.model_name, slots=a.slots,
                batches=a.batches, compile=a.compile, width=a.max_k, default_k=a.k, tree=a.tree, tree_topk=a.tree_topk,
                api_key=a.api_key or os.environ.get("RECYCLEGPT_API_KEY") or None, max_queue=a.max_queue,
                max_body_bytes=a.max_body_bytes, max_tokens_limit=a.max_tokens_limit,

@@ -1,4 +1,4 @@
-"""The HTTP side: an OpenAI-compatible FastAPI app over the engine thread (`worker`).
+"""The HTTP side: an OpenAI-compatible FastAPI app over the decoding engine (`client` -> `worker`).
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streaming by server-sent
 events in OpenAI's chunk format, ending with `data: [DONE]`), GET /health (200 once the decoding
@@ -8,7 +8,9 @@ of `decoding.limits`).
 
 No request can stop the server: a body is parsed with limits that turn any parser failure into a 400,
 its settings are checked against the table the Python API uses, and whatever fails while serving it
-fails it alone (`worker`); a response is 200 only with a `finish_reason`.
+fails it alone (`worker`); a response is 200 only with a `finish_reason`. The engine runs in a process of
+its own (`create_app(checkpoint_dir, ...)`, what `recyclegpt serve` does): if it dies, the requests it was
+decoding get a 503, /health says so, and a fresh engine serves the rest (`client`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 
+from ..checkpoint import load_config, load_tokenizer
 from ..decoding import GenerationConfig
-from ..decoding.engine import ladder, row_configs
+from ..decoding.engine import row_configs
 from ..decoding.limits import InvalidSetting
 from ..errors import RecycleError
+from .client import EngineClient, ProcessEngine, ThreadEngine
+from .jobs import EngineDown, Job, JobEvent, QueueFull
 from .metrics import Metrics
+from .options import ServeOptions
 from .protocol import (
     ApiError,
     ChatRequest,
@@ -46,33 +51,11 @@ from .protocol import (
     usage,
     usage_chunk,
 )
-from .worker import EngineDown, Job, JobEvent, JobQueue, QueueFull, Supervisor, Worker, describe
+from .worker import describe
 
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 1.0  # how often a request waiting for its next piece checks whether its client went away
-
-
-@dataclass
-class ServeOptions:
-    """Server settings (the `recyclegpt serve` flags)."""
-
-    model_name: str = "recyclegpt"
-    slots: int = 8
-    batches: list[int] | None = None  # the batch ladder a round picks from (None: powers of two up to slots)
-    compile: bool = True
-    width: int = 3  # most drafts a request may ask for (k); every verify round is this wide
-    default_k: int = 3
-    tree: int | str = 0  # verify requests draft trees of this many nodes (0: chains), `width` deep;
-    # "auto": `run_server` measures chains and trees at start (`decoding.auto`) and sets width and tree
-    tree_topk: int = 2
-    api_key: str | None = None
-    max_queue: int = 256
-    max_body_bytes: int = 1 << 20
-    max_tokens_limit: int | None = None  # None: the context
-    default_max_tokens: int = 16  # OpenAI's default for completions
-    request_timeout_s: float = 600.0
-    threads: int | None = None  # the engine thread's intra-op threads (None: torch's setting where it starts)
 
 
 class ChatTemplate:
@@ -128,9 +111,10 @@ class _Api:
     """What the OpenAI routes do with a request: authorize, read and check the body, admit it to the engine,
     answer from its events (streamed or collected). One per app."""
 
-    def __init__(self, bundle, opts: ServeOptions, engine: Supervisor, chat_template: ChatTemplate | None):
-        self.opts, self.engine, self.chat_template, self.tokenizer = opts, engine, chat_template, bundle.tokenizer
-        self.context = bundle.model.cfg.max_seq_len
+    def __init__(self, tokenizer, context: int, opts: ServeOptions, engine: EngineClient,
+                 chat_template: ChatTemplate | None):
+        self.opts, self.engine, self.chat_template, self.tokenizer = opts, engine, chat_template, tokenizer
+        self.context = context
         self.max_tokens_limit = min(opts.max_tokens_limit or self.context, self.context - 1)
 
     def authorize(self, request: Request) -> None:
@@ -314,17 +298,18 @@ class _Api:
 
 
 
-def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = None) -> FastAPI:
-    """The app for a loaded `RecycleGPT` bundle; its engine thread starts with the app and stops with it."""
-    tokenizer = bundle.tokenizer
+def create_app(model, opts: ServeOptions, chat_template: ChatTemplate | None = None) -> FastAPI:
+    """The app over `model`: a checkpoint directory, which an engine process of its own loads (on opts.device,
+    in opts.dtype, its threads bound to opts.cpus) while this process loads only the tokenizer; or a loaded
+    `RecycleGPT` bundle, decoded on a thread of this process (tests, notebooks: a crash there ends the API
+    too). The engine starts with the app and stops with it."""
     metrics = Metrics()
-
-    def make_worker(queue: JobQueue) -> Worker:
-        return Worker(bundle.model, bundle.module, tokenizer, opts.slots, opts.compile, opts.width, queue, metrics,
-                      tree=(opts.tree, opts.tree_topk), batches=opts.batches or ladder(opts.slots),
-                      threads=opts.threads)
-
-    engine = Supervisor(make_worker, JobQueue(opts.max_queue), metrics)
+    if isinstance(model, (str, Path)):
+        tokenizer, context = load_tokenizer(model), load_config(model).model.max_seq_len
+        engine = EngineClient(lambda: ProcessEngine(model, opts), opts, metrics)
+    else:
+        tokenizer, context = model.tokenizer, model.model.cfg.max_seq_len
+        engine = EngineClient(lambda: ThreadEngine(model, opts), opts, metrics)
     metrics.watch(engine)
     eos_text = tokenizer.tok.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
     if chat_template is not None and not chat_template.eos:
@@ -334,8 +319,7 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
     async def lifespan(app: FastAPI):
         engine.start()
         yield
-        engine.stop()
-        engine.join(timeout=10)
+        await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="recyclegpt", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.metrics = engine, metrics
@@ -346,12 +330,12 @@ def create_app(bundle, opts: ServeOptions, chat_template: ChatTemplate | None = 
 
     app.add_middleware(_Guard, metrics=metrics)
     _add_operations_routes(app, engine, metrics)
-    _add_openai_routes(app, _Api(bundle, opts, engine, chat_template))
+    _add_openai_routes(app, _Api(tokenizer, context, opts, engine, chat_template))
     app.openapi = functools.partial(_openapi, app)
     return app
 
 
-def _add_operations_routes(app: FastAPI, engine: Supervisor, metrics: Metrics) -> None:
+def _add_operations_routes(app: FastAPI, engine: EngineClient, metrics: Metrics) -> None:
     """GET /health (the engine's state) and GET /metrics (Prometheus)."""
 
     @app.get("/health")
@@ -360,16 +344,17 @@ def _add_operations_routes(app: FastAPI, engine: Supervisor, metrics: Metrics) -
         body: dict[str, Any] = {"status": state, "restarts": engine.restarts}
         if engine.last_error is not None:
             body["last_error"] = engine.last_error
-        worker = engine.worker
-        if worker.engine.compile:
-            body["compiled"] = worker.engine.compiled_batches()  # round kind -> the batches it has graphs for
-        if worker.later:
-            body["compiling_when_idle"] = len(worker.later)
+        info = engine.info
+        if "compiled" in info:
+            body["compiled"] = info["compiled"]  # round kind -> the batches it has graphs for
+        if info.get("later"):
+            body["compiling_when_idle"] = info["later"]
         if state == "ok":
-            body["warmup_s"] = round(worker.warmup_s, 1)
+            body["warmup_s"] = info.get("warmup_s", 0.0)
             return JSONResponse(body)
-        body["detail"] = {"warming up": "compiling the decoding graphs",
-                          "degraded": "the decoding engine failed and is restarting; requests wait in the queue",
+        body["detail"] = {"warming up": "loading the model and compiling the decoding graphs",
+                          "degraded": "the decoding engine failed and is restarting; requests get 503 until "
+                                      "it is back, those that waited in its queue are served then",
                           "error": "the decoding engine failed and could not be restarted"}[state]
         return JSONResponse(body, status_code=503)
 

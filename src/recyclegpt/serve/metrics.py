@@ -8,7 +8,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..decoding.engine import SlotStats, add_by_position
-from .worker import Job, Supervisor
+from .client import EngineClient
+from .jobs import Job
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 
@@ -48,13 +49,13 @@ class Metrics:
         self._proposed: list[int] = []
         self._accepted: list[int] = []
 
-    def watch(self, supervisor: Supervisor) -> None:
-        self.queue_depth.set_function(lambda: supervisor.queue_depth)
-        self.busy_slots.set_function(lambda: supervisor.busy_slots)
-        self.slots.set(supervisor.worker.engine.slots)
+    def watch(self, engine: EngineClient) -> None:
+        self.queue_depth.set_function(lambda: engine.queue_depth)
+        self.busy_slots.set_function(lambda: engine.busy_slots)
+        self.slots.set(engine.opts.slots)
 
-    # ---- WorkerMetrics (called on the engine thread)
-    def step(self, seconds: float, rows: int, batch: int) -> None:
+    # ---- client.Metrics (called on the thread that reads the engine's messages)
+    def step(self, seconds: float, batch: int) -> None:
         self.steps.inc()
         self.steps_by_batch.labels(batch=str(batch)).inc()
         self.step_seconds.observe(seconds)
