@@ -9,7 +9,8 @@
 # bench` at batch 1, compiled, the served numbers' reference); a table:
 # python benchmarks/serve_table.py.
 # Usage: benchmarks/serve_compare.sh [CKPT]   (LEVELS="1 8" SLOTS=8 LANES="recyclegpt llama" to narrow it;
-# DTYPE=bfloat16 for another dtype, N=16 for a fixed number of requests per level, PREFIX=name for the reports)
+# DTYPE=bfloat16 for another dtype, N=16 for a fixed number of requests per level, PREFIX=name for the reports,
+# SERVE_ARGS="--engine thread" for more `recyclegpt serve` flags)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CKPT="${1:-$ROOT/src/recyclegpt/assets/shipped}"
@@ -75,8 +76,10 @@ if [[ " $LANES " == *" offline "* ]]; then
 fi
 
 if [[ " $LANES " == *" recyclegpt "* ]]; then
-  echo "== recyclegpt serve (compiled, --slots $SLOTS, k=3)"
-  "$RG" serve "$CKPT" --port "$PORT" --slots "$SLOTS" --dtype "$DTYPE" >"$TMP/server.log" 2>&1 & PID=$!
+  echo "== recyclegpt serve (compiled, --slots $SLOTS, k=3${SERVE_ARGS:+, $SERVE_ARGS})"
+  # shellcheck disable=SC2086 -- SERVE_ARGS: several flags
+  "$RG" serve "$CKPT" --port "$PORT" --slots "$SLOTS" --dtype "$DTYPE" ${SERVE_ARGS:-} >"$TMP/server.log" 2>&1 &
+  PID=$!
   wait_ready
   # the sampled graphs of the smaller batches compile when the engine is idle: let them, so no level waits
   while curl -s "http://127.0.0.1:$PORT/health" | grep -q compiling_when_idle; do sleep 2; done

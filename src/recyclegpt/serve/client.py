@@ -17,7 +17,6 @@ that dies `max_failed_starts` times in a row before serving a round is given up:
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import multiprocessing
 import os
@@ -113,13 +112,15 @@ class ProcessEngine:
 
     def __init__(self, ckpt: str | Path, opts: ServeOptions):
         ours, theirs = socket.socketpair()
-        spec = json.dumps({"ckpt": str(ckpt), "opts": asdict(opts)})
-        cmd = [sys.executable, "-m", "recyclegpt.serve.process", str(theirs.fileno()), spec]
+        cmd = [sys.executable, "-m", "recyclegpt.serve.process", str(theirs.fileno())]
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), env=engine_environment(opts))
         finally:
             theirs.close()
         self.conn = Connection(ours.detach())
+        # what to load and how to serve it: over the connection, not the command line (which any user of the
+        # machine can read, and which would show the API key)
+        self.conn.send({"ckpt": str(ckpt), "opts": asdict(opts)})
 
     @property
     def pid(self) -> int:

@@ -1,17 +1,17 @@
 """The engine process of `recyclegpt serve`, started by `client.ProcessEngine` (not by users):
 
-    python -m recyclegpt.serve.process FD SPEC
+    python -m recyclegpt.serve.process FD
 
-FD: its end of a socket pair to the API process; SPEC: JSON {"ckpt": ..., "opts": ServeOptions fields}. It
-loads the checkpoint, runs `worker.Worker` on that connection, and ends when the API says stop or goes away.
-Its thread layout comes from its environment (`client.engine_environment`): the OpenMP threads, bound to
-their CPUs; this process's main thread is the only one that runs torch ops, so it is the only OpenMP team.
+FD: its end of a socket pair to the API process, whose first message says what to serve ({"ckpt": ...,
+"opts": ServeOptions fields}). It loads the checkpoint, runs `worker.Worker` on that connection, and ends
+when the API says stop or goes away. Its thread layout comes from its environment
+(`client.engine_environment`): the OpenMP threads, bound to their CPUs; this process's main thread is the
+only one that runs torch ops, so it is the only OpenMP team.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import signal
 import sys
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from .worker import describe, start_worker
 
     try:
-        spec = json.loads(argv[1])
+        spec = conn.recv()
         opts = ServeOptions(**spec["opts"])
         bundle = RecycleGPT.from_pretrained(spec["ckpt"], opts.device, opts.dtype)
         worker = start_worker(bundle, opts, conn)
