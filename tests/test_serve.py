@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -338,3 +339,33 @@ def test_tree_server_answers_like_offline_ar(bundle):
         r = c.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
                                  extra_body={"mode": "recycle"})
         assert r.usage.completion_tokens >= 1
+
+
+# ------------------------------------------------------------------ the engine process's threads
+def test_engine_cpus_and_the_engine_environment(monkeypatch):
+    from recyclegpt.errors import RecycleError
+    from recyclegpt.serve.client import engine_environment
+    from recyclegpt.serve.options import one_per_core, parse_cpus
+
+    allowed = sorted(os.sched_getaffinity(0))
+    assert parse_cpus("none") is None
+    assert parse_cpus("auto") == one_per_core(allowed) and set(parse_cpus("auto")) <= set(allowed)
+    assert parse_cpus(f"{allowed[0]}-{allowed[0]}") == [allowed[0]]
+    for bad, why in (("two", "expected auto, none or CPU ids"), ("3-1", "expected"),
+                     ("100000", "not one this process")):
+        with pytest.raises(RecycleError, match=why):
+            parse_cpus(bad)
+    for name in ("OMP_NUM_THREADS", "OMP_PLACES", "OMP_PROC_BIND"):
+        monkeypatch.delenv(name, raising=False)
+    env = engine_environment(ServeOptions(cpus=str(allowed[0])))
+    assert (env["OMP_PLACES"], env["OMP_PROC_BIND"], env["OMP_NUM_THREADS"]) == (f"{{{allowed[0]}}}", "close", "1")
+    env = engine_environment(ServeOptions())  # unbound: one thread per physical core
+    assert "OMP_PLACES" not in env and env["OMP_NUM_THREADS"] == str(len(one_per_core(allowed)))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
+    assert engine_environment(ServeOptions(cpus="auto"))["OMP_NUM_THREADS"] == "3"
+
+
+def test_serve_refuses_engine_cpus_it_cannot_use(bundle, capsys):
+    path, _ = bundle
+    assert cli.main(["serve", str(path), "--engine-cpus", "100000"]) == 2
+    assert "--engine-cpus" in capsys.readouterr().err

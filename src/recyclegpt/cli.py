@@ -546,10 +546,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="where decoding runs: a process of its own (default; this one does HTTP, tokenizing and "
                    "detokenizing, and outlives an engine crash) or a thread of this process (one process, "
                    "for debugging)")
-    p.add_argument("--engine-cpus", type=A.text, default="auto", metavar="auto|none|LIST",
-                   help="the engine process's CPUs, one decoding thread bound to each: auto (default: one CPU of "
-                   "each physical core this process may use), none (no binding; torch's thread count) or a list "
-                   "such as 0-3. OMP_NUM_THREADS, OMP_PLACES and OMP_PROC_BIND, when set, win")
+    p.add_argument("--engine-cpus", type=A.text, default="none", metavar="none|auto|LIST",
+                   help="bind the engine process's decoding threads, one to each CPU: none (default: one thread per "
+                   "physical core, scheduled by the OS; binding gained nothing on a 2-core VM, see docs/serve.md), "
+                   "auto (one CPU of each physical core this process may use) or a list such as 0-3 (e.g. to keep "
+                   "cores free for the API process). OMP_NUM_THREADS, OMP_PLACES and OMP_PROC_BIND, when set, win")
     add_runtime_args(p)
     p.set_defaults(func=run_serve)
 

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from ..decoding.engine import SlotStats
 from ..errors import RecycleError
 from .jobs import EngineDown, Job, QueueFull
-from .options import ServeOptions, parse_cpus
+from .options import ServeOptions, one_per_core, parse_cpus
 from .worker import describe, start_worker
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class ThreadEngine:
 
 class ProcessEngine:
     """The engine in a process of its own (`python -m recyclegpt.serve.process`), which loads the checkpoint
-    itself; its OpenMP threads are bound to `opts.cpus` (one per CPU) unless that is 'none'. It ends when this
+    itself, with one OpenMP thread per physical core, bound to `opts.cpus` when they are given. It ends when this
     process does (Linux: a parent-death signal; elsewhere when it finds its connection closed)."""
 
     def __init__(self, ckpt: str | Path, opts: ServeOptions):
@@ -142,17 +142,16 @@ class ProcessEngine:
 
 
 def engine_environment(opts: ServeOptions) -> dict[str, str]:
-    """The engine process's environment: one OpenMP thread per CPU of opts.cpus, each bound to its CPU
-    (OMP_PLACES / OMP_PROC_BIND, read when the OpenMP runtime starts), unless the user set them already or
-    asked for no binding. opts.threads, when set, caps the thread count."""
+    """The engine process's environment: one OpenMP thread per physical core (opts.threads, when set, instead),
+    and with opts.cpus a list (or 'auto'), each thread bound to one of those CPUs (OMP_PLACES / OMP_PROC_BIND,
+    read when the OpenMP runtime starts). What the user set in these variables wins."""
     env = dict(os.environ)
     cpus = parse_cpus(opts.cpus)
     if cpus is not None:
         env.setdefault("OMP_PLACES", ",".join(f"{{{c}}}" for c in cpus))
         env.setdefault("OMP_PROC_BIND", "close")
-    threads = opts.threads or (len(cpus) if cpus is not None else None)
-    if threads is not None:
-        env.setdefault("OMP_NUM_THREADS", str(threads))
+    threads = opts.threads or len(cpus if cpus is not None else one_per_core(sorted(os.sched_getaffinity(0))))
+    env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
 
 

@@ -29,7 +29,8 @@ class ServeOptions:
     default_max_tokens: int = 16  # OpenAI's default for completions
     request_timeout_s: float = 600.0
     threads: int | None = None  # the engine's intra-op threads (None: one per CPU it runs on / torch's setting)
-    cpus: str = "auto"  # the engine process's CPUs: "auto" (one per physical core), "none" (unbound) or a list
+    cpus: str = "none"  # bind the engine process's threads: "none" (the OS schedules them), "auto" (one CPU of each
+    # physical core) or a list of CPUs
     device: str = "auto"  # the engine process loads the checkpoint on this device, in this dtype
     dtype: str = "auto"
 
