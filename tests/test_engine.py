@@ -247,6 +247,46 @@ def test_a_batch_ladder_compiles_each_batch_once_and_uses_the_smallest_compiled(
         engine.warm_up(shape, 3)
 
 
+def test_load_aware_drafting_follows_the_measured_costs_and_keeps_the_text(pair):
+    """`load_aware`: a greedy verify round runs without drafts (one token per row, the module's catch-up
+    kept) when, by the rounds' measured seconds and the live acceptance, that gives more tokens per second;
+    an undrafted round is tried once to measure it; after REFRESH_ROUNDS undrafted rounds a drafted one
+    refreshes the acceptance; sampled rounds always draft. The greedy text equals `ar` whatever ran."""
+    from recyclegpt.decoding import engine as engine_module
+
+    model, module = pair
+    engine = Engine(model, module, 2, width=3, load_aware=True)
+    verify = GenerationConfig(mode="verify", k=3, max_new_tokens=80)
+    engine.admit(0, PROMPTS[0], verify)
+    drafted, undrafted = engine.shapes_for(verify)[0], Engine.undrafted_shape(engine.shapes_for(verify)[0])
+    assert (undrafted.width, undrafted.chain, undrafted.module, undrafted.sampled) == (0, 0, True, False)
+    engine.step()
+    assert engine.last_shape == drafted  # nothing measured: drafted
+    engine.step()
+    assert engine.last_shape == undrafted and engine.stats.undrafted == 1  # the undrafted round, measured once
+    shapes = []
+    for drafted_s, undrafted_s in [(1e-3, 1.0)] * 3 + [(1.0, 1e-6)] * (engine_module.REFRESH_ROUNDS + 2):
+        engine.costs[(drafted, 2)], engine.costs[(undrafted, 2)] = drafted_s, undrafted_s
+        engine.step()
+        shapes.append(engine.last_shape)
+    R = engine_module.REFRESH_ROUNDS
+    assert shapes[:3] == [drafted] * 3  # drafts pay: drafted
+    assert shapes[3:3 + R] == [undrafted] * R and shapes[3 + R] == drafted  # then undrafted, one refresh
+    while engine.decoding():
+        engine.step()
+    assert engine.request(0).generated == alone(model, module, PROMPTS[0], mode="ar", max_new_tokens=80)
+    assert engine.request(0).stats.k_used.count(0) == engine.stats.undrafted
+
+    sampled = Engine(model, module, 2, width=3, load_aware=True)
+    sampled.admit(0, PROMPTS[1], GenerationConfig(mode="verify", k=3, max_new_tokens=20, temperature=1.0, seed=1))
+    (shape,) = sampled.shapes_for(sampled.request(0).cfg)
+    sampled.costs[(shape, 2)], sampled.costs[(Engine.undrafted_shape(shape), 2)] = 1.0, 1e-6
+    while sampled.decoding():
+        sampled.step()
+        assert sampled.last_shape.sampled and sampled.last_shape.width == 3
+    assert sampled.stats.undrafted == 0
+
+
 def test_batch_ladders_are_checked(pair):
     model, module = pair
     assert Engine(model, module, 8, batches=(4, 1, 2)).batches == [1, 2, 4, 8]

@@ -529,6 +529,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    "shipped code and prose prompts; cached like `recyclegpt tune`) and serve the fastest; its "
                    "depth replaces --max-k")
     p.add_argument("--tree-topk", type=A.tree_topk, default=2, metavar="C", help="children per tree node (default 2)")
+    p.add_argument("--load-aware", action=argparse.BooleanOptionalAction, default=True,
+                   help="a greedy round whose drafts cost more than they bring at the current load (many rows, "
+                   "low acceptance) runs without them, judged from the rounds' measured seconds and the live "
+                   "acceptance (default on; the text is the same either way; sampled rounds always draft)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the decoding rounds (default on: the greedy ones of the smallest and the widest "
                    "batch and the sampled ones of the widest at start, /health answering ready once done, the rest "
@@ -582,8 +586,8 @@ def run_serve(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_threads()
     run_server(a.ckpt, a.host, a.port, engine=a.engine, cpus=a.engine_cpus, device=a.device, dtype=a.dtype,
-               model_name=a.model_name, slots=a.slots,
-               batches=a.batches, compile=a.compile, width=a.max_k, default_k=a.k, tree=a.tree, tree_topk=a.tree_topk,
+               model_name=a.model_name, slots=a.slots, batches=a.batches, load_aware=a.load_aware,
+               compile=a.compile, width=a.max_k, default_k=a.k, tree=a.tree, tree_topk=a.tree_topk,
                api_key=a.api_key or os.environ.get("RECYCLEGPT_API_KEY") or None, max_queue=a.max_queue,
                max_body_bytes=a.max_body_bytes, max_tokens_limit=a.max_tokens_limit,
                request_timeout_s=a.request_timeout)

@@ -49,6 +49,9 @@ from .sampling import pick
 from .stops import Decodes, StopChecker, StopFn
 from .tree import tree_candidates
 
+COST_DECAY = 0.9  # weight of the past in a round shape's measured seconds (`Engine.costs`)
+REFRESH_ROUNDS = 32  # load-aware drafting: after this many undrafted rounds in a row, one drafted round
+
 
 @dataclass
 class SlotOutput:
@@ -99,6 +102,7 @@ class EngineStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     batches: dict[int, int] = field(default_factory=dict)  # rounds per batch size
+    undrafted: int = 0  # greedy drafting rounds run without drafts because the load made that faster (`load_aware`)
 
 
 @dataclass
@@ -183,7 +187,7 @@ class Engine:
 
     def __init__(self, model: FullModel, module: RecyclableModule | None, slots: int, compile: bool = False,
                  tokenizer: Decodes | None = None, stop_fn: StopFn | None = None, width: int | None = None,
-                 batches: Sequence[int] | None = None):
+                 batches: Sequence[int] | None = None, load_aware: bool = False):
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise RecycleError(f"slots must be an integer >= 1, got {slots!r}")
         # The batch sizes a round may run at; the busy slots fill the first rows (see the module docstring).
@@ -232,7 +236,13 @@ class Engine:
         self._row_of: dict[int, int] = {}  # busy slot -> its row (rows 0..len-1 where rows move: `_compact`)
         self._slot_at: list[int | None] = [None] * B  # row -> the slot in it
         self._compiled: set[tuple[RoundShape, int]] = set()  # (shape, batch) graphs that have run
+        # load_aware: a greedy round whose drafts cost more than they bring at this batch runs without them
+        # (`_fit_to_load`), judged from the rounds' measured seconds and the rows' live acceptance
+        self.load_aware = load_aware
+        self.costs: dict[tuple[RoundShape, int], float] = {}  # seconds per round, a moving average
+        self._undrafted_run = 0  # consecutive rounds `_fit_to_load` ran without drafts
         self.last_batch = 0  # the rows the latest round ran over
+        self.last_shape: RoundShape | None = None  # the latest round's shape
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ slots
@@ -507,6 +517,42 @@ class Engine:
             width, chain = (self.width if width else 0), (self.width if chain else 0)
         return RoundShape(width, chain, module, sampled, filtered=filtered)
 
+    @staticmethod
+    def undrafted_shape(shape: RoundShape) -> RoundShape:
+        """A greedy chain round's shape without drafts: one token per row, the module's catch-up kept (so the
+        next round can draft again)."""
+        return RoundShape(0, 0, shape.module, False, filtered=shape.filtered)
+
+    def _fit_to_load(self, shape: RoundShape, plans: dict[int, _Plan]) -> tuple[RoundShape, dict[int, _Plan]]:
+        """Load-aware drafting: run this round without drafts when that yields more tokens per second.
+
+        Drafts pay while a k+1-token pass costs little more than a one-token pass; with many rows busy the
+        wider pass costs more, and drafts that are often rejected stop paying. From the measured seconds of
+        both rounds at their batch and each row's live acceptance: undrafted when rows / cost(undrafted) >
+        sum(1 + E[accepted drafts]) / cost(drafted). Only greedy module-chain rounds (their text does not
+        depend on which rounds run; a seeded sampled request keeps the draws it would make offline), and only
+        with the undrafted graph compiled already. An undrafted round is tried once per batch to measure it,
+        and after REFRESH_ROUNDS undrafted rounds in a row a drafted one runs to refresh the acceptance."""
+        if shape.sampled or shape.tree or not shape.chain or any(p.force or p.host is not None
+                                                                  for p in plans.values()):
+            return shape, plans
+        plain = self.undrafted_shape(shape)
+        b_drafted, b_plain = self._batch(shape), self._batch(plain)
+        if self.compile and (plain, b_plain) not in self._compiled:
+            return shape, plans
+        drafted_s, plain_s = self.costs.get((shape, b_drafted)), self.costs.get((plain, b_plain))
+        if drafted_s is None or self._undrafted_run >= REFRESH_ROUNDS:
+            self._undrafted_run = 0
+            return shape, plans
+        if plain_s is not None:
+            tokens = sum(1 + self._slots[b].trackers["module"].expected_accepted(p.lens) for b, p in plans.items())
+            if tokens / drafted_s >= len(plans) / plain_s:
+                self._undrafted_run = 0
+                return shape, plans
+        self._undrafted_run += 1
+        self.stats.undrafted += 1
+        return plain, {b: _Plan(0, 0) for b in plans}
+
     def _tree_shape(self, nodes: int, depth: int, topk: int, module: bool, sampled: bool,
                     filtered: bool) -> RoundShape:
         """The tree round for these needs; a fixed-width engine's trees are always `width` deep. Admission
@@ -525,8 +571,11 @@ class Engine:
         t0 = time.perf_counter()
         plans = {b: self._slots[b].plan(b) for b in active}
         shape = self._shape(plans)
+        if self.load_aware:
+            shape, plans = self._fit_to_load(shape, plans)
         batch = self._batch(shape)
         state = SlotState(*self._rows(self.state, batch))
+        t_round = time.perf_counter()
         vals, state = self._round_fn(shape, batch)(state, self._inputs(shape, plans, batch))
         if self.compile:
             self._compiled.add((shape, batch))
@@ -536,8 +585,11 @@ class Engine:
             for full, part in zip(self.state, state, strict=True):
                 full[:batch] = part
         rows = vals.tolist()  # the round's one host sync
+        seconds = time.perf_counter() - t_round
+        known = self.costs.get((shape, batch))
+        self.costs[(shape, batch)] = seconds if known is None else COST_DECAY * known + (1 - COST_DECAY) * seconds
         self.stats.steps += 1
-        self.last_batch = batch
+        self.last_batch, self.last_shape = batch, shape
         self.stats.batches[batch] = self.stats.batches.get(batch, 0) + 1
         self.stats.module_passes += shape.module_passes
         outputs: list[SlotOutput | None] = [None] * self.slots

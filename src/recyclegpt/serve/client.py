@@ -7,11 +7,12 @@ comes back into each request's events; it starts the engine, sees it die, and st
     event = await job.next_event()       # JobEvent(text, finish, ...) pieces as rounds accept tokens
     client.cancel(job)                   # a client that went away: its slot is freed at once
 
-One thread reads the engine's messages: it detokenizes tokens into their `Job`s (so the engine process does no
-text work) and feeds the metrics. When the connection closes without a stop, the engine died: the requests it
-had taken fail with 503 (their text so far cannot be resumed), the ones still waiting in its queue are sent
-again to a fresh engine (started with a backoff), and `state` says 'degraded' until it is ready. An engine
-that dies `max_failed_starts` times in a row before serving a round is given up: 'error', every request 503.
+One thread reads the engine's messages: it detokenizes tokens into their `Job`s (so the engine process does
+no text work) and feeds the metrics. Another writes to the engine, so a request handler never waits on it.
+When the connection closes without a stop, the engine died: the requests it had taken fail with 503 (their
+text so far cannot be resumed), the ones still waiting in its queue are sent again to a fresh engine
+(started with a backoff), and `state` says 'degraded' until it is ready. An engine that dies
+`max_failed_starts` times in a row before serving a round is given up: 'error', every request 503.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -46,7 +48,7 @@ STOP_TIMEOUT_S = 10.0  # an engine told to stop that has not ended after this lo
 class Metrics(Protocol):
     """What the client reports (the server's Prometheus metrics implement it)."""
 
-    def step(self, seconds: float, batch: int) -> None: ...
+    def step(self, seconds: float, batch: int, kind: str, undrafted: bool) -> None: ...
 
     def finished(self, job: Job, stats: SlotStats) -> None: ...
 
@@ -171,11 +173,18 @@ class EngineClient:
         self.loaded = threading.Event()  # the engine has loaded the model (or given up trying)
         self._jobs: dict[int, Job] = {}  # rid -> a request the engine holds (waiting or decoding)
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # _jobs and sending
+        self._lock = threading.Lock()  # _jobs, and posting what depends on them
+        # Messages to the engine go through a writer thread: a request handler never blocks on the engine
+        # (which reads between rounds, not while it compiles a graph). Each carries the generation of the
+        # engine it was meant for, so nothing queued for a dead engine reaches its successor twice.
+        self._outbox: queue.SimpleQueue[tuple[int, tuple] | None] = queue.SimpleQueue()
+        self._generation = 0
+        self._switch = threading.Lock()  # the handle and its generation change together
         self._served = False  # the current engine has run a round
         self._said: str | None = None  # what the current engine said when it died
         self._stopping = threading.Event()
         self._reader = threading.Thread(target=self._run, name="recyclegpt-engine-client", daemon=True)
+        self._writer = threading.Thread(target=self._write, name="recyclegpt-engine-writer", daemon=True)
 
     # ---- any thread
     def start(self) -> None:
@@ -183,6 +192,7 @@ class EngineClient:
         if self.handle is None:
             self.handle = self.launch()
             self._reader.start()
+            self._writer.start()
 
     def wait_loaded(self) -> None:
         """Block until the engine has loaded the model; RecycleError with its reason if it could not."""
@@ -198,23 +208,24 @@ class EngineClient:
                 raise QueueFull(f"the server's queue is full ({self.opts.max_queue} requests waiting); retry later")
             job.rid = next(self._ids)
             self._jobs[job.rid] = job
-            self._send(job)
+            self._post_add(job)  # under the lock: a restart's resend and this send never both happen
 
     def cancel(self, job: Job) -> None:
         job.cancelled = True
         with self._lock:
             if self._jobs.pop(job.rid, None) is not None:
-                self._send_quietly(("cancel", job.rid))
+                self._post(("cancel", job.rid))
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         self._stopping.set()
         handle = self.handle
         if handle is None:
             return
-        with self._lock:
-            self._send_quietly(("stop",))
+        self._post(("stop",))
         handle.stop(timeout)  # its end of the connection closes: the reader thread sees that and returns
         self._reader.join(timeout)
+        self._outbox.put(None)
+        self._writer.join(timeout)
         handle.conn.close()
 
     @property
@@ -240,17 +251,30 @@ class EngineClient:
             return f"the decoding engine is restarting after a failure ({self.last_error}); retry shortly"
         return "the server is warming up (compiling its decoding graphs); retry when /health answers 200"
 
-    def _send(self, job: Job) -> None:
-        """Send a request (under the lock). Its time limit runs from its arrival, across restarts."""
+    def _post_add(self, job: Job) -> None:
+        """Send a request. Its time limit runs from its arrival, across restarts."""
         left = 1e9 if job.deadline is None else max(0.0, job.deadline - time.monotonic())
-        self._send_quietly(("add", job.rid, job.prompt_ids, job.config, left))
+        self._post(("add", job.rid, job.prompt_ids, job.config, left))
 
-    def _send_quietly(self, msg: tuple) -> None:
-        """Send, unless the engine is gone: the reader thread then handles its end."""
-        try:
-            self.handle.conn.send(msg)
-        except (OSError, ValueError):
-            pass
+    def _post(self, msg: tuple) -> None:
+        self._outbox.put((self._generation, msg))
+
+    # ---- the writer thread
+    def _write(self) -> None:
+        """Send what was posted, in order, to the engine it was meant for; a dead engine's messages are
+        dropped (the reader thread handles its end)."""
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            generation, msg = item
+            with self._switch:
+                if generation != self._generation:
+                    continue
+                try:
+                    self.handle.conn.send(msg)
+                except (OSError, ValueError):
+                    pass
 
     # ---- the reader thread
     def _run(self) -> None:
@@ -272,14 +296,15 @@ class EngineClient:
             if self._stopping.wait(min(0.05 * 2 ** failed_starts, 5.0)):  # a crash loop must not spin
                 return
             try:
-                self.handle, self._served, self._said = self.launch(), False, None
+                handle = self.launch()
             except Exception as e:  # cannot even start an engine: nothing to restart
                 log.exception("starting a new engine failed")
                 self._give_up(failed_starts, describe(e))
                 return
-            with self._lock:  # what waited in the dead engine's queue waits in the new one's
-                for job in self._jobs.values():
-                    self._send(job)
+            with self._lock, self._switch:
+                self.handle, self._generation, self._served, self._said = handle, self._generation + 1, False, None
+                for job in self._jobs.values():  # what waited in the dead engine's queue waits in the new one's
+                    self._post_add(job)
 
     def _read(self, conn: Connection) -> None:
         """Dispatch the engine's messages until its connection closes."""

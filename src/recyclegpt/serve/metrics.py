@@ -28,6 +28,12 @@ class Metrics:
         self.steps_by_batch = Counter("recyclegpt_engine_steps_by_batch", "decoding rounds by the rows they ran "
                                       "(the smallest compiled batch that holds the busy slots)", ["batch"],
                                       registry=r)
+        self.steps_by_round = Counter("recyclegpt_engine_steps_by_round", "decoding rounds by their kind (e.g. "
+                                      "'verify k=3', 'ar', 'ar+module': a drafting round run without drafts)",
+                                      ["kind"], registry=r)
+        self.steps_undrafted = Counter("recyclegpt_engine_steps_undrafted", "greedy drafting rounds run without "
+                                       "drafts because at the load they were faster per token (load-aware drafting)",
+                                       registry=r)
         self.step_seconds = Histogram("recyclegpt_engine_step_seconds", "seconds per decoding round", registry=r,
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
         self.queue_depth = Gauge("recyclegpt_queue_depth", "requests waiting for a slot", registry=r)
@@ -55,9 +61,12 @@ class Metrics:
         self.slots.set(engine.opts.slots)
 
     # ---- client.Metrics (called on the thread that reads the engine's messages)
-    def step(self, seconds: float, batch: int) -> None:
+    def step(self, seconds: float, batch: int, kind: str, undrafted: bool) -> None:
         self.steps.inc()
         self.steps_by_batch.labels(batch=str(batch)).inc()
+        self.steps_by_round.labels(kind=kind).inc()
+        if undrafted:
+            self.steps_undrafted.inc()
         self.step_seconds.observe(seconds)
 
     def finished(self, job: Job, stats: SlotStats) -> None:

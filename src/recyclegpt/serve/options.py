@@ -22,6 +22,7 @@ class ServeOptions:
     tree: int | str = 0  # verify requests draft trees of this many nodes (0: chains), `width` deep;
     # "auto": the engine measures chains and trees when it starts (`decoding.auto`) and sets width and tree
     tree_topk: int = 2
+    load_aware: bool = True  # a greedy round runs without drafts when that is faster at the load (`Engine`)
     api_key: str | None = None
     max_queue: int = 256
     max_body_bytes: int = 1 << 20

@@ -14,7 +14,8 @@ Messages, tuples pickled by `multiprocessing.connection` (request ids and token 
       ("status", info)            the same, after each graph compiled when idle
       ("taken", rid)              the request left the queue for a slot and is being prefilled
       ("out", step, outputs)      new tokens, outputs = [(rid, tokens, finish, produced, stats or None)], after an
-                                  admission (step None) or a round (step = (seconds, batch))
+                                  admission (step None) or a round (step = (seconds, batch, round kind,
+                                  undrafted: the load made a drafting round run without drafts))
       ("fail", rid, message, status)   the request failed: 400 refused at admission, 500 failed
       ("died", message)           the loop ends by a failure (when it can still say so)
 
@@ -69,7 +70,7 @@ def start_worker(bundle, opts: ServeOptions, conn: Connection) -> Worker:
     if opts.tree == "auto":
         choose_server_draft(bundle, opts)
     engine = Engine(bundle.model, bundle.module, opts.slots, compile=opts.compile, tokenizer=bundle.tokenizer,
-                    width=opts.width, batches=opts.batches or ladder(opts.slots))
+                    width=opts.width, batches=opts.batches or ladder(opts.slots), load_aware=opts.load_aware)
     conn.send(("loaded", dict(width=opts.width, tree=opts.tree, tree_topk=opts.tree_topk, default_k=opts.default_k)))
     return Worker(engine, conn, tree=(int(opts.tree), opts.tree_topk))
 
@@ -100,6 +101,7 @@ class Worker:
         self.rows: dict[int, Request] = {}  # slot -> the request decoding in it
         self.later: list[tuple[RoundShape, int]] = []  # graphs compiled when idle
         self.warmup_s = 0.0
+        self._undrafted = 0  # the engine's count of undrafted rounds at the last round
 
     def serve(self) -> None:
         """Warm up, then serve until the API says stop or goes away. A failure that escapes is sent as 'died'
@@ -180,10 +182,12 @@ class Worker:
         modes = ("ar", "verify", "recycle") if nodes else ("ar", "verify")  # recycle rows make chain rounds
         tree = dict(tree=nodes, tree_topk=topk) if nodes else {}
         sampling = ({}, dict(temperature=1.0), dict(temperature=1.0, top_p=0.9))  # greedy, sampled, filtered
-        shapes = sorted({s for kw in sampling for mode in modes
-                         for s in e.shapes_for(GenerationConfig(mode=mode, k=e.width, **kw,
-                                                                **(tree if mode == "verify" else {})))},
-                        key=lambda s: (s.sampled, s.filtered, s.width))
+        shapes = {s for kw in sampling for mode in modes
+                  for s in e.shapes_for(GenerationConfig(mode=mode, k=e.width, **kw,
+                                                         **(tree if mode == "verify" else {})))}
+        if e.load_aware:  # greedy drafting rounds may run without drafts (`Engine._fit_to_load`)
+            shapes |= {e.undrafted_shape(s) for s in shapes if not s.sampled and s.chain and not s.tree}
+        shapes = sorted(shapes, key=lambda s: (s.sampled, s.filtered, s.width, s.module))
         ends = sorted({e.batches[0], e.batches[-1]})
         now = [(s, b) for s in shapes if not s.sampled for b in ends]
         now += [(s, ends[-1]) for s in shapes if s.sampled]
@@ -262,7 +266,10 @@ class Worker:
                 self.conn.send(("fail", r.rid, f"decoding failed: {describe(e)}", 500))
                 self._release(slot)
             return
-        step = (time.perf_counter() - t0, self.engine.last_batch)
+        e = self.engine
+        undrafted = e.stats.undrafted > self._undrafted
+        self._undrafted = e.stats.undrafted
+        step = (time.perf_counter() - t0, e.last_batch, compiled.round_kind(e.last_shape), undrafted)
         self.conn.send(("out", step, [self._output(slot, r, outs[slot]) for slot, r in rows.items()
                                       if outs[slot] is not None]))
 
