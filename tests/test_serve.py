@@ -280,7 +280,8 @@ def test_a_failing_round_fails_its_requests_only(bundle, monkeypatch):
         metrics = httpx.get(s.url + "/metrics").text
         for name in ("recyclegpt_requests_total", "recyclegpt_queue_depth", "recyclegpt_busy_slots",
                      "recyclegpt_tau", "recyclegpt_generation_tokens_total",
-                     'recyclegpt_engine_steps_by_round_total{kind="ar"}', "recyclegpt_engine_steps_undrafted_total"):
+                     'recyclegpt_engine_steps_by_round_total{kind="verify k=3"}',
+                     "recyclegpt_engine_steps_undrafted_total"):
             assert name in metrics
 
 
