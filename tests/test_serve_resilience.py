@@ -129,10 +129,11 @@ def test_a_seeded_request_samples_what_the_api_samples(server, bundle, mode):
 
 
 # ------------------------------------------------------------------ failures stay with their request
-def engine_side(m, slots: int = 4, compile: bool = False, batches=None):
+def engine_side(m, slots: int = 4, compile: bool = False, batches=None, load_aware: bool = False):
     """(a `Worker` over the tiny model, the API's end of its connection, held by the test)."""
     api, theirs = multiprocessing.Pipe()
-    engine = Engine(m.model, m.module, slots, compile=compile, tokenizer=m.tokenizer, width=3, batches=batches)
+    engine = Engine(m.model, m.module, slots, compile=compile, tokenizer=m.tokenizer, width=3, batches=batches,
+                    load_aware=load_aware)
     return Worker(engine, theirs), api
 
 
@@ -596,3 +597,10 @@ def test_the_engine_compiles_the_rest_of_the_ladder_when_idle_and_survives_a_fai
     assert sum(b == [1, 2, 4] for b in done.values()) == len(done) - 1
     statuses = [msg[1] for msg in received(api)]
     assert [st["later"] for st in statuses] == list(range(9, -1, -1)) and statuses[-1]["compiled"] == done
+
+    # load-aware drafting: its undrafted graphs come first among those compiled when idle, widest batch first
+    worker, _ = engine_side(m, compile=True, batches=(1, 2), load_aware=True)
+    with torch.inference_mode():
+        worker._warm_up()
+    undrafted = Engine.undrafted_shape(worker.engine.shapes_for(GenerationConfig(mode="verify", k=3))[0])
+    assert worker.later[:3] == [(undrafted, 4), (undrafted, 2), (undrafted, 1)] and len(worker.later) == 13

@@ -173,7 +173,8 @@ class Worker:
     def _warm_up(self) -> None:
         """Compile before serving: the greedy graphs at the smallest and the widest batch and the sampled ones
         at the widest (no round waits for a compile, and a lone greedy request runs at batch 1); the rest
-        go to `later`: the greedy ones of the batches in between first, then the sampled ones."""
+        go to `later`: the undrafted ones of load-aware drafting first (it uses them only once compiled),
+        then the greedy ones of the batches in between, then the sampled ones."""
         if not self.engine.compile:
             return
         t0 = time.perf_counter()
@@ -182,16 +183,17 @@ class Worker:
         modes = ("ar", "verify", "recycle") if nodes else ("ar", "verify")  # recycle rows make chain rounds
         tree = dict(tree=nodes, tree_topk=topk) if nodes else {}
         sampling = ({}, dict(temperature=1.0), dict(temperature=1.0, top_p=0.9))  # greedy, sampled, filtered
-        shapes = {s for kw in sampling for mode in modes
-                  for s in e.shapes_for(GenerationConfig(mode=mode, k=e.width, **kw,
-                                                         **(tree if mode == "verify" else {})))}
-        if e.load_aware:  # greedy drafting rounds may run without drafts (`Engine._fit_to_load`)
-            shapes |= {e.undrafted_shape(s) for s in shapes if not s.sampled and s.chain and not s.tree}
-        shapes = sorted(shapes, key=lambda s: (s.sampled, s.filtered, s.width, s.module))
+        shapes = sorted({s for kw in sampling for mode in modes
+                         for s in e.shapes_for(GenerationConfig(mode=mode, k=e.width, **kw,
+                                                                **(tree if mode == "verify" else {})))},
+                        key=lambda s: (s.sampled, s.filtered, s.width))
+        undrafted = sorted({e.undrafted_shape(s) for s in shapes if not s.sampled and s.chain and not s.tree}
+                           if e.load_aware else set(), key=lambda s: s.filtered)
         ends = sorted({e.batches[0], e.batches[-1]})
         now = [(s, b) for s in shapes if not s.sampled for b in ends]
         now += [(s, ends[-1]) for s in shapes if s.sampled]
-        self.later = [(s, b) for s in shapes if not s.sampled for b in e.batches if b not in ends]
+        self.later = [(s, b) for s in undrafted for b in reversed(e.batches)]  # widest first: where drafts pay least
+        self.later += [(s, b) for s in shapes if not s.sampled for b in e.batches if b not in ends]
         self.later += [(s, b) for s in shapes if s.sampled for b in e.batches[:-1]]
         for shape, batch in now:
             log.info("compiling the decoding round %s", compiled.shape_label(shape, batch, e.dtype))
