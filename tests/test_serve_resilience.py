@@ -463,6 +463,27 @@ def test_killing_the_engine_process_is_a_503_and_a_fresh_engine_serves_on(bundle
     assert first.proc.poll() is not None and second.proc.poll() == 0  # stopped with the server, nothing left
 
 
+def test_a_hung_engine_process_is_killed_and_replaced(bundle):
+    """An engine that holds requests and says nothing for --engine-timeout (here: stopped with SIGSTOP
+    mid-stream) is killed: its request gets a 503 saying so, and a fresh engine serves the next one."""
+    path, m = bundle
+    app = create_app(path, _process_opts(slots=2, engine_timeout_s=1.0))
+    with LiveServer(app) as s:
+        first = app.state.engine.handle
+        with httpx.stream("POST", s.url + "/v1/completions", headers=AUTH, json={
+                **A, "prompt": "The", "max_tokens": 240, "stream": True, "ignore_eos": True}) as r:
+            lines = r.iter_lines()
+            next(lines)  # decoding
+            os.kill(first.pid, signal.SIGSTOP)
+            rest = [line for line in lines if line]
+        errors = [json.loads(line[6:])["error"] for line in rest if line.startswith('data: {"error"')]
+        assert len(errors) == 1 and "stopped answering" in errors[0]["message"], errors
+        wait_for(lambda: health(s)["status"] == "ok", "no fresh engine", 60)
+        assert health(s)["restarts"] == 1 and app.state.engine.handle.pid != first.pid
+        assert post(s, {**A, "max_tokens": 8, "temperature": 0}).json()["choices"][0]["text"] == offline_ar(m, "def", 8)
+    assert first.proc.poll() == -signal.SIGKILL
+
+
 def test_serve_stops_with_a_one_line_error_when_the_engine_cannot_load(bundle, tmp_path, capsys):
     path, _ = bundle
     bad = tmp_path / "bad"

@@ -546,6 +546,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=A.positive_int, default=1 << 20, help="request size limit (default 1 MiB)")
     p.add_argument("--request-timeout", type=A.positive_float, default=600.0,
                    help="seconds a request may take, queue included (default 600)")
+    p.add_argument("--engine-timeout", type=A.positive_float, default=120.0,
+                   help="an engine that holds requests and sends nothing for this many seconds is taken as hung: "
+                   "killed (its requests get a 503) and restarted (default 120)")
     p.add_argument("--engine", choices=["process", "thread"], default="process",
                    help="where decoding runs: a process of its own (default; this one does HTTP, tokenizing and "
                    "detokenizing, and outlives an engine crash) or a thread of this process (one process, "
@@ -590,7 +593,7 @@ def run_serve(a: argparse.Namespace) -> int:
                compile=a.compile, width=a.max_k, default_k=a.k, tree=a.tree, tree_topk=a.tree_topk,
                api_key=a.api_key or os.environ.get("RECYCLEGPT_API_KEY") or None, max_queue=a.max_queue,
                max_body_bytes=a.max_body_bytes, max_tokens_limit=a.max_tokens_limit,
-               request_timeout_s=a.request_timeout)
+               request_timeout_s=a.request_timeout, engine_timeout_s=a.engine_timeout)
     return 0
 
 

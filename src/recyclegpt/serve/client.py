@@ -68,6 +68,10 @@ class EngineHandle(Protocol):
         """Wait up to `timeout` for the engine to end after 'stop' (or its connection closing); then end it."""
         ...
 
+    def kill(self) -> None:
+        """End a hung engine now (its connection then closes)."""
+        ...
+
 
 class ThreadEngine:
     """The engine on a thread of this process, over an already loaded model (`create_app(bundle, ...)`: tests,
@@ -106,6 +110,10 @@ class ThreadEngine:
     def stop(self, timeout: float) -> None:
         self.thread.join(timeout)
 
+    def kill(self) -> None:
+        log.error("the engine thread is hung and a thread cannot be killed: restart the server (the engine "
+                  "process of `recyclegpt serve`, the default, is killed and restarted instead)")
+
 
 class ProcessEngine:
     """The engine in a process of its own (`python -m recyclegpt.serve.process`), which loads the checkpoint
@@ -141,6 +149,9 @@ class ProcessEngine:
             log.warning("the engine process did not stop within %.0f s: killing it", timeout)
             self.proc.kill()
             self.proc.wait()
+
+    def kill(self) -> None:
+        self.proc.kill()
 
 
 def engine_environment(opts: ServeOptions) -> dict[str, str]:
@@ -182,9 +193,11 @@ class EngineClient:
         self._switch = threading.Lock()  # the handle and its generation change together
         self._served = False  # the current engine has run a round
         self._said: str | None = None  # what the current engine said when it died
+        self._heard = time.monotonic()  # the engine's last message, or when it was last given work while idle
         self._stopping = threading.Event()
         self._reader = threading.Thread(target=self._run, name="recyclegpt-engine-client", daemon=True)
         self._writer = threading.Thread(target=self._write, name="recyclegpt-engine-writer", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="recyclegpt-engine-watchdog", daemon=True)
 
     # ---- any thread
     def start(self) -> None:
@@ -193,6 +206,7 @@ class EngineClient:
             self.handle = self.launch()
             self._reader.start()
             self._writer.start()
+            self._watchdog.start()
 
     def wait_loaded(self) -> None:
         """Block until the engine has loaded the model; RecycleError with its reason if it could not."""
@@ -206,6 +220,8 @@ class EngineClient:
         with self._lock:
             if sum(not j.taken for j in self._jobs.values()) >= self.opts.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.opts.max_queue} requests waiting); retry later")
+            if not self._jobs:  # an idle engine's silence so far is not a hang
+                self._heard = time.monotonic()
             job.rid = next(self._ids)
             self._jobs[job.rid] = job
             self._post_add(job)  # under the lock: a restart's resend and this send never both happen
@@ -259,6 +275,20 @@ class EngineClient:
     def _post(self, msg: tuple) -> None:
         self._outbox.put((self._generation, msg))
 
+    # ---- the watchdog thread
+    def _watch(self) -> None:
+        """An engine that holds requests and has said nothing for opts.engine_timeout_s is hung (a deadlock, a
+        stuck kernel): kill it, so its requests get their 503 and a fresh engine serves the rest. A round, a
+        prefill or a graph compiled when idle each take far less."""
+        while not self._stopping.wait(min(1.0, self.opts.engine_timeout_s / 4)):
+            silent = time.monotonic() - self._heard
+            if self._jobs and self.ready.is_set() and silent > self.opts.engine_timeout_s:
+                log.error("the decoding engine said nothing for %.0f s while holding %d requests: killing it",
+                          silent, len(self._jobs))
+                self._said = f"the engine stopped answering for {silent:.0f} s and was killed"
+                self._heard = time.monotonic()
+                self.handle.kill()
+
     # ---- the writer thread
     def _write(self) -> None:
         """Send what was posted, in order, to the engine it was meant for; a dead engine's messages are
@@ -303,6 +333,7 @@ class EngineClient:
                 return
             with self._lock, self._switch:
                 self.handle, self._generation, self._served, self._said = handle, self._generation + 1, False, None
+                self._heard = time.monotonic()
                 for job in self._jobs.values():  # what waited in the dead engine's queue waits in the new one's
                     self._post_add(job)
 
@@ -313,6 +344,7 @@ class EngineClient:
                 msg = conn.recv()
             except (EOFError, OSError):
                 return
+            self._heard = time.monotonic()
             try:
                 self._dispatch(msg)
             except Exception:  # a bug here must not stop the reading: log it and go on

@@ -29,6 +29,7 @@ class ServeOptions:
     max_tokens_limit: int | None = None  # None: the context
     default_max_tokens: int = 16  # OpenAI's default for completions
     request_timeout_s: float = 600.0
+    engine_timeout_s: float = 120.0  # an engine holding requests that says nothing for this long is hung: killed
     threads: int | None = None  # the engine's intra-op threads (None: one per CPU it runs on / torch's setting)
     cpus: str = "none"  # bind the engine process's threads: "none" (the OS schedules them), "auto" (one CPU of each
     # physical core) or a list of CPUs
