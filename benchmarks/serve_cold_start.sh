@@ -9,23 +9,16 @@ CKPT="${1:-$ROOT/src/recyclegpt/assets/shipped}"
 shift || true
 RG="$ROOT/.venv/bin/recyclegpt"
 PORT=8124
-TMP="$(mktemp -d /tmp/recyclegpt-cold-XXXXXX)"
-PID=""
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null; rm -rf "$TMP"; }
-trap cleanup EXIT
+# shellcheck source=serve_lib.sh
+source "$ROOT/benchmarks/serve_lib.sh"
 
-cold() {  # label, then env assignments
+cold() {  # label, then the environment to start the server with
   local label="$1"; shift
-  local t0; t0=$(date +%s.%N)
+  local t0; t0="$(now)"
   env "$@" "$RG" serve "$CKPT" --port "$PORT" "${ARGS[@]}" >"$TMP/server.log" 2>&1 & PID=$!
-  until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
-    if ! kill -0 "$PID" 2>/dev/null; then echo "the server exited; its log:" >&2; tail -20 "$TMP/server.log" >&2; exit 1; fi
-    sleep 0.5
-  done
-  python3 -c "import sys; print(f'{sys.argv[1]}: ready after {float(sys.argv[3]) - float(sys.argv[2]):.1f} s')" \
-    "$label" "$t0" "$(date +%s.%N)"
+  echo "$label:"; wait_ready "$t0"
   curl -s "http://127.0.0.1:$PORT/health"; echo
-  kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
+  stop
 }
 
 ARGS=("$@")

@@ -22,24 +22,12 @@ SLOTS="${SLOTS:-8}"
 LANES="${LANES:-offline recyclegpt llama vllm}"
 PREFIX="${PREFIX:-serve_compare}"
 PORT=8123
-TMP="$(mktemp -d /tmp/recyclegpt-serve-compare-XXXXXX)"
-PID=""
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null; rm -rf "$TMP"; }
-trap cleanup EXIT
+# shellcheck source=serve_lib.sh
+source "$ROOT/benchmarks/serve_lib.sh"
 
 DTYPE="${DTYPE:-$("$PY" -c 'import torch; from recyclegpt.runtime import resolve_dtype
 print(str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch."))')}"
 echo "dtype: $DTYPE; levels: $LEVELS; slots: $SLOTS"
-
-wait_ready() {  # /health answers 200 (recyclegpt: once compiled; the others: once loaded); prints the seconds
-  local t0=$SECONDS
-  for _ in $(seq 1 900); do
-    if curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then echo "  ready after $((SECONDS - t0)) s"; return 0; fi
-    if ! kill -0 "$PID" 2>/dev/null; then echo "the server exited; its log:" >&2; tail -20 "$TMP/server.log" >&2; return 1; fi
-    sleep 1
-  done
-  echo "the server did not get ready in 15 minutes" >&2; return 1
-}
 
 measure() {  # lane name, extra request fields: every level into one JSON report
   local parts=()
@@ -65,8 +53,6 @@ merged["machine"] = machine_info(torch.device("cpu"))
 atomic_write_text(sys.argv[1], json.dumps(merged, indent=2) + "\n")
 EOF
 }
-
-stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""; }
 
 if [[ " $LANES " == *" offline "* ]]; then
   # the server's reference: the same prompts decoded offline at batch 1, compiled, prefill included

@@ -405,6 +405,18 @@ def _sse_text(lines) -> str:
                    if line.startswith("data: {") and json.loads(line[6:]).get("choices"))
 
 
+def _signal_mid_stream(server, pid: int, sig: int) -> tuple[list[str], list[dict]]:
+    """Send `sig` to the engine process while a long greedy stream decodes: (the stream's remaining
+    non-empty lines, the errors among them)."""
+    with httpx.stream("POST", server.url + "/v1/completions", headers=AUTH, json={
+            **A, "prompt": "The", "max_tokens": 240, "stream": True, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        next(lines)  # decoding
+        os.kill(pid, sig)
+        rest = [line for line in lines if line]
+    return rest, [json.loads(line[6:])["error"] for line in rest if line.startswith('data: {"error"')]
+
+
 def test_the_engine_process_serves_offline_ar_texts_and_frees_cancelled_rows(bundle):
     """`create_app(checkpoint_dir)`: the engine loads the checkpoint in a process of its own. Greedy texts
     equal offline `ar`, requests joining at every batch of the ladder; a client that leaves frees its row in
@@ -446,13 +458,7 @@ def test_killing_the_engine_process_is_a_503_and_a_fresh_engine_serves_on(bundle
     app = create_app(path, _process_opts(slots=2))
     with LiveServer(app) as s:
         first = app.state.engine.handle
-        with httpx.stream("POST", s.url + "/v1/completions", headers=AUTH, json={
-                **A, "prompt": "The", "max_tokens": 240, "stream": True, "ignore_eos": True}) as r:
-            lines = r.iter_lines()
-            next(lines)  # decoding
-            os.kill(first.pid, signal.SIGKILL)
-            rest = [line for line in lines if line]
-        errors = [json.loads(line[6:])["error"] for line in rest if line.startswith('data: {"error"')]
+        rest, errors = _signal_mid_stream(s, first.pid, signal.SIGKILL)
         assert len(errors) == 1 and "killed by SIGKILL" in errors[0]["message"], errors
         assert rest[-1] == "data: [DONE]"
         wait_for(lambda: health(s)["status"] == "ok", "no fresh engine", 60)
@@ -470,13 +476,7 @@ def test_a_hung_engine_process_is_killed_and_replaced(bundle):
     app = create_app(path, _process_opts(slots=2, engine_timeout_s=1.0))
     with LiveServer(app) as s:
         first = app.state.engine.handle
-        with httpx.stream("POST", s.url + "/v1/completions", headers=AUTH, json={
-                **A, "prompt": "The", "max_tokens": 240, "stream": True, "ignore_eos": True}) as r:
-            lines = r.iter_lines()
-            next(lines)  # decoding
-            os.kill(first.pid, signal.SIGSTOP)
-            rest = [line for line in lines if line]
-        errors = [json.loads(line[6:])["error"] for line in rest if line.startswith('data: {"error"')]
+        _, errors = _signal_mid_stream(s, first.pid, signal.SIGSTOP)
         assert len(errors) == 1 and "stopped answering" in errors[0]["message"], errors
         wait_for(lambda: health(s)["status"] == "ok", "no fresh engine", 60)
         assert health(s)["restarts"] == 1 and app.state.engine.handle.pid != first.pid
