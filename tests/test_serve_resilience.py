@@ -348,6 +348,39 @@ def test_a_killed_engine_costs_only_the_requests_in_flight(bundle, monkeypatch):
         assert post(s, {**A, "max_tokens": 8, "temperature": 0}).json()["choices"][0]["text"] == offline_ar(m, "def", 8)
 
 
+def test_a_request_that_takes_the_engine_down_twice_is_refused(bundle, monkeypatch):
+    """A request whose admission kills the engine (here: a bug that escapes the loop for one prompt) gets a 503
+    each time, and after the second engine it took down a 400: a client retrying it cannot stop the engine
+    for everyone again. Other requests are served throughout."""
+    _, m = bundle
+    poison = len(m.tokenizer.encode("poison pill"))
+
+    def fragile(worker):
+        real = worker.engine.admit_many
+
+        def admit_many(requests):
+            if any(len(prompt) == poison for _, prompt, _ in requests):
+                raise _Kill("admission bug")
+            return real(requests)
+
+        worker.engine.admit_many = admit_many
+
+    change_workers(monkeypatch, fragile)
+    app = create_app(m, _opts())
+    with LiveServer(app) as s:
+        bad = {**A, "prompt": "poison pill", "max_tokens": 4}
+        for restarts in (1, 2):
+            r = post(s, bad)
+            assert r.status_code == 503 and "admission bug" in r.json()["error"]["message"], r.text
+            wait_for(lambda: health(s)["status"] == "ok", "no fresh engine")
+            assert health(s)["restarts"] == restarts
+        r = post(s, bad)
+        assert r.status_code == 400 and "refused" in r.json()["error"]["message"], r.text
+        assert post(s, {**bad, "max_tokens": 5}).status_code == 503  # other settings: another request
+        wait_for(lambda: health(s)["status"] == "ok", "no fresh engine")
+        assert post(s, {**A, "max_tokens": 4, "temperature": 0}).json()["choices"][0]["text"] == offline_ar(m, "def", 4)
+
+
 def test_health_and_requests_say_503_while_the_engine_restarts(bundle, monkeypatch):
     _, m = bundle
     starts = []

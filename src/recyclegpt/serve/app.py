@@ -38,7 +38,7 @@ from ..decoding.engine import row_configs
 from ..decoding.limits import InvalidSetting
 from ..errors import RecycleError
 from .client import EngineClient, ProcessEngine, ThreadEngine
-from .jobs import EngineDown, Job, JobEvent, QueueFull
+from .jobs import EngineDown, Job, JobEvent, Quarantined, QueueFull
 from .metrics import Metrics
 from .options import ServeOptions
 from .protocol import (
@@ -222,6 +222,8 @@ class _Api:
             raise ApiError(429, str(e)) from None
         except EngineDown as e:
             raise ApiError(503, str(e)) from None
+        except Quarantined as e:
+            raise ApiError(400, str(e)) from None
         rid = new_id("chatcmpl" if chat else "cmpl")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         # The first event (the prefill's token, or a refusal) comes before any header: a request the engine

@@ -17,6 +17,7 @@ text so far cannot be resumed), the ones still waiting in its queue are sent aga
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import multiprocessing
@@ -36,13 +37,14 @@ from typing import Any, Protocol
 
 from ..decoding.engine import SlotStats
 from ..errors import RecycleError
-from .jobs import EngineDown, Job, QueueFull
+from .jobs import EngineDown, Job, Quarantined, QueueFull
 from .options import ServeOptions, one_per_core, parse_cpus
 from .worker import describe, start_worker
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0  # an engine told to stop that has not ended after this long is killed
+QUARANTINE_AFTER = 2  # a request the engine died admitting this many times is refused
 
 
 class Metrics(Protocol):
@@ -193,6 +195,7 @@ class EngineClient:
         self._switch = threading.Lock()  # the handle and its generation change together
         self._served = False  # the current engine has run a round
         self._said: str | None = None  # what the current engine said when it died
+        self._crashes: collections.OrderedDict[int, int] = collections.OrderedDict()  # Job.key -> engines it took down
         self._heard = time.monotonic()  # the engine's last message, or when it was last given work while idle
         self._stopping = threading.Event()
         self._reader = threading.Thread(target=self._run, name="recyclegpt-engine-client", daemon=True)
@@ -215,6 +218,10 @@ class EngineClient:
             raise RecycleError(f"the decoding engine could not start: {self.last_error}")
 
     def submit(self, job: Job) -> None:
+        if self._crashes.get(job.key, 0) >= QUARANTINE_AFTER:
+            raise Quarantined(f"the decoding engine failed {self._crashes[job.key]} times while admitting this same "
+                              "request (prompt and settings); it is refused so that it cannot stop the engine for "
+                              "everyone again")
         if not self.ready.is_set():
             raise EngineDown(self._not_serving())
         with self._lock:
@@ -403,6 +410,14 @@ class EngineClient:
             lost = [j for j in self._jobs.values() if j.taken]
             for job in lost:
                 del self._jobs[job.rid]
+        # The engine admits one request at a time: one taken without a token yet was being prefilled when it
+        # died, and if it does so again, it is the cause (`submit` refuses it from then on).
+        admitting = [j for j in lost if j.first_token_at is None]
+        if len(admitting) == 1:
+            key = admitting[0].key
+            self._crashes[key] = self._crashes.pop(key, 0) + 1
+            while len(self._crashes) > 1024:
+                self._crashes.popitem(last=False)
         for job in lost:
             job.fail(f"the decoding engine failed while serving this request ({reason}); it is restarting, retry",
                      503)

@@ -21,6 +21,11 @@ class QueueFull(RecycleError):
     """The request queue is at its limit (the server answers 429)."""
 
 
+class Quarantined(RecycleError):
+    """A request that took the engine down each time it was admitted, refused from then on (the server answers
+    400): a client retrying it must not stop the engine for everyone again and again."""
+
+
 class EngineDown(RecycleError):
     """The engine is not serving: warming up, restarting after a failure, or given up (the server answers 503)."""
 
@@ -52,6 +57,7 @@ class Job:
         self.first_token_at: float | None = None
         self.completion_tokens = 0
         self.finish: str | None = None
+        self.key = hash((tuple(self.prompt_ids), repr(config)))  # the same request, sent again, has the same key
         self._decoder = StreamDecoder(tokenizer)
         self._text = ""  # decoded so far
         self._sent = 0  # characters of _text already sent
