@@ -207,20 +207,24 @@ def test_a_request_past_its_time_limit_fails_waiting_or_decoding(bundle):
     assert worker.engine.free_slots() == [0] and not worker.waiting
 
 
-def test_a_request_refused_at_admission_is_a_400_even_streamed(bundle, monkeypatch):
-    _, m = bundle
-
-    def refusing(worker):
+def failing_admission(monkeypatch, when, error: BaseException) -> None:
+    """Every engine the server starts raises `error` when it admits a request for which when(prompt, config)."""
+    def install(worker):
         real = worker.engine.admit_many
 
         def admit_many(requests):
-            if any(cfg.max_new_tokens == 3 for _, _, cfg in requests):
-                raise RecycleError("this engine refuses 3")
+            if any(when(prompt, cfg) for _, prompt, cfg in requests):
+                raise error
             return real(requests)
 
         worker.engine.admit_many = admit_many
 
-    change_workers(monkeypatch, refusing)
+    change_workers(monkeypatch, install)
+
+
+def test_a_request_refused_at_admission_is_a_400_even_streamed(bundle, monkeypatch):
+    _, m = bundle
+    failing_admission(monkeypatch, lambda prompt, cfg: cfg.max_new_tokens == 3, RecycleError("this engine refuses 3"))
     app = create_app(m, _opts())
     with LiveServer(app) as s:
         for stream in (False, True):
@@ -354,18 +358,7 @@ def test_a_request_that_takes_the_engine_down_twice_is_refused(bundle, monkeypat
     for everyone again. Other requests are served throughout."""
     _, m = bundle
     poison = len(m.tokenizer.encode("poison pill"))
-
-    def fragile(worker):
-        real = worker.engine.admit_many
-
-        def admit_many(requests):
-            if any(len(prompt) == poison for _, prompt, _ in requests):
-                raise _Kill("admission bug")
-            return real(requests)
-
-        worker.engine.admit_many = admit_many
-
-    change_workers(monkeypatch, fragile)
+    failing_admission(monkeypatch, lambda prompt, cfg: len(prompt) == poison, _Kill("admission bug"))
     app = create_app(m, _opts())
     with LiveServer(app) as s:
         bad = {**A, "prompt": "poison pill", "max_tokens": 4}
