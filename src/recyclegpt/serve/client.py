@@ -403,9 +403,8 @@ class EngineClient:
 
     def _end(self) -> str:
         """The engine died: say why, fail what it was decoding, count the restart."""
-        reason = self.last_error = self._said or self.handle.reason()
-        if self._said:
-            self.handle.reason()  # reaped all the same
+        ended = self.handle.reason()  # waits for the engine's end (a process is reaped)
+        reason = self.last_error = self._said or ended  # what it said before dying says more, when it could
         with self._lock:
             lost = [j for j in self._jobs.values() if j.taken]
             for job in lost:

@@ -23,6 +23,9 @@ PR_SET_PDEATHSIG = 1
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     conn = Connection(int(argv[0]))
+    # Ctrl-C in a terminal reaches the whole process group: the API process shuts down and tells this one to
+    # stop; taking it here too would end the engine mid-shutdown, and the API would see a crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _end_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine %(name)s: %(message)s")
     from ..api import RecycleGPT
