@@ -520,41 +520,66 @@ def test_serve_stops_with_a_one_line_error_when_the_engine_cannot_load(bundle, t
     assert "could not start" in err and "corrupt" in err and "Traceback" not in err
 
 
-@pytest.mark.slow
-def test_the_engine_process_ends_when_the_api_process_dies(bundle, tmp_path):
-    """`recyclegpt serve` killed with SIGKILL (no shutdown at all): its engine process goes too."""
-    path, _ = bundle
+def _cli_server(path, stderr) -> tuple[subprocess.Popen, int]:
+    """`recyclegpt serve` (eager, fp32) in a session of its own, once ready: (the API process, its engine's pid)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     api = subprocess.Popen([sys.executable, "-m", "recyclegpt.cli", "serve", str(path), "--no-compile", "--port",
-                            str(port), "--device", "cpu", "--dtype", "float32"], stderr=subprocess.DEVNULL)
+                            str(port), "--device", "cpu", "--dtype", "float32"], stderr=stderr,
+                           start_new_session=True)
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        url = f"http://127.0.0.1:{port}/health"
-
-        def up() -> bool:
-            try:
-                return httpx.get(url).status_code == 200
-            except httpx.HTTPError:
-                return False
-
         wait_for(up, "the server never became ready", 120)
-        children = Path(f"/proc/{api.pid}/task/{api.pid}/children").read_text().split()
-        assert len(children) == 1
-        engine = int(children[0])
+    except BaseException:
+        api.kill()
+        raise
+    children = Path(f"/proc/{api.pid}/task/{api.pid}/children").read_text().split()
+    assert len(children) == 1
+    return api, int(children[0])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_the_engine_process_ends_when_the_api_process_dies(bundle):
+    """`recyclegpt serve` killed with SIGKILL (no shutdown at all): its engine process goes too."""
+    api, engine = _cli_server(bundle[0], subprocess.DEVNULL)
+    try:
         api.kill()
         api.wait()
-
-        def gone() -> bool:
-            try:
-                return Path(f"/proc/{engine}/stat").read_text().split(") ")[1][0] in "ZX"
-            except OSError:
-                return True
-
-        wait_for(gone, "the engine process outlived the API", 20)
+        wait_for(lambda: _gone(engine), "the engine process outlived the API", 20)
     finally:
         api.kill()
+
+
+@pytest.mark.slow
+def test_ctrl_c_shuts_the_server_down_cleanly(bundle, tmp_path):
+    """Ctrl-C reaches the whole process group: the API shuts down and stops its engine, which does not take
+    the signal itself (it would look like a crash, and the API would start another engine)."""
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as err:
+        api, engine = _cli_server(bundle[0], err)
+        try:
+            os.killpg(api.pid, signal.SIGINT)
+            assert api.wait(30) == 0
+            wait_for(lambda: _gone(engine), "the engine process outlived the API", 20)
+        finally:
+            api.kill()
+    text = log.read_text()
+    assert "Traceback" not in text and "restarting" not in text, text[-2000:]
 
 
 # ------------------------------------------------------------------ one table of values for API, CLI and server
