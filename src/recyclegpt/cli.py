@@ -504,8 +504,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         description="Serve a checkpoint over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models; "
         "streaming by server-sent events), plus /health and /metrics (Prometheus). An engine process decodes "
         "up to --slots requests together; requests join and leave between rounds, and each round runs over the "
-        "smallest of --batches that holds the requests in flight. If the engine dies, the requests it was "
-        "decoding get a 503 and a fresh engine serves the rest. Needs the serve extra: "
+        "smallest of --batches that holds the requests in flight. If the engine dies or hangs, the requests it "
+        "was decoding get a 503 and a fresh engine serves the rest. Needs the serve extra: "
         "pip install -e \".[serve]\".")
     p.add_argument("ckpt", help="checkpoint directory (or a `recyclegpt train` run directory)")
     p.add_argument("--host", type=A.text, default="127.0.0.1",
@@ -555,7 +555,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    "for debugging)")
     p.add_argument("--engine-cpus", type=A.text, default="none", metavar="none|auto|LIST",
                    help="bind the engine process's decoding threads, one to each CPU: none (default: one thread per "
-                   "physical core, scheduled by the OS; binding gained nothing on a 2-core VM, see docs/serve.md), "
+                   "physical core, scheduled by the OS), "
                    "auto (one CPU of each physical core this process may use) or a list such as 0-3 (e.g. to keep "
                    "cores free for the API process). OMP_NUM_THREADS, OMP_PLACES and OMP_PROC_BIND, when set, win")
     add_runtime_args(p)
