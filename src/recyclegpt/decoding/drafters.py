@@ -118,6 +118,37 @@ class AcceptanceTracker:
         return total
 
 
+class AcceptanceRates:
+    """P(draft i accepted | drafts 1..i-1 accepted) over many rows: counts that fade by `decay` per `fade()`,
+    so the estimate is the data from the first observation on (no prior to unlearn, unlike `AcceptanceTracker`)
+    and follows drift. Positions never tried inherit the nearest tried position's rate; nothing tried: 0."""
+
+    def __init__(self, max_k: int, decay: float = 0.98):
+        self.proposed = [0.0] * max_k
+        self.accepted = [0.0] * max_k
+        self.decay = decay
+
+    def update(self, proposed: int, accepted: int) -> None:
+        """One row-round: `proposed` drafts, the first `accepted` of them accepted."""
+        for i in range(min(proposed, accepted + 1, len(self.proposed))):
+            self.proposed[i] += 1
+            self.accepted[i] += i < accepted
+
+    def fade(self) -> None:
+        self.proposed = [x * self.decay for x in self.proposed]
+        self.accepted = [x * self.decay for x in self.accepted]
+
+    def expected_accepted(self, k: int) -> float:
+        """Expected accepted drafts out of k: sum_i prod_{j<=i} rate_j."""
+        total, run, rate = 0.0, 1.0, 0.0
+        for i in range(min(k, len(self.proposed))):
+            if self.proposed[i] > 0:
+                rate = self.accepted[i] / self.proposed[i]
+            run *= rate
+            total += run
+        return total
+
+
 class AdaptiveK:
     """Grows/shrinks k by one per round towards argmax_k (1 + E[accepted | k]) / (1 + cost * k).
 

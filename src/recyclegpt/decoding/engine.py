@@ -40,7 +40,7 @@ from ..errors import RecycleError
 from ..model import FullModel
 from ..module import RecyclableModule
 from . import compiled
-from .drafters import AcceptanceTracker, AdaptiveK, HostDrafter, NgramDrafter, prefer_ngram
+from .drafters import AcceptanceRates, AcceptanceTracker, AdaptiveK, HostDrafter, NgramDrafter, prefer_ngram
 from .limits import request_seed
 from .options import GenerationConfig
 from .prefill import prefill
@@ -49,7 +49,8 @@ from .sampling import pick
 from .stops import Decodes, StopChecker, StopFn
 from .tree import tree_candidates
 
-COST_DECAY = 0.9  # weight of the past in a round shape's measured seconds (`Engine.costs`)
+COST_DECAY = 0.9  # weight of the past in a round shape's measured seconds (`Engine.costs`), after COST_WINDOW rounds
+COST_WINDOW = 10  # its first rounds are averaged plainly (the very first, which pays one-off setup, is dropped)
 REFRESH_ROUNDS = 32  # load-aware drafting: after this many undrafted rounds in a row, one drafted round
 
 
@@ -240,6 +241,8 @@ class Engine:
         # (`_fit_to_load`), judged from the rounds' measured seconds and the rows' live acceptance
         self.load_aware = load_aware
         self.costs: dict[tuple[RoundShape, int], float] = {}  # seconds per round, a moving average
+        self._timed: dict[tuple[RoundShape, int], int] = {}  # rounds of each timed so far
+        self.acceptance = AcceptanceRates(max(width or 8, 8))  # of module drafts, over every row and request
         self._undrafted_run = 0  # consecutive rounds `_fit_to_load` ran without drafts
         self.last_batch = 0  # the rows the latest round ran over
         self.last_shape: RoundShape | None = None  # the latest round's shape
@@ -517,6 +520,17 @@ class Engine:
             width, chain = (self.width if width else 0), (self.width if chain else 0)
         return RoundShape(width, chain, module, sampled, filtered=filtered)
 
+    def _time_round(self, key: tuple[RoundShape, int], seconds: float) -> None:
+        """Fold a round's seconds into `costs`: its first round is dropped (allocations, first-call setup: it can
+        take many rounds' time, which a moving average would remember for long), the next COST_WINDOW averaged,
+        then a moving average."""
+        n = self._timed[key] = self._timed.get(key, -1) + 1
+        if n == 0:
+            return
+        known = self.costs.get(key, 0.0)
+        weight = 1 - 1 / n if n <= COST_WINDOW else COST_DECAY
+        self.costs[key] = weight * known + (1 - weight) * seconds
+
     @staticmethod
     def undrafted_shape(shape: RoundShape) -> RoundShape:
         """A greedy chain round's shape without drafts: one token per row, the module's catch-up kept (so the
@@ -528,8 +542,9 @@ class Engine:
 
         Drafts pay while a k+1-token pass costs little more than a one-token pass; with many rows busy the
         wider pass costs more, and drafts that are often rejected stop paying. From the measured seconds of
-        both rounds at their batch and each row's live acceptance: undrafted when rows / cost(undrafted) >
-        sum(1 + E[accepted drafts]) / cost(drafted). Only greedy module-chain rounds (their text does not
+        both rounds at their batch and the live acceptance of module drafts over every row (`acceptance`, from
+        the first drafted round on: no prior): undrafted when rows / cost(undrafted) > sum(1 + E[accepted
+        drafts]) / cost(drafted). Only greedy module-chain rounds (their text does not
         depend on which rounds run; a seeded sampled request keeps the draws it would make offline), and only
         with the undrafted graph compiled already. An undrafted round is tried once per batch to measure it,
         and after REFRESH_ROUNDS undrafted rounds in a row a drafted one runs to refresh the acceptance."""
@@ -545,7 +560,7 @@ class Engine:
             self._undrafted_run = 0
             return shape, plans
         if plain_s is not None:
-            tokens = sum(1 + self._slots[b].trackers["module"].expected_accepted(p.lens) for b, p in plans.items())
+            tokens = sum(1 + self.acceptance.expected_accepted(p.lens) for p in plans.values())
             if tokens / drafted_s >= len(plans) / plain_s:
                 self._undrafted_run = 0
                 return shape, plans
@@ -586,9 +601,9 @@ class Engine:
                 full[:batch] = part
         rows = vals.tolist()  # the round's one host sync
         seconds = time.perf_counter() - t_round
-        known = self.costs.get((shape, batch))
-        self.costs[(shape, batch)] = seconds if known is None else COST_DECAY * known + (1 - COST_DECAY) * seconds
+        self._time_round((shape, batch), seconds)
         self.stats.steps += 1
+        self.acceptance.fade()
         self.last_batch, self.last_shape = batch, shape
         self.stats.batches[batch] = self.stats.batches.get(batch, 0) + 1
         self.stats.module_passes += shape.module_passes
@@ -605,6 +620,8 @@ class Engine:
                 if p.lens:
                     s.stats.count_acceptance(p.lens, a)
                     s.trackers["module" if p.host is None else "host"].update(p.lens, a)
+                    if p.host is None:
+                        self.acceptance.update(p.lens, a)
             outputs[b] = self._emit(b, s, row[1:a + 2])
         done = [self._row_of[b] for b in active if self._slots[b].finish is not None]
         if done:
