@@ -544,10 +544,10 @@ class Engine:
         wider pass costs more, and drafts that are often rejected stop paying. From the measured seconds of
         both rounds at their batch and the live acceptance of module drafts over every row (`acceptance`, from
         the first drafted round on: no prior): undrafted when rows / cost(undrafted) > sum(1 + E[accepted
-        drafts]) / cost(drafted). Only greedy module-chain rounds (their text does not
-        depend on which rounds run; a seeded sampled request keeps the draws it would make offline), and only
-        with the undrafted graph compiled already. An undrafted round is tried once per batch to measure it,
-        and after REFRESH_ROUNDS undrafted rounds in a row a drafted one runs to refresh the acceptance."""
+        drafts]) / cost(drafted). Only greedy module-chain rounds (their text does not depend on which rounds
+        run; a seeded sampled request keeps the draws it would make offline), and only with the undrafted graph
+        compiled already. Undrafted rounds are tried until one is timed at the batch, and after REFRESH_ROUNDS
+        undrafted rounds in a row a drafted one runs to refresh the acceptance."""
         if shape.sampled or shape.tree or not shape.chain or any(p.force or p.host is not None
                                                                   for p in plans.values()):
             return shape, plans
