@@ -250,7 +250,7 @@ def test_a_batch_ladder_compiles_each_batch_once_and_uses_the_smallest_compiled(
 def test_acceptance_rates_start_from_the_data_and_fade():
     from recyclegpt.decoding.drafters import AcceptanceRates
 
-    rates = AcceptanceRates(4, decay=0.5)
+    rates = AcceptanceRates(decay=0.5)
     assert rates.expected_accepted(3) == 0.0  # nothing seen: no drafts expected
     rates.update(3, 3)
     assert rates.expected_accepted(3) == 3.0  # the first observation is the estimate, no prior to unlearn

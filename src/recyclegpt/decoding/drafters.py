@@ -118,21 +118,31 @@ class AcceptanceTracker:
         return total
 
 
+def count_by_position(proposed: list, accepted: list, n_proposed: int, n_accepted: int) -> None:
+    """Count one row-round into per-position totals (in place, grown as needed): `n_proposed` drafts, the first
+    `n_accepted` accepted. Position i is proposed when every draft before it was accepted."""
+    while len(proposed) < n_proposed:
+        proposed.append(0)
+        accepted.append(0)
+    for i in range(min(n_proposed, n_accepted + 1)):
+        proposed[i] += 1
+        if i < n_accepted:
+            accepted[i] += 1
+
+
 class AcceptanceRates:
     """P(draft i accepted | drafts 1..i-1 accepted) over many rows: counts that fade by `decay` per `fade()`,
     so the estimate is the data from the first observation on (no prior to unlearn, unlike `AcceptanceTracker`)
     and follows drift. Positions never tried inherit the nearest tried position's rate; nothing tried: 0."""
 
-    def __init__(self, max_k: int, decay: float = 0.98):
-        self.proposed = [0.0] * max_k
-        self.accepted = [0.0] * max_k
+    def __init__(self, decay: float = 0.98):
+        self.proposed: list[float] = []
+        self.accepted: list[float] = []
         self.decay = decay
 
     def update(self, proposed: int, accepted: int) -> None:
         """One row-round: `proposed` drafts, the first `accepted` of them accepted."""
-        for i in range(min(proposed, accepted + 1, len(self.proposed))):
-            self.proposed[i] += 1
-            self.accepted[i] += i < accepted
+        count_by_position(self.proposed, self.accepted, proposed, accepted)
 
     def fade(self) -> None:
         self.proposed = [x * self.decay for x in self.proposed]
@@ -141,8 +151,8 @@ class AcceptanceRates:
     def expected_accepted(self, k: int) -> float:
         """Expected accepted drafts out of k: sum_i prod_{j<=i} rate_j."""
         total, run, rate = 0.0, 1.0, 0.0
-        for i in range(min(k, len(self.proposed))):
-            if self.proposed[i] > 0:
+        for i in range(k):
+            if i < len(self.proposed) and self.proposed[i] > 0:
                 rate = self.accepted[i] / self.proposed[i]
             run *= rate
             total += run

@@ -40,7 +40,15 @@ from ..errors import RecycleError
 from ..model import FullModel
 from ..module import RecyclableModule
 from . import compiled
-from .drafters import AcceptanceRates, AcceptanceTracker, AdaptiveK, HostDrafter, NgramDrafter, prefer_ngram
+from .drafters import (
+    AcceptanceRates,
+    AcceptanceTracker,
+    AdaptiveK,
+    HostDrafter,
+    NgramDrafter,
+    count_by_position,
+    prefer_ngram,
+)
 from .limits import request_seed
 from .options import GenerationConfig
 from .prefill import prefill
@@ -74,13 +82,7 @@ class SlotStats:
     k_used: list[int] = field(default_factory=list)  # drafts planned in each verify round
 
     def count_acceptance(self, proposed: int, accepted: int) -> None:
-        while len(self.proposed_by_position) < proposed:
-            self.proposed_by_position.append(0)
-            self.accepted_by_position.append(0)
-        for i in range(min(proposed, accepted + 1)):
-            self.proposed_by_position[i] += 1
-            if i < accepted:
-                self.accepted_by_position[i] += 1
+        count_by_position(self.proposed_by_position, self.accepted_by_position, proposed, accepted)
 
 
 def add_by_position(proposed: list[int], accepted: list[int], stats: SlotStats) -> None:
@@ -242,10 +244,11 @@ class Engine:
         self.load_aware = load_aware
         self.costs: dict[tuple[RoundShape, int], float] = {}  # seconds per round, a moving average
         self._timed: dict[tuple[RoundShape, int], int] = {}  # rounds of each timed so far
-        self.acceptance = AcceptanceRates(max(width or 8, 8))  # of module drafts, over every row and request
+        self.acceptance = AcceptanceRates()  # of module drafts, over every row and request
         self._undrafted_run = 0  # consecutive rounds `_fit_to_load` ran without drafts
         self.last_batch = 0  # the rows the latest round ran over
         self.last_shape: RoundShape | None = None  # the latest round's shape
+        self.last_undrafted = False  # the latest round was a drafting round run without drafts (`load_aware`)
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ slots
@@ -565,7 +568,6 @@ class Engine:
                 self._undrafted_run = 0
                 return shape, plans
         self._undrafted_run += 1
-        self.stats.undrafted += 1
         return plain, {b: _Plan(0, 0) for b in plans}
 
     def _tree_shape(self, nodes: int, depth: int, topk: int, module: bool, sampled: bool,
@@ -585,9 +587,11 @@ class Engine:
             raise RecycleError("no request is decoding: admit one first")
         t0 = time.perf_counter()
         plans = {b: self._slots[b].plan(b) for b in active}
-        shape = self._shape(plans)
+        shape = planned = self._shape(plans)
         if self.load_aware:
             shape, plans = self._fit_to_load(shape, plans)
+        self.last_undrafted = shape != planned
+        self.stats.undrafted += self.last_undrafted
         batch = self._batch(shape)
         state = SlotState(*self._rows(self.state, batch))
         t_round = time.perf_counter()
@@ -600,10 +604,10 @@ class Engine:
             for full, part in zip(self.state, state, strict=True):
                 full[:batch] = part
         rows = vals.tolist()  # the round's one host sync
-        seconds = time.perf_counter() - t_round
-        self._time_round((shape, batch), seconds)
+        if self.load_aware:  # what `_fit_to_load` judges by
+            self._time_round((shape, batch), time.perf_counter() - t_round)
+            self.acceptance.fade()
         self.stats.steps += 1
-        self.acceptance.fade()
         self.last_batch, self.last_shape = batch, shape
         self.stats.batches[batch] = self.stats.batches.get(batch, 0) + 1
         self.stats.module_passes += shape.module_passes
@@ -620,7 +624,7 @@ class Engine:
                 if p.lens:
                     s.stats.count_acceptance(p.lens, a)
                     s.trackers["module" if p.host is None else "host"].update(p.lens, a)
-                    if p.host is None:
+                    if p.host is None and self.load_aware:
                         self.acceptance.update(p.lens, a)
             outputs[b] = self._emit(b, s, row[1:a + 2])
         done = [self._row_of[b] for b in active if self._slots[b].finish is not None]

@@ -101,7 +101,6 @@ class Worker:
         self.rows: dict[int, Request] = {}  # slot -> the request decoding in it
         self.later: list[tuple[RoundShape, int]] = []  # graphs compiled when idle
         self.warmup_s = 0.0
-        self._undrafted = 0  # the engine's count of undrafted rounds at the last round
 
     def serve(self) -> None:
         """Warm up, then serve until the API says stop or goes away. A failure that escapes is sent as 'died'
@@ -269,9 +268,7 @@ class Worker:
                 self._release(slot)
             return
         e = self.engine
-        undrafted = e.stats.undrafted > self._undrafted
-        self._undrafted = e.stats.undrafted
-        step = (time.perf_counter() - t0, e.last_batch, compiled.round_kind(e.last_shape), undrafted)
+        step = (time.perf_counter() - t0, e.last_batch, compiled.round_kind(e.last_shape), e.last_undrafted)
         self.conn.send(("out", step, [self._output(slot, r, outs[slot]) for slot, r in rows.items()
                                       if outs[slot] is not None]))
 
