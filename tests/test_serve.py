@@ -62,16 +62,16 @@ def busy_slots(server) -> float:
 def change_workers(monkeypatch, change) -> None:
     """Every engine a server over a loaded model starts (on its thread) goes through change(worker) before it
     serves: how these tests make an engine fail, stall or refuse."""
-    from recyclegpt.serve import client as client_module
+    from recyclegpt.serve import worker as worker_module
 
-    real = client_module.start_worker
+    real = worker_module.start_worker
 
     def start(bundle, opts, conn):
         worker = real(bundle, opts, conn)
         change(worker)
         return worker
 
-    monkeypatch.setattr(client_module, "start_worker", start)
+    monkeypatch.setattr(worker_module, "start_worker", start)
 
 
 # ------------------------------------------------------------------ the API, greedy = offline ar

@@ -40,22 +40,16 @@ def run_server(ckpt: str, host: str, port: int, engine: str = "process", **optio
     # This (HTTP) thread stays serial and hands the compute to threads of its own (`runtime.serial_here` says
     # why): the engine process's, or in this process the engine thread and a short-lived one for loading.
     threads = serial_here()
+    model = ckpt  # the engine process loads it; this one only its tokenizer (`create_app`)
     if engine == "thread":
         from ..api import RecycleGPT
 
         opts.threads = opts.threads or threads
         model = in_thread(RecycleGPT.from_pretrained, ckpt, opts.device, opts.dtype, threads=opts.threads)
-        eos_id, tok = model.tokenizer.eos_id, model.tokenizer.tok
-    else:
-        from ..checkpoint import load_tokenizer
-
-        model = ckpt
-        tokenizer = load_tokenizer(ckpt)  # checked here: a bad checkpoint stops `serve` before it listens
-        eos_id, tok = tokenizer.eos_id, tokenizer.tok
-    template = ChatTemplate.find(ckpt, eos=tok.id_to_token(eos_id) or "" if eos_id is not None else "")
     if opts.model_name is None:
         opts.model_name = Path(ckpt).resolve().name
-    app = create_app(model, opts, template)
+    template = ChatTemplate.find(ckpt)
+    app = create_app(model, opts, template)  # it gives the template the tokenizer's EOS
     app.state.engine.start()
     app.state.engine.wait_loaded()  # the engine could not load the model: a one-line error, nothing listening
     logging.getLogger(__name__).info("serving %s as '%s' on http://%s:%d (engine: %s; chat template: %s)", ckpt,

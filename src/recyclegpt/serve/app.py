@@ -307,7 +307,8 @@ def create_app(model, opts: ServeOptions, chat_template: ChatTemplate | None = N
     too). The engine starts with the app and stops with it."""
     metrics = Metrics()
     if isinstance(model, (str, Path)):
-        tokenizer, context = load_tokenizer(model), load_config(model).model.max_seq_len
+        cfg = load_config(model)
+        tokenizer, context = load_tokenizer(model, cfg), cfg.model.max_seq_len
         engine = EngineClient(lambda: ProcessEngine(model, opts), opts, metrics)
     else:
         tokenizer, context = model.tokenizer, model.model.cfg.max_seq_len

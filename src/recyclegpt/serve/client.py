@@ -39,7 +39,7 @@ from ..decoding.engine import SlotStats
 from ..errors import RecycleError
 from .jobs import EngineDown, Job, Quarantined, QueueFull
 from .options import ServeOptions, one_per_core, parse_cpus
-from .worker import describe, start_worker
+from .worker import describe, run_engine
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ class ThreadEngine:
     def __init__(self, bundle, opts: ServeOptions):
         self.conn, theirs = multiprocessing.Pipe()
         self.error: str | None = None
-        self.worker = None  # set on the engine thread once built
         self.thread = threading.Thread(target=self._run, args=(bundle, opts, theirs), name="recyclegpt-engine",
                                        daemon=True)
         self.thread.start()
@@ -93,15 +92,9 @@ class ThreadEngine:
         if opts.threads is not None:
             torch.set_num_threads(opts.threads)  # this thread's OpenMP team (`runtime.serial_here`)
         try:
-            self.worker = start_worker(bundle, opts, conn)
-            self.worker.serve()
+            run_engine(lambda: bundle, opts, conn)
         except BaseException as e:  # noqa: B036 -- reported through `reason`; the client restarts the engine
             self.error = describe(e)
-            if self.worker is None:  # `serve` sends its own failures
-                try:
-                    conn.send(("died", self.error))
-                except (OSError, ValueError):
-                    pass
         finally:
             conn.close()
 
@@ -225,7 +218,7 @@ class EngineClient:
         if not self.ready.is_set():
             raise EngineDown(self._not_serving())
         with self._lock:
-            if sum(not j.taken for j in self._jobs.values()) >= self.opts.max_queue:
+            if self.queue_depth >= self.opts.max_queue:
                 raise QueueFull(f"the server's queue is full ({self.opts.max_queue} requests waiting); retry later")
             if not self._jobs:  # an idle engine's silence so far is not a hang
                 self._heard = time.monotonic()

@@ -59,7 +59,7 @@ def parse_cpus(spec: str) -> list[int] | None:
     outside = sorted(cpus - set(allowed))
     if outside:
         raise RecycleError(f"--engine-cpus {spec!r}: CPU {outside[0]} is not one this process may use "
-                           f"({_ranges(allowed)})")
+                           f"({','.join(map(str, allowed))})")
     return sorted(cpus)
 
 
@@ -78,7 +78,3 @@ def one_per_core(cpus: list[int]) -> list[int]:
             seen.add(core)
             out.append(cpu)
     return out
-
-
-def _ranges(cpus: list[int]) -> str:
-    return ",".join(str(c) for c in cpus)

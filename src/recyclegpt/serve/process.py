@@ -30,20 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine %(name)s: %(message)s")
     from ..api import RecycleGPT
     from .options import ServeOptions
-    from .worker import describe, start_worker
+    from .worker import run_engine
 
+    spec = conn.recv()
+    opts = ServeOptions(**spec["opts"])
     try:
-        spec = conn.recv()
-        opts = ServeOptions(**spec["opts"])
-        bundle = RecycleGPT.from_pretrained(spec["ckpt"], opts.device, opts.dtype)
-        worker = start_worker(bundle, opts, conn)
-    except BaseException as e:  # noqa: B036 -- the API hears why, then this process ends
-        logging.getLogger(__name__).exception("the engine could not start")
-        conn.send(("died", describe(e)))
-        return 1
-    try:
-        worker.serve()
-    except BaseException:  # noqa: B036 -- `serve` logged it and told the API
+        run_engine(lambda: RecycleGPT.from_pretrained(spec["ckpt"], opts.device, opts.dtype), opts, conn)
+    except BaseException:  # noqa: B036 -- `run_engine` logged it and told the API
         return 1
     return 0
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -62,6 +63,22 @@ class Request:
     prompt_ids: list[int]
     config: GenerationConfig
     deadline: float  # time.monotonic() in this process
+
+
+def run_engine(load: Callable[[], Any], opts: ServeOptions, conn: Connection) -> None:
+    """The engine side from start to end, in the engine process (`process.py`) or on the engine thread
+    (`client.ThreadEngine`): load() the `RecycleGPT` bundle, build the worker, serve. Whatever ends it by a
+    failure, loading included, is logged and sent to the API as 'died' (while the connection takes it), then
+    raised."""
+    try:
+        start_worker(load(), opts, conn).serve()
+    except BaseException as e:  # noqa: B036 -- whatever ends the engine is reported, then raised
+        log.exception("the decoding engine stopped")
+        try:
+            conn.send(("died", describe(e)))
+        except (OSError, ValueError):
+            pass
+        raise
 
 
 def start_worker(bundle, opts: ServeOptions, conn: Connection) -> Worker:
@@ -103,21 +120,12 @@ class Worker:
         self.warmup_s = 0.0
 
     def serve(self) -> None:
-        """Warm up, then serve until the API says stop or goes away. A failure that escapes is sent as 'died'
-        (when the connection still takes it) and raised."""
-        try:
-            with torch.inference_mode():
-                self._warm_up()
-                self.conn.send(("ready", self.info()))
-                while self._turn():
-                    pass
-        except BaseException as e:  # noqa: B036 -- whatever ends the loop is reported, then raised
-            log.exception("the decoding engine stopped")
-            try:
-                self.conn.send(("died", describe(e)))
-            except (OSError, ValueError):
+        """Warm up, then serve until the API says stop or goes away (`run_engine` reports a failure)."""
+        with torch.inference_mode():
+            self._warm_up()
+            self.conn.send(("ready", self.info()))
+            while self._turn():
                 pass
-            raise
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"warmup_s": round(self.warmup_s, 1), "later": len(self.later)}
